@@ -1,0 +1,13 @@
+"""ssl_em: self-supervised foundation models for electron microscopy."""
+
+__version__ = "0.1.0"
+
+
+def load_backbone(path, **kwargs):
+    """Load an exported backbone strictly; returns (timm model, BackboneMeta). See ssl_em.export."""
+    from ssl_em.export import load_backbone as _load
+
+    return _load(path, **kwargs)
+
+
+__all__ = ["__version__", "load_backbone"]

@@ -1,0 +1,51 @@
+"""`ssl-em`: one console script; each subcommand lives in its own module.
+
+A subcommand module exposes `configure(parser)` (adds its arguments) and `run(args)`
+(returns an exit code). Modules are imported only when their subcommand runs, so
+`ssl-em --help` stays fast. Subcommands built on LightningCLI (pretrain, finetune)
+instead expose `run_argv(argv)` and receive their arguments untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: subcommand -> (module, one-line help). Order is the order `--help` lists them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("ssl_em.demo", "run the whole story on the built-in synthetic volume"),
+    "ingest": ("ssl_em.data.ingest", "turn EM sources into one curated OME-Zarr archive"),
+    "inspect": ("ssl_em.data.inspect", "show what an archive holds; write a contact sheet of curation"),
+    "sample": ("ssl_em.data.sample", "write a grid of tiles as the pretraining stream yields them"),
+    "synth": ("ssl_em.synthetic", "write the built-in synthetic EM volume and its labels"),
+    "pretrain": ("ssl_em.pretrain.cli", "self-supervised pretraining (LightningCLI)"),
+    "export": ("ssl_em.export", "export a backbone as a timm-loadable checkpoint"),
+    "finetune": ("ssl_em.finetune.cli", "fine-tune a segmentation head on few labels (LightningCLI)"),
+    "predict": ("ssl_em.finetune.predict", "sliding-window inference over a whole volume"),
+    "evaluate": ("ssl_em.finetune.evaluate", "score a prediction against ground truth"),
+    "benchmark": ("ssl_em.finetune.benchmark", "label-efficiency benchmark: pretrained vs random init"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="ssl-em", description="Self-supervised foundation models for electron microscopy.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser.print_help() if not argv or argv[0] in ("-h", "--help") else parser.error(f"unknown command {argv[0]!r}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    if hasattr(module, "run_argv"):
+        return int(module.run_argv(rest) or 0)
+    cmd_parser = argparse.ArgumentParser(prog=f"ssl-em {name}", description=COMMANDS[name][1])
+    module.configure(cmd_parser)
+    args = cmd_parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

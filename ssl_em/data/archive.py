@@ -1,0 +1,198 @@
+"""The ssl_em archive: one OME-Zarr store holding a lab's curated EM, one image per source.
+
+Layout (zarr v2 + NGFF 0.4, which napari and neuroglancer open)::
+
+    ARCHIVE.zarr/                 attrs: {"ssl_em": {"format": "ssl_em.archive", "version": 1}}
+      <image name>/               NGFF image group: "multiscales" + "ssl_em" attrs
+        0/ 1/ 2/ ...              pyramid levels, (z, y, x), level 0 = the source, pixel-exact
+        curation                  (z, ceil(y / t), ceil(x / t)) uint8 bit flags per level-0 tile
+
+The image's "ssl_em" attributes hold the source path and fingerprint, intensity
+statistics, curation settings and counts, and "complete": true, which is written last:
+an image without it (a crash, Ctrl-C) is ignored by readers and redone by ingest.
+Curation never deletes data; it only flags tiles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from enum import IntFlag
+from pathlib import Path
+
+import numpy as np
+
+from ssl_em.data.normalize import IntensityStats
+from ssl_em.data.readers.zarr_store import ZarrVolume, group_attributes, ome_zarr_levels
+from ssl_em.data.volume import VoxelSize
+
+FORMAT = "ssl_em.archive"
+VERSION = 1
+
+
+class TileFlag(IntFlag):
+    """Why curation flagged a tile. A tile with flags == 0 is kept."""
+
+    LOW_INFORMATION = 1  # empty resin, blank or nearly uniform regions
+    SATURATED = 2  # mostly clipped at the dtype's min or max
+    PADDING = 4  # outside the imaged field: constant fill, or past the volume's edge
+    DUPLICATE = 8  # perceptual hash within the threshold of an earlier kept tile
+
+
+@dataclass
+class ArchiveImage:
+    """One complete image of an archive. Levels are opened lazily (tensorstore)."""
+
+    name: str
+    path: Path
+    attrs: dict
+
+    @property
+    def meta(self) -> dict:
+        return self.attrs["ssl_em"]
+
+    @property
+    def levels(self) -> list[ZarrVolume]:
+        return [ZarrVolume(p, voxel_size=vs) for p, vs in ome_zarr_levels(self.path)]
+
+    @property
+    def voxel_sizes(self) -> list[VoxelSize]:
+        return [vs for _, vs in ome_zarr_levels(self.path)]
+
+    @property
+    def stats(self) -> IntensityStats:
+        return IntensityStats.from_dict(self.meta["stats"])
+
+    @property
+    def curation_tile(self) -> int:
+        return int(self.meta["curation"]["tile_size"])
+
+    @property
+    def curation(self) -> np.ndarray:
+        """(z, ty, tx) uint8 TileFlag bits for level-0 tiles of `curation_tile` pixels."""
+        return ZarrVolume(self.path / "curation").read()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta["shape"])
+
+    @property
+    def source(self) -> str:
+        return self.meta["source"]
+
+
+class Archive:
+    """Read side of an archive: the complete images and a fingerprint of the data."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        attrs = group_attributes(self.path)
+        if attrs.get("ssl_em", {}).get("format") != FORMAT:
+            raise FileNotFoundError(f"{path}: not an ssl_em archive (run `ssl-em ingest SRC... --out {path}` first)")
+        self.images: list[ArchiveImage] = []
+        self.incomplete: list[str] = []
+        for child in sorted(p for p in self.path.iterdir() if p.is_dir()):
+            child_attrs = group_attributes(child)
+            if "ssl_em" not in child_attrs:
+                continue
+            if child_attrs["ssl_em"].get("complete"):
+                self.images.append(ArchiveImage(child.name, child, child_attrs))
+            else:
+                self.incomplete.append(child.name)
+
+    @staticmethod
+    def is_archive(path: str | Path) -> bool:
+        return group_attributes(Path(path)).get("ssl_em", {}).get("format") == FORMAT
+
+    def __getitem__(self, name: str) -> ArchiveImage:
+        for im in self.images:
+            if im.name == name:
+                return im
+        raise KeyError(f"{self.path}: no complete image named {name!r}")
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of what the archive holds: names, shapes, sources' fingerprints, curation counts."""
+        h = hashlib.sha256()
+        for im in self.images:
+            m = im.meta
+            h.update(json.dumps([im.name, m["shape"], m.get("source_fingerprint"), m["curation"].get("counts")], sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+
+class ArchiveWriter:
+    """Write side: create image groups with NGFF metadata, then mark them complete."""
+
+    def __init__(self, path: str | Path) -> None:
+        import zarr
+
+        self.path = Path(path)
+        if self.path.exists() and any(self.path.iterdir()) and not Archive.is_archive(self.path):
+            raise FileExistsError(f"{path}: exists and is not an ssl_em archive; refusing to write into it")
+        self.root = zarr.open_group(str(self.path), mode="a", zarr_format=2)
+        self.root.attrs["ssl_em"] = {"format": FORMAT, "version": VERSION}
+
+    def status(self, name: str) -> dict | None:
+        """The image's ssl_em attrs if it exists (complete or not), else None."""
+        p = self.path / name
+        return group_attributes(p).get("ssl_em") if p.is_dir() else None
+
+    def remove(self, name: str) -> None:
+        shutil.rmtree(self.path / name, ignore_errors=True)
+
+    def create_image(
+        self,
+        name: str,
+        level_shapes: list[tuple[int, int, int]],
+        level_voxel_sizes: list[VoxelSize],
+        dtype,
+        chunks: tuple[int, int, int],
+        curation_shape: tuple[int, int, int],
+        meta: dict,
+        compression_level: int = 3,
+    ) -> list:
+        """Create the level arrays and curation array; returns the zarr arrays of the levels.
+
+        `meta` becomes the image's "ssl_em" attrs, with "complete": false until `finish`.
+        """
+        import numcodecs
+
+        self.remove(name)
+        group = self.root.create_group(name)
+        compressor = numcodecs.Blosc(cname="zstd", clevel=compression_level, shuffle=numcodecs.Blosc.BITSHUFFLE)
+        arrays = []
+        for i, shape in enumerate(level_shapes):
+            c = tuple(min(c, s) for c, s in zip(chunks, shape))
+            arrays.append(group.create_array(str(i), shape=shape, chunks=c, dtype=dtype, compressors=compressor, fill_value=0))
+        group.create_array("curation", shape=curation_shape, chunks=(min(64, curation_shape[0]),) + curation_shape[1:], dtype="uint8", compressors=compressor, fill_value=0)
+        group.attrs["multiscales"] = [ngff_multiscales(name, level_voxel_sizes)]
+        group.attrs["ssl_em"] = {**meta, "complete": False}
+        return arrays
+
+    def curation_array(self, name: str):
+        import zarr
+
+        return zarr.open_array(str(self.path / name / "curation"), mode="r+")
+
+    def finish(self, name: str, meta: dict) -> None:
+        """Record the final metadata and mark the image complete (the last write)."""
+        import zarr
+
+        group = zarr.open_group(str(self.path / name), mode="r+", zarr_format=2)
+        group.attrs["ssl_em"] = {**meta, "complete": True}
+
+
+def ngff_multiscales(name: str, voxel_sizes: list[VoxelSize]) -> dict:
+    """NGFF 0.4 multiscales metadata for a (z, y, x) pyramid in nanometres."""
+    return {
+        "version": "0.4",
+        "name": name,
+        "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
+        "datasets": [
+            {"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": list(vs.as_tuple())}]}
+            for i, vs in enumerate(voxel_sizes)
+        ],
+        "type": "mean",
+    }

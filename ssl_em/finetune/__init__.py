@@ -1,0 +1,1 @@
+"""Segmentation heads, few-label fine-tuning, inference, metrics and benchmarks."""

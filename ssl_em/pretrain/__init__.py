@@ -1,0 +1,1 @@
+"""Self-supervised pretraining methods (Lightning modules over timm backbones)."""

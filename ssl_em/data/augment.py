@@ -1,0 +1,227 @@
+"""EM augmentations as batched torch modules, so they run on the GPU after transfer.
+
+Every module takes a float batch x: (B, C, H, W) (or (B, C, D, H, W) for the section
+artefacts) and draws independent parameters for each sample with torch's RNG on x's
+device, so `pl.seed_everything` makes a run reproducible. Each has a probability `p`
+of acting on a given sample. A pretraining view is an `nn.Sequential` of them.
+
+Intensity augmentations assume standardised input (about zero mean, unit std, as the
+stream delivers); those that need a [0, 1] range (gamma) rescale each sample to its own
+range and back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _chance(x: torch.Tensor, p: float) -> torch.Tensor:
+    """(B,) bool: which samples an augmentation acts on."""
+    return torch.rand(x.shape[0], device=x.device) < p
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, 1, ...) to broadcast against x."""
+    return v.view((-1,) + (1,) * (x.ndim - 1))
+
+
+class FlipRot90(nn.Module):
+    """Random element of the dihedral group on the last two axes: flips and 90° rotations.
+
+    EM has no preferred orientation in-plane, so all 8 are equally valid.
+    Transposition (hence odd rotations) needs square tiles and is skipped otherwise.
+    """
+
+    def __init__(self, p: float = 1.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = _chance(x, self.p)
+        for op in (lambda t: t.flip(-1), lambda t: t.flip(-2)) + ((lambda t: t.transpose(-1, -2)),) * (x.shape[-1] == x.shape[-2]):
+            m = _bcast(act & (torch.rand(x.shape[0], device=x.device) < 0.5), x)
+            x = torch.where(m, op(x), x)
+        return x
+
+
+class BrightnessContrast(nn.Module):
+    """x * c + b with c ~ U(1 - contrast, 1 + contrast), b ~ U(-brightness, brightness) (in std units)."""
+
+    def __init__(self, brightness: float = 0.2, contrast: float = 0.2, p: float = 0.8) -> None:
+        super().__init__()
+        self.brightness, self.contrast, self.p = brightness, contrast, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        act = _bcast(_chance(x, self.p).to(x.dtype), x)
+        c = 1 + (torch.rand(B, device=x.device) * 2 - 1) * self.contrast
+        b = (torch.rand(B, device=x.device) * 2 - 1) * self.brightness
+        mean = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+        y = (x - mean) * _bcast(c, x) + mean + _bcast(b, x)
+        return act * y + (1 - act) * x
+
+
+class Gamma(nn.Module):
+    """Gamma correction with gamma ~ logU(1/max_gamma, max_gamma), on each sample's own range."""
+
+    def __init__(self, max_gamma: float = 1.5, p: float = 0.5) -> None:
+        super().__init__()
+        self.max_gamma, self.p = max_gamma, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(1, x.ndim))
+        lo, hi = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
+        u = ((x - lo) / (hi - lo + 1e-6)).clamp(0, 1)
+        g = torch.exp((torch.rand(x.shape[0], device=x.device) * 2 - 1) * math.log(self.max_gamma))
+        y = u ** _bcast(g, x) * (hi - lo) + lo
+        return torch.where(_bcast(_chance(x, self.p), x), y, x)
+
+
+class GaussianBlur(nn.Module):
+    """Separable Gaussian blur with sigma ~ U(sigma) pixels per sample (defocus, thick sections)."""
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0), p: float = 0.5) -> None:
+        super().__init__()
+        self.sigma, self.p = sigma, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        radius = int(math.ceil(3 * self.sigma[1]))
+        s = torch.empty(B, device=x.device).uniform_(*self.sigma)
+        t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+        k = torch.exp(-(t[None] ** 2) / (2 * s[:, None] ** 2))
+        k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, K)
+        # Grouped convolution: one kernel per (sample, channel).
+        y = x.reshape(1, B * C, H, W)
+        y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k[:, None, None, :], groups=B * C)
+        y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k[:, None, :, None], groups=B * C)
+        return torch.where(_bcast(_chance(x, self.p), x), y.view(B, C, H, W), x)
+
+
+class GaussianNoise(nn.Module):
+    """Additive noise with std ~ U(0, std) (in units of the standardised signal): shot/detector noise."""
+
+    def __init__(self, std: float = 0.1, p: float = 0.5) -> None:
+        super().__init__()
+        self.std, self.p = std, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.rand(x.shape[0], device=x.device) * self.std * _chance(x, self.p)
+        return x + torch.randn_like(x) * _bcast(s, x)
+
+
+class RandomResizedCrop(nn.Module):
+    """Crop a random area fraction in `scale` with aspect ratio in `ratio`, resized to `size`.
+
+    Done for the whole batch at once with an affine grid, so it costs one grid_sample.
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.25, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+        super().__init__()
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        dev = x.device
+        area = torch.empty(B, device=dev).uniform_(*self.scale)
+        logr = torch.empty(B, device=dev).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
+        r = torch.exp(logr)
+        w = torch.sqrt(area * r).clamp(max=1.0)  # fraction of width
+        h = torch.sqrt(area / r).clamp(max=1.0)
+        cx = (torch.rand(B, device=dev) * 2 - 1) * (1 - w)
+        cy = (torch.rand(B, device=dev) * 2 - 1) * (1 - h)
+        theta = torch.zeros(B, 2, 3, device=dev, dtype=x.dtype)
+        theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
+        grid = F.affine_grid(theta, (B, x.shape[1], self.size, self.size), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+class Stripes(nn.Module):
+    """Thin straight bright or dark lines at a random angle: knife marks, scratches, charging streaks."""
+
+    def __init__(self, max_lines: int = 3, width: tuple[float, float] = (0.5, 2.0), strength: float = 1.5, p: float = 0.2) -> None:
+        super().__init__()
+        self.max_lines, self.width, self.strength, self.p = max_lines, width, strength, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        dev = x.device
+        yy, xx = torch.meshgrid(torch.arange(H, device=dev, dtype=x.dtype), torch.arange(W, device=dev, dtype=x.dtype), indexing="ij")
+        out = x
+        act = _chance(x, self.p)
+        for _ in range(self.max_lines):
+            ang = torch.rand(B, device=dev) * math.pi
+            off = torch.rand(B, device=dev) * (H + W) - (H + W) / 2
+            wid = torch.empty(B, device=dev).uniform_(*self.width)
+            amp = (torch.rand(B, device=dev) * 2 - 1) * self.strength * act * (torch.rand(B, device=dev) < 0.6)
+            # Signed distance of every pixel to the line through the centre, shifted by off.
+            d = (xx - W / 2)[None] * torch.cos(ang)[:, None, None] + (yy - H / 2)[None] * torch.sin(ang)[:, None, None] - off[:, None, None]
+            line = torch.exp(-(d**2) / (2 * wid[:, None, None] ** 2))
+            out = out + (amp[:, None, None] * line)[:, None]
+        return out
+
+
+class MissingSection(nn.Module):
+    """3D: replace one random z-section by a constant (lost or torn section). x: (B, C, D, H, W)."""
+
+    def __init__(self, value: float = 0.0, p: float = 0.3) -> None:
+        super().__init__()
+        self.value, self.p = value, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, D = x.shape[:3]
+        z = torch.randint(0, D, (B,), device=x.device)
+        m = (torch.arange(D, device=x.device)[None] == z[:, None]) & _chance(x, self.p)[:, None]
+        return torch.where(m[:, None, :, None, None], torch.full_like(x, self.value), x)
+
+
+class DarkSection(nn.Module):
+    """3D: darken one random z-section by a factor (uneven staining, thick section). x: (B, C, D, H, W)."""
+
+    def __init__(self, shift: tuple[float, float] = (0.5, 1.5), p: float = 0.3) -> None:
+        super().__init__()
+        self.shift, self.p = shift, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, D = x.shape[:3]
+        z = torch.randint(0, D, (B,), device=x.device)
+        m = (torch.arange(D, device=x.device)[None] == z[:, None]) & _chance(x, self.p)[:, None]
+        s = torch.empty(B, device=x.device).uniform_(*self.shift)
+        return x - m[:, None, :, None, None] * s.view(B, 1, 1, 1, 1)
+
+
+class Misalignment(nn.Module):
+    """3D: shift all sections from a random z onwards by up to `max_shift` px (serial-section misalignment)."""
+
+    def __init__(self, max_shift: int = 8, p: float = 0.3) -> None:
+        super().__init__()
+        self.max_shift, self.p = max_shift, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        act = _chance(x, self.p).tolist()
+        D = x.shape[2]
+        for b, on in enumerate(act):
+            if not on or D < 2:
+                continue
+            z = int(torch.randint(1, D, (1,)))
+            dy, dx = (int(v) for v in torch.randint(-self.max_shift, self.max_shift + 1, (2,)))
+            out[b, :, z:] = torch.roll(x[b, :, z:], shifts=(dy, dx), dims=(-2, -1))
+        return out
+
+
+def em_view(size: int, crop_scale: tuple[float, float] = (0.25, 1.0), blur: float = 0.5, noise: float = 0.5) -> nn.Sequential:
+    """A typical contrastive view for 2D EM tiles: crop, dihedral, intensity, blur/noise, artefacts."""
+    return nn.Sequential(
+        RandomResizedCrop(size, scale=crop_scale),
+        FlipRot90(),
+        BrightnessContrast(p=0.8),
+        Gamma(p=0.5),
+        GaussianBlur(p=blur),
+        GaussianNoise(p=noise),
+        Stripes(p=0.1),
+    )

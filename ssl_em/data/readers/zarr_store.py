@@ -43,7 +43,7 @@ def group_attributes(path: Path) -> dict:
 class ZarrVolume(Volume):
     """One array of a zarr v2/v3 or N5 store. Reads only the chunks a region touches."""
 
-    def __init__(self, path: str | Path, voxel_size=None, cache_bytes: int = 0) -> None:
+    def __init__(self, path: str | Path, voxel_size=None, cache_bytes: int = 0, threads: int | None = None) -> None:
         super().__init__()
         self.path = str(path)
         p = Path(path)
@@ -51,6 +51,9 @@ class ZarrVolume(Volume):
         if self.driver is None:
             raise VolumeError(f"{path}: not a zarr or N5 array (no .zarray, zarr.json or attributes.json)")
         self.cache_bytes = cache_bytes
+        # tensorstore decodes on a thread pool sized to the machine; `threads` caps it,
+        # e.g. to measure per-core speed or to share cores between loader workers.
+        self.threads = threads
         store = self.handle
         shape = tuple(int(s) for s in store.shape)
         if len(shape) == 2:
@@ -76,9 +79,12 @@ class ZarrVolume(Volume):
         import tensorstore as ts
 
         spec = {"driver": self.driver, "kvstore": {"driver": "file", "path": self.path}}
-        context = {"cache_pool": {"total_bytes_limit": self.cache_bytes}} if self.cache_bytes else None
+        context = {"cache_pool": {"total_bytes_limit": self.cache_bytes}}
+        if self.threads:
+            context["data_copy_concurrency"] = {"limit": self.threads}
+            context["file_io_concurrency"] = {"limit": self.threads}
         try:
-            return ts.open(spec, read=True, context=ts.Context(context) if context else None).result()
+            return ts.open(spec, read=True, context=ts.Context(context)).result()
         except Exception as err:  # tensorstore raises ValueError with long JSON payloads
             raise VolumeError(f"{self.path}: cannot open {self.driver} array ({str(err).splitlines()[0][:200]})") from None
 
@@ -151,3 +157,35 @@ def open_ome_zarr(path: str | Path, level: int = 0, voxel_size=None) -> ZarrVolu
         raise VolumeError(f"{path}: level {level} requested but the image has {len(levels)} levels")
     array_path, vs = levels[level]
     return ZarrVolume(array_path, voxel_size=voxel_size if voxel_size is not None else vs)
+
+
+def is_group(path: Path) -> bool:
+    """True for a zarr v2/v3 or N5 group (not an array)."""
+    if (path / ".zgroup").is_file():
+        return True
+    if (path / "zarr.json").is_file():
+        return json.loads((path / "zarr.json").read_text()).get("node_type") == "group"
+    if (path / "attributes.json").is_file():
+        return "dimensions" not in json.loads((path / "attributes.json").read_text())
+    return False
+
+
+def find_arrays(group: Path, max_depth: int = 4) -> list[Path]:
+    """Paths of the zarr/N5 arrays under a group, depth-first, names sorted."""
+    found: list[Path] = []
+    for child in sorted(p for p in group.iterdir() if p.is_dir()):
+        if _metadata_driver(child) is not None:
+            found.append(child)
+        elif max_depth > 1 and is_group(child):
+            found.extend(find_arrays(child, max_depth - 1))
+    return found
+
+
+def open_single_array_group(path: str | Path) -> ZarrVolume:
+    """Open the one array a zarr/N5 group holds (a common way to save a single volume)."""
+    arrays = find_arrays(Path(path))
+    if len(arrays) != 1:
+        names = ", ".join(str(a.relative_to(path)) for a in arrays[:8])
+        problem = "holds no arrays" if not arrays else f"holds {len(arrays)} arrays ({names}); open one of them by its path"
+        raise VolumeError(f"{path}: zarr group {problem}")
+    return ZarrVolume(arrays[0])

@@ -1,0 +1,448 @@
+"""The pretraining tile stream: random 2D tiles (or 3D patches) from every image in an archive.
+
+Speed comes from reading in *blocks*: a block is a chunk-aligned region of several chunks,
+decoded once by tensorstore (in C++, several blocks in flight), and cut into
+non-overlapping tiles with a little random jitter. Over an epoch each decoded voxel feeds
+about one tile, so the stream is fast without re-using the few blocks it holds in memory.
+Memory is bounded by (blocks in flight + shuffle buffer), never by the volume.
+
+Randomness is explicit: every (seed, epoch, rank, worker) gets its own generator; the
+blocks of each image are permuted once per epoch with (seed, epoch) and dealt out to the
+readers (ranks x workers), so different readers see different data and a given seed gives
+the same stream.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ssl_em.data.archive import Archive
+from ssl_em.data.normalize import IntensityStats, Normalization
+from ssl_em.data.volume import Volume, VoxelSize
+
+
+class NoTilesError(ValueError):
+    """The data cannot provide any tile (too small, or everything flagged by curation)."""
+
+
+@dataclass
+class StreamSource:
+    """One image the stream draws from: its pyramid, statistics and curation flags."""
+
+    name: str
+    levels: list[Volume]
+    voxel_sizes: list[VoxelSize]
+    stats: IntensityStats
+    curation: np.ndarray | None = None  # (z, ty, tx) TileFlag bits at level 0, or None
+    curation_tile: int = 256
+
+    @classmethod
+    def from_archive(cls, path, threads: int | None = None) -> list["StreamSource"]:
+        archive = Archive(path)
+        out = []
+        for im in archive.images:
+            levels = im.levels
+            for lv in levels:
+                lv.threads = threads
+            out.append(cls(im.name, levels, im.voxel_sizes, im.stats, im.curation, im.curation_tile))
+        return out
+
+    @classmethod
+    def from_volume(cls, volume: Volume, sample_slices: int = 8, seed: int = 0) -> "StreamSource":
+        """A source read directly (no archive): statistics from a few random slices, no curation."""
+        rng = np.random.default_rng(seed)
+        zs = rng.choice(volume.shape[0], size=min(sample_slices, volume.shape[0]), replace=False)
+        sample = np.concatenate([volume.read(int(z)).ravel() for z in zs])
+        return cls(volume.name, [volume], [volume.voxel_size], IntensityStats.compute(sample))
+
+
+@dataclass
+class _Plan:
+    """How tiles are cut from one source at the requested pixel size."""
+
+    level: int
+    src_tile: int  # tile side in level pixels; resampled to the output tile size
+    block: tuple[int, int, int]  # block shape in level voxels (z, y, x)
+    axes: tuple[int, ...]  # axes normal to the tile plane: 0 -> xy tiles, 1 -> xz, 2 -> yz
+    n_blocks: tuple[int, int, int]
+    zoom0: tuple[float, float, float]  # level -> level-0 coordinate factors
+
+
+def plan_source(src: StreamSource, tile: int, depth: int, pixel_size_nm: float | None, block_target: int, isotropy_tol: float) -> _Plan | None:
+    """Pick the pyramid level nearest the pixel size and lay out blocks; None if the image is too small."""
+    xy = [(v.y + v.x) / 2 for v in src.voxel_sizes]
+    if pixel_size_nm:
+        # Nearest level in log-space; the rest of the way is resampling.
+        level = int(np.argmin([abs(math.log(pixel_size_nm / p)) for p in xy]))
+        src_tile = max(1, int(round(tile * pixel_size_nm / xy[level])))
+    else:
+        level, src_tile = 0, tile
+    vol = src.levels[level]
+    Z, Y, X = vol.shape
+    chunks = getattr(vol, "chunks", (1, 256, 256))
+    planar = depth == 1 and src.voxel_sizes[level].is_near_isotropic(isotropy_tol) and min(Z, Y, X) >= src_tile
+    axes = (0, 1, 2) if planar else (0,)
+    side = _round_up(max(src_tile, block_target), chunks[1])
+    bz = _round_up(src_tile, chunks[0]) if planar else _round_up(depth, chunks[0])
+    block = (min(bz, Z), min(side, Y), min(side, X))
+    if block[1] < src_tile or block[2] < src_tile or block[0] < depth:
+        return None
+    n_blocks = tuple(math.ceil(s / b) for s, b in zip((Z, Y, X), block))
+    zoom0 = tuple(s0 / s for s0, s in zip(src.levels[0].shape, vol.shape))
+    return _Plan(level, src_tile, block, axes, n_blocks, zoom0)
+
+
+def _round_up(v: int, m: int) -> int:
+    return int(math.ceil(v / m) * m)
+
+
+class TileDataset(IterableDataset):
+    """Streams tiles {"image": (1, T, T) or (1, D, T, T), "source": int} from several sources.
+
+    Tiles keep the sources' dtype (uint8 stays uint8, 4x less to move); normalisation
+    happens on the batch, on the device (`EMDataModule.on_after_batch_transfer`).
+
+    Args:
+        sources: the images to draw from.
+        tile_size: output tile side in pixels.
+        samples_per_epoch: tiles per epoch summed over all ranks and workers.
+        pixel_size_nm: output pixel size; None keeps each image's level 0 as is.
+        depth: 1 for 2D tiles, > 1 for 3D patches of that many z-sections.
+        gamma: source weight = (number of voxels) ** gamma; 0 = equal, 1 = proportional.
+        block_size: target block side in pixels (chunk-aligned).
+        prefetch: blocks in flight while tiles are cut from the current one.
+        shuffle_buffer: tiles mixed before yielding, so neighbours from one block spread out.
+        use_curation: skip tiles whose centre lies in a flagged curation tile.
+        isotropy_tolerance: xz/yz tiles only when z spacing is within this fraction of xy.
+    """
+
+    def __init__(
+        self,
+        sources: list[StreamSource],
+        tile_size: int = 224,
+        samples_per_epoch: int = 10_000,
+        pixel_size_nm: float | None = None,
+        depth: int = 1,
+        gamma: float = 0.5,
+        block_size: int = 1024,
+        prefetch: int = 4,
+        shuffle_buffer: int = 512,
+        use_curation: bool = True,
+        isotropy_tolerance: float = 0.25,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.tile_size, self.depth, self.samples_per_epoch = tile_size, depth, samples_per_epoch
+        self.prefetch, self.shuffle_buffer, self.seed, self.use_curation = prefetch, shuffle_buffer, seed, use_curation
+        self.sources, self.plans = [], []
+        for src in sources:
+            plan = plan_source(src, tile_size, depth, pixel_size_nm, block_size, isotropy_tolerance)
+            if plan is not None:
+                self.sources.append(src)
+                self.plans.append(plan)
+        if not self.sources:
+            raise NoTilesError(f"no image is large enough for {tile_size}px tiles at {pixel_size_nm or 'native'} nm/px (depth {depth})")
+        if use_curation and all(s.curation is not None and not (s.curation == 0).any() for s in self.sources):
+            raise NoTilesError("every tile of every image was flagged by curation: nothing is left to train on")
+        sizes = np.array([float(np.prod(s.levels[p.level].shape)) for s, p in zip(self.sources, self.plans)])
+        self.weights = sizes**gamma / (sizes**gamma).sum()
+        self.epoch = 0
+        self.rank, self.world_size = 0, 1
+        # What this copy of the dataset has read: for benchmarks and coverage checks.
+        self.counters = {"blocks": 0, "voxels_decoded": 0, "tiles": 0}
+
+    # -- readers: (rank, worker) ------------------------------------------------------
+    def _reader(self) -> tuple[int, int]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def __len__(self) -> int:
+        # Per rank, which is what a DataLoader on one rank iterates.
+        return self.samples_per_epoch // self.world_size
+
+    def _count(self, reader: int, readers: int) -> int:
+        base, extra = divmod(self.samples_per_epoch, readers)
+        return base + (reader < extra)
+
+    def __iter__(self):
+        # Each pass is one epoch. Persistent loader workers each hold a copy of the
+        # dataset and are iterated once per epoch, so their counters stay in step.
+        self.epoch += 1
+        epoch = self.epoch
+        reader, readers = self._reader()
+        rng = np.random.default_rng([self.seed, epoch, reader])
+        blocks = [_BlockDeck(p, self.seed, epoch, reader, readers) for p in self.plans]
+        remaining = self._count(reader, readers)
+        inflight: deque = deque()
+        buffer: list = []
+        empty_blocks = 0
+        while remaining > 0:
+            while len(inflight) < self.prefetch:
+                i = int(rng.choice(len(self.sources), p=self.weights))
+                origin = blocks[i].next()
+                axis = int(rng.choice(self.plans[i].axes))
+                inflight.append((i, origin, axis, self._read_async(i, origin)))
+            i, origin, axis, fut = inflight.popleft()
+            block = fut.result()
+            self.counters["blocks"] += 1
+            self.counters["voxels_decoded"] += int(np.asarray(block).size)
+            tiles = self._cut(i, origin, axis, block, rng)
+            self.counters["tiles"] += len(tiles)
+            empty_blocks = 0 if tiles else empty_blocks + 1
+            if empty_blocks > 1000:
+                raise NoTilesError("1000 blocks in a row gave no unflagged tile; curation left too little data")
+            for t in tiles:
+                buffer.append({"image": t, "source": i})
+                if len(buffer) >= self.shuffle_buffer:
+                    j = int(rng.integers(len(buffer)))
+                    buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                    yield buffer.pop()
+                    remaining -= 1
+                    if remaining == 0:
+                        return
+        # (the buffer is only drained by the loop above; leftovers are dropped by design)
+
+    # -- blocks -> tiles --------------------------------------------------------------
+    def _read_async(self, i: int, origin: tuple[int, int, int]):
+        vol = self.sources[i].levels[self.plans[i].level]
+        region = tuple(slice(o, min(o + b, s)) for o, b, s in zip(origin, self.plans[i].block, vol.shape))
+        if hasattr(vol, "read_async"):
+            return vol.read_async(*region)
+        return _Done(vol.read(*region))
+
+    def _cut(self, i: int, origin, axis: int, block: np.ndarray, rng) -> list[torch.Tensor]:
+        """Cut non-overlapping, jittered tiles from a block; drop curated-out ones; resample."""
+        plan, src = self.plans[i], self.sources[i]
+        t, d = plan.src_tile, self.depth
+        block = np.asarray(block)
+        if block.ndim == 2:
+            block = block[None]
+        # Move the plane normal to the front: (n_planes, rows, cols), with the level axes.
+        arr = np.moveaxis(block, axis, 0)
+        ax_rows, ax_cols = [a for a in (0, 1, 2) if a != axis]
+        n_planes, R, C = arr.shape
+        nr, nc = R // t, C // t
+        if nr == 0 or nc == 0 or n_planes < d:
+            return []
+        cell_r, cell_c = R // nr, C // nc
+        step = d if d > 1 else 1
+        tiles, centres = [], []
+        for p in range(0, n_planes - d + 1, step):
+            jr = rng.integers(0, cell_r - t + 1, size=nr)
+            jc = rng.integers(0, cell_c - t + 1, size=nc)
+            for a in range(nr):
+                r0 = a * cell_r + int(jr[a])
+                for b in range(nc):
+                    c0 = b * cell_c + int(jc[b])
+                    tile = arr[p : p + d, r0 : r0 + t, c0 : c0 + t] if d > 1 else arr[p, r0 : r0 + t, c0 : c0 + t]
+                    tiles.append(tile)
+                    centre = [0.0, 0.0, 0.0]
+                    centre[axis] = origin[axis] + p + d / 2
+                    centre[ax_rows] = origin[ax_rows] + r0 + t / 2
+                    centre[ax_cols] = origin[ax_cols] + c0 + t / 2
+                    centres.append(centre)
+        keep = self._kept(src, plan, np.array(centres)) if self.use_curation and src.curation is not None else np.ones(len(tiles), bool)
+        tiles = [x for x, k in zip(tiles, keep) if k]
+        if not tiles:
+            return []
+        batch = torch.from_numpy(np.ascontiguousarray(np.stack(tiles)))
+        if t != self.tile_size:
+            batch = self._resample(batch)
+        batch = batch.unsqueeze(1)  # (N, 1, [D,] T, T)
+        return list(batch.unbind(0))
+
+    def _kept(self, src: StreamSource, plan: _Plan, centres: np.ndarray) -> np.ndarray:
+        """(N,) bool: tile centres (level coords, (N, 3)) that fall in unflagged curation tiles."""
+        c0 = centres * np.array(plan.zoom0)
+        cz = np.clip(c0[:, 0].astype(int), 0, src.curation.shape[0] - 1)
+        cy = np.clip((c0[:, 1] // src.curation_tile).astype(int), 0, src.curation.shape[1] - 1)
+        cx = np.clip((c0[:, 2] // src.curation_tile).astype(int), 0, src.curation.shape[2] - 1)
+        return src.curation[cz, cy, cx] == 0
+
+    def _resample(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, [D,] t, t) -> (N, [D,] T, T), antialiased; integer dtypes are rounded back."""
+        dtype = batch.dtype
+        x = batch.float()
+        flat = x.reshape(-1, 1, *x.shape[-2:])
+        out = F.interpolate(flat, size=(self.tile_size, self.tile_size), mode="bilinear", antialias=True, align_corners=False)
+        out = out.reshape(*x.shape[:-2], self.tile_size, self.tile_size)
+        if not dtype.is_floating_point:
+            info = torch.iinfo(dtype)
+            out = out.round_().clamp_(info.min, info.max).to(dtype)
+        return out
+
+
+class _Done:
+    """A finished 'future' for readers without asynchronous reads."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class _BlockDeck:
+    """This reader's share of an image's blocks, in an order fixed by (seed, epoch).
+
+    All readers permute the block grid identically and each takes every readers-th block,
+    so readers cover disjoint blocks; the deck reshuffles when it runs out.
+    """
+
+    def __init__(self, plan: _Plan, seed: int, epoch: int, reader: int, readers: int) -> None:
+        self.plan, self.seed, self.epoch, self.reader, self.readers = plan, seed, epoch, reader, readers
+        self.round = 0
+        self._deal()
+
+    def _deal(self) -> None:
+        n = int(np.prod(self.plan.n_blocks))
+        perm = np.random.default_rng([self.seed, self.epoch, self.round, 7]).permutation(n)
+        mine = perm[self.reader % n :: self.readers] if n >= self.readers else perm[[self.reader % n]]
+        self.queue = deque(int(b) for b in mine)
+        self.round += 1
+
+    def next(self) -> tuple[int, int, int]:
+        if not self.queue:
+            self._deal()
+        bz, by, bx = np.unravel_index(self.queue.popleft(), self.plan.n_blocks)
+        return tuple(int(b * s) for b, s in zip((bz, by, bx), self.plan.block))
+
+
+# -- Lightning ------------------------------------------------------------------------
+import hashlib  # noqa: E402
+
+import pytorch_lightning as pl  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from ssl_em.data.normalize import normalize  # noqa: E402
+
+
+def open_sources(data: str | list[str], voxel_size=None, threads: int | None = None) -> tuple[list[StreamSource], str]:
+    """Sources from an archive path, or from raw volumes (any format open_volume reads).
+
+    Returns the sources and a data fingerprint.
+    """
+    paths = [data] if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__") else list(data)
+    if len(paths) == 1 and Archive.is_archive(paths[0]):
+        archive = Archive(paths[0])
+        return StreamSource.from_archive(paths[0], threads=threads), archive.fingerprint
+    from ssl_em.data.readers.open import open_volume, source_fingerprint
+
+    sources = [StreamSource.from_volume(open_volume(p, voxel_size=voxel_size)) for p in paths]
+    h = hashlib.sha256("".join(source_fingerprint(p) for p in paths).encode()).hexdigest()[:16]
+    return sources, h
+
+
+def pooled_normalization(sources: list[StreamSource], weights: np.ndarray) -> Normalization:
+    """Mean and std of the stretched intensities over the sampling mixture, from recorded stats."""
+    means, variances = [], []
+    for s in sources:
+        st = s.stats
+        span = max(st.hi - st.lo, 1e-6)
+        means.append(float(np.clip((st.mean - st.lo) / span, 0, 1)))
+        variances.append(min((st.std / span) ** 2, 0.25))
+    m = float(np.dot(weights, means))
+    var = float(np.dot(weights, np.array(variances) + np.array(means) ** 2) - m**2)
+    return Normalization(mean=m, std=max(math.sqrt(max(var, 0.0)), 1e-3))
+
+
+class EMDataModule(pl.LightningDataModule):
+    """Tiles for pretraining, from an archive (or raw volumes), normalised on the device.
+
+    Train batches reach the LightningModule as {"image": float32 (B, 1, T, T) or
+    (B, 1, D, T, T), normalised; "source": (B,) long}.
+
+    Args:
+        data: an ssl_em archive (ARCHIVE.zarr) or a list of raw volumes.
+        tile_size: tile side in pixels (T).
+        pixel_size_nm: resample every image to this pixel size; None = native.
+        depth: 1 for 2D tiles; > 1 for 3D patches of D sections.
+        batch_size: per device.
+        num_workers: loader processes per device.
+        samples_per_epoch: tiles per epoch over all devices.
+        gamma: source balance; weight = size ** gamma.
+        voxel_size: for raw volumes without one ("z,y,x" nm).
+        normalization: override the (mean, std) measured from the data's statistics.
+        seed: base seed of the stream.
+    """
+
+    def __init__(
+        self,
+        data: str | list[str] = "",
+        tile_size: int = 224,
+        pixel_size_nm: float | None = None,
+        depth: int = 1,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        samples_per_epoch: int = 100_000,
+        gamma: float = 0.5,
+        use_curation: bool = True,
+        block_size: int = 1024,
+        shuffle_buffer: int = 512,
+        voxel_size: str | None = None,
+        normalization: Normalization | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["normalization"])
+        self.data, self.tile_size, self.pixel_size_nm, self.depth = data, tile_size, pixel_size_nm, depth
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self._user_norm = normalization
+        self.dataset: TileDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        if not self.data:
+            raise ValueError("no data given: pass --data ARCHIVE.zarr (make one with `ssl-em ingest SRC... --out ARCHIVE.zarr`)")
+        hp = self.hparams
+        sources, self.fingerprint = open_sources(self.data, voxel_size=hp.voxel_size)
+        self.dataset = TileDataset(
+            sources, self.tile_size, hp.samples_per_epoch, self.pixel_size_nm, self.depth, hp.gamma,
+            hp.block_size, shuffle_buffer=hp.shuffle_buffer, use_curation=hp.use_curation, seed=self.seed,
+        )
+        if self.trainer is not None:
+            self.dataset.rank, self.dataset.world_size = self.trainer.global_rank, self.trainer.world_size
+        self.dataset.epoch = getattr(self, "_resume_epoch", 0)
+        if len(self.dataset) < self.batch_size:
+            raise ValueError(f"batch size {self.batch_size} is larger than the {len(self.dataset)} tiles per epoch per device; lower data.batch_size or raise data.samples_per_epoch")
+        self.normalization = self._user_norm or pooled_normalization(self.dataset.sources, self.dataset.weights)
+        self._lo = torch.tensor([s.stats.lo for s in self.dataset.sources], dtype=torch.float32)
+        self._hi = torch.tensor([s.stats.hi for s in self.dataset.sources], dtype=torch.float32)
+
+    def train_dataloader(self) -> DataLoader:
+        # tensorstore aborts in a fork()ed child, so workers are spawned; they persist so
+        # the start-up cost is paid once per run, not once per epoch.
+        return DataLoader(
+            self.dataset, batch_size=self.batch_size, num_workers=self.num_workers, drop_last=True,
+            pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+            multiprocessing_context="spawn" if self.num_workers else None,
+            prefetch_factor=4 if self.num_workers else None,
+        )
+
+    def state_dict(self) -> dict:
+        # Saved in Lightning checkpoints, so a resumed run continues the stream's epochs
+        # instead of replaying the first one.
+        return {"epoch": self.trainer.current_epoch if self.trainer is not None else 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_epoch = int(state.get("epoch", 0))
+        if self.dataset is not None:
+            self.dataset.epoch = self._resume_epoch
+
+    def normalize_batch(self, batch: dict) -> dict:
+        """Percentile-stretch each tile with its source's window, then standardise."""
+        src = batch["source"]
+        lo, hi = self._lo.to(src.device)[src], self._hi.to(src.device)[src]
+        return {**batch, "image": normalize(batch["image"], lo, hi, self.normalization)}
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        return self.normalize_batch(batch)

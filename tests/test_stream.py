@@ -1,0 +1,156 @@
+"""The pretraining tile stream: shapes, curation, resampling, seeding across ranks and workers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ssl_em.data.archive import ArchiveWriter, TileFlag
+from ssl_em.data.normalize import IntensityStats
+from ssl_em.data.stream import EMDataModule, NoTilesError, StreamSource, TileDataset
+from ssl_em.data.volume import ArrayVolume, VoxelSize
+
+
+def write_archive(path, images: dict[str, np.ndarray], voxel=(8, 8, 8), flags: dict[str, np.ndarray] | None = None, tile=64):
+    """A minimal archive written with the archive writer (one level per image)."""
+    w = ArchiveWriter(path)
+    for name, img in images.items():
+        cur_shape = (img.shape[0], -(-img.shape[1] // tile), -(-img.shape[2] // tile))
+        arr = w.create_image(name, [img.shape], [VoxelSize(*voxel)], img.dtype, (1, 64, 64), cur_shape, {"shape": list(img.shape)})[0]
+        arr[:] = img
+        if flags and name in flags:
+            w.curation_array(name)[:] = flags[name]
+        w.finish(name, {"shape": list(img.shape), "stats": IntensityStats.compute(img).to_dict(), "curation": {"tile_size": tile, "counts": {}}})
+    return path
+
+
+def marked_volume(shape=(4, 128, 128)) -> np.ndarray:
+    """uint8 volume whose value encodes (z, y-block, x-block), so tiles reveal where they came from."""
+    z, y, x = np.meshgrid(*(np.arange(s) for s in shape), indexing="ij")
+    return (z * 32 + (y // 64) * 8 + (x // 64) * 2 + 1).astype(np.uint8)
+
+
+def test_tiles_have_shape_dtype_and_come_from_the_volume(tmp_path, synthetic_small):
+    path = write_archive(tmp_path / "a.zarr", {"syn": synthetic_small.image})
+    ds = TileDataset(StreamSource.from_archive(path), tile_size=32, samples_per_epoch=50, shuffle_buffer=8)
+    items = list(ds)
+    assert len(items) == 50
+    assert items[0]["image"].shape == (1, 32, 32) and items[0]["image"].dtype == torch.uint8
+    vol = synthetic_small.image
+    # Every tile is an exact crop of some z-slice.
+    t = items[0]["image"][0].numpy()
+    found = any((np.lib.stride_tricks.sliding_window_view(vol[z], (32, 32)) == t).all(axis=(-1, -2)).any() for z in range(vol.shape[0]))
+    assert found
+
+
+def test_each_decoded_voxel_feeds_about_one_tile(tmp_path):
+    vol = np.random.default_rng(0).integers(0, 255, (8, 256, 256), dtype=np.uint8)
+    path = write_archive(tmp_path / "a.zarr", {"v": vol})
+    ds = TileDataset(StreamSource.from_archive(path), tile_size=60, samples_per_epoch=100, shuffle_buffer=4, block_size=128)
+    list(ds)
+    ratio = ds.counters["tiles"] * 60 * 60 / ds.counters["voxels_decoded"]
+    assert 0.7 < ratio <= 1.0
+
+
+def test_curation_flags_are_skipped(tmp_path):
+    vol = marked_volume()
+    flags = np.zeros((4, 2, 2), np.uint8)
+    flags[:, 0, :] = TileFlag.LOW_INFORMATION  # top half of every slice flagged
+    path = write_archive(tmp_path / "a.zarr", {"v": vol}, flags={"v": flags})
+    ds = TileDataset(StreamSource.from_archive(path), tile_size=32, samples_per_epoch=64, shuffle_buffer=4)
+    yblocks = {(int(it["image"][0, 16, 16]) - 1) % 32 // 8 for it in ds}
+    assert yblocks == {1}
+    ds_all = TileDataset(StreamSource.from_archive(path), tile_size=32, samples_per_epoch=64, shuffle_buffer=4, use_curation=False)
+    assert {(int(it["image"][0, 16, 16]) - 1) % 32 // 8 for it in ds_all} == {0, 1}
+
+
+def test_everything_flagged_is_a_clear_error(tmp_path):
+    vol = marked_volume()
+    path = write_archive(tmp_path / "a.zarr", {"v": vol}, flags={"v": np.full((4, 2, 2), TileFlag.PADDING, np.uint8)})
+    with pytest.raises(NoTilesError, match="curation"):
+        TileDataset(StreamSource.from_archive(path), tile_size=32)
+
+
+def test_too_small_images_are_a_clear_error():
+    src = StreamSource.from_volume(ArrayVolume(np.ones((1, 20, 20), np.uint8) * np.arange(20, dtype=np.uint8)))
+    with pytest.raises(NoTilesError, match="large enough"):
+        TileDataset([src], tile_size=32)
+
+
+def test_pixel_size_picks_a_level_and_resamples():
+    vol = ArrayVolume(np.random.default_rng(0).integers(0, 255, (2, 200, 200), dtype=np.uint8), voxel_size=(40, 4, 4))
+    src = StreamSource.from_volume(vol)
+    ds = TileDataset([src], tile_size=32, samples_per_epoch=4, pixel_size_nm=8, shuffle_buffer=1)
+    assert ds.plans[0].src_tile == 64  # 32 px at 8 nm = 64 px at 4 nm
+    item = next(iter(ds))
+    assert item["image"].shape == (1, 32, 32) and item["image"].dtype == torch.uint8
+
+
+def test_orthogonal_planes_only_for_near_isotropic_voxels():
+    data = np.random.default_rng(0).integers(0, 255, (64, 64, 64), dtype=np.uint8)
+    iso = StreamSource.from_volume(ArrayVolume(data, voxel_size=(10, 8, 8)))
+    aniso = StreamSource.from_volume(ArrayVolume(data, voxel_size=(40, 4, 4)))
+    assert TileDataset([iso], tile_size=32).plans[0].axes == (0, 1, 2)
+    assert TileDataset([aniso], tile_size=32).plans[0].axes == (0,)
+
+
+def test_3d_patches():
+    data = np.random.default_rng(0).integers(0, 255, (16, 64, 64), dtype=np.uint8)
+    ds = TileDataset([StreamSource.from_volume(ArrayVolume(data, voxel_size=(40, 4, 4)))], tile_size=32, depth=4, samples_per_epoch=6, shuffle_buffer=2)
+    assert next(iter(ds))["image"].shape == (1, 4, 32, 32)
+
+
+def test_sources_are_balanced_by_size_power():
+    big = StreamSource.from_volume(ArrayVolume(np.full((16, 128, 128), 10, np.uint8), path="big"))
+    small = StreamSource.from_volume(ArrayVolume(np.full((1, 128, 128), 200, np.uint8), path="small"))
+    counts = {}
+    for gamma in (0.0, 1.0):
+        ds = TileDataset([big, small], tile_size=32, samples_per_epoch=800, gamma=gamma, shuffle_buffer=16, prefetch=1)
+        counts[gamma] = np.bincount([it["source"] for it in ds], minlength=2)
+    assert abs(counts[0.0][1] / 800 - 0.5) < 0.1  # equal weights
+    assert counts[1.0][1] / 800 < 0.15  # proportional to size: 1/17
+
+
+def _stream(ds: TileDataset, rank: int, world: int) -> list[bytes]:
+    ds.rank, ds.world_size, ds.epoch = rank, world, 0
+    return [it["image"].numpy().tobytes() for it in ds]
+
+
+def test_ranks_differ_and_seed_reproduces(synthetic_small):
+    src = StreamSource.from_volume(ArrayVolume(synthetic_small.image, voxel_size=(40, 4, 4)))
+    make = lambda seed: TileDataset([src], tile_size=32, samples_per_epoch=64, shuffle_buffer=8, block_size=32, seed=seed)
+    r0, r1 = _stream(make(0), 0, 2), _stream(make(0), 1, 2)
+    assert len(r0) == len(r1) == 32
+    assert not set(r0) & set(r1)  # disjoint blocks per rank
+    assert _stream(make(0), 0, 2) == r0  # same seed, same stream
+    assert _stream(make(1), 0, 2) != r0
+    ds = make(0)
+    ds.rank, ds.world_size = 0, 1
+    assert [it["image"].numpy().tobytes() for it in ds] != [it["image"].numpy().tobytes() for it in ds]  # epochs differ
+
+
+def test_workers_differ_through_the_dataloader(tmp_path, synthetic_small):
+    path = write_archive(tmp_path / "a.zarr", {"syn": synthetic_small.image})
+    dm = EMDataModule(str(path), tile_size=32, batch_size=4, num_workers=2, samples_per_epoch=32, block_size=32, shuffle_buffer=4)
+    dm.setup()
+    batches = list(dm.train_dataloader())
+    tiles = [t.numpy().tobytes() for b in batches for t in b["image"]]
+    assert len(tiles) == 32 and len(set(tiles)) == 32
+
+
+def test_datamodule_normalises_with_recorded_stats(tmp_path, synthetic_small):
+    path = write_archive(tmp_path / "a.zarr", {"syn": synthetic_small.image})
+    dm = EMDataModule(str(path), tile_size=32, batch_size=16, num_workers=0, samples_per_epoch=64)
+    dm.setup()
+    batch = dm.normalize_batch(next(iter(dm.train_dataloader())))
+    x = batch["image"]
+    assert x.dtype == torch.float32 and x.shape == (16, 1, 32, 32)
+    assert abs(float(x.mean())) < 0.5 and 0.5 < float(x.std()) < 1.5
+
+
+def test_batch_larger_than_the_data_is_refused(tmp_path, synthetic_small):
+    path = write_archive(tmp_path / "a.zarr", {"syn": synthetic_small.image})
+    dm = EMDataModule(str(path), tile_size=32, batch_size=128, num_workers=0, samples_per_epoch=64)
+    with pytest.raises(ValueError, match="batch size"):
+        dm.setup()

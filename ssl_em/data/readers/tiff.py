@@ -1,0 +1,129 @@
+"""Multi-page and 2D TIFF through tifffile, memory-mapped when the file allows it.
+
+Uncompressed, contiguous TIFFs (what ImageJ and most acquisition software write) are
+memory-mapped, so a region read touches only the bytes of that region. Compressed or
+scattered files are read through tifffile's zarr view of the file (`aszarr`), which
+decodes only the strips or tiles of the pages a region covers, never the whole stack.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ssl_em.data.volume import UNKNOWN_VOXEL_SIZE, Volume, VolumeError, VoxelSize
+
+#: Length units found in ImageJ and OME metadata, in nanometres.
+_UNIT_NM = {
+    "nm": 1.0, "nanometer": 1.0, "nanometre": 1.0,
+    "um": 1e3, "µm": 1e3, "\u00b5m": 1e3, "micron": 1e3, "micrometer": 1e3, "micrometre": 1e3,
+    "mm": 1e6, "millimeter": 1e6, "å": 0.1, "angstrom": 0.1, "a": 0.1,
+}
+
+
+class TiffVolume(Volume):
+    """A 2D or 3D grayscale TIFF as a (z, y, x) volume; voxel size from ImageJ/OME metadata."""
+
+    def __init__(self, path: str | Path) -> None:
+        import tifffile
+
+        super().__init__()
+        self.path = str(path)
+        try:
+            with tifffile.TiffFile(self.path) as tif:
+                series = tif.series[0]
+                self.shape = _zyx_shape(self.path, series.shape, series.axes)
+                self._axes = series.axes
+                # The one axis the pages are stacked along (Z, T, I, Q...), or None for 2D.
+                self._z_axis = next((a for a, n in zip(series.axes[:-2], series.shape[:-2]) if a not in "YXS" and n > 1), None)
+                self.dtype = np.dtype(series.dtype)
+                # dataoffset is set only for uncompressed data stored in one contiguous run.
+                self._memmappable = series.dataoffset is not None
+                voxel_size = _tiff_voxel_size(tif)
+        except VolumeError:
+            raise
+        except Exception as err:  # tifffile raises TiffFileError, ValueError, struct.error...
+            raise VolumeError(f"{self.path}: not a readable TIFF ({_first_line(err)})") from None
+        self.voxel_size, self.voxel_size_known = (voxel_size, True) if voxel_size else (UNKNOWN_VOXEL_SIZE, False)
+
+    def _open(self):
+        import tifffile
+
+        if self._memmappable:
+            return tifffile.memmap(self.path, mode="r").reshape(self.shape)
+        import zarr
+
+        return zarr.open_array(tifffile.TiffFile(self.path).aszarr(), mode="r")  # the store keeps the file open
+
+    def _read(self, zs, ys, xs) -> np.ndarray:
+        handle = self.handle
+        if isinstance(handle, np.ndarray):
+            return np.array(handle[zs, ys, xs])  # copy out of the memory map
+        index = tuple(zs if a == self._z_axis else ys if a == "Y" else xs if a == "X" else 0 for a in self._axes)
+        try:
+            region = handle[index]
+        except Exception as err:
+            raise VolumeError(f"{self.path}: cannot decode pages {zs.start}..{zs.stop - 1} ({_first_line(err)})") from None
+        return region if self._z_axis else region[None]
+
+
+def _zyx_shape(path: str, shape: tuple[int, ...], axes: str) -> tuple[int, int, int]:
+    """Map a tifffile series shape to (z, y, x): singleton axes are dropped, and at most
+    one other axis (Z, T, I, Q: whatever the pages are stacked along) becomes z."""
+    if not axes.endswith("YX") and not axes.endswith("YXS"):
+        raise VolumeError(f"{path}: TIFF axes {axes!r} have no Y, X plane")
+    named = dict(zip(axes, shape))
+    if named.get("S", 1) > 1 or named.get("C", 1) > 1:
+        raise VolumeError(f"{path}: TIFF has {max(named.get('S', 1), named.get('C', 1))} channels; ssl_em reads grayscale volumes")
+    stacked = [(a, n) for a, n in zip(axes[:-2], shape[:-2]) if a not in "YXS" and n > 1]
+    if len(stacked) > 1:
+        raise VolumeError(f"{path}: TIFF stacks pages along several axes {axes!r} {shape}; ssl_em reads (z, y, x)")
+    z = stacked[0][1] if stacked else 1
+    return (int(z), int(named["Y"]), int(named["X"]))
+
+
+def _tiff_voxel_size(tif) -> VoxelSize | None:
+    """Voxel size from OME-XML or ImageJ metadata; None when the file carries none.
+
+    Plain TIFF resolution tags without ImageJ/OME metadata are ignored on purpose: they
+    are usually a default of 72 dpi, not a pixel size.
+    """
+    if tif.is_ome and tif.ome_metadata:
+        return _ome_voxel_size(tif.ome_metadata)
+    if tif.is_imagej and tif.imagej_metadata:
+        meta = tif.imagej_metadata
+        scale = _UNIT_NM.get(str(meta.get("unit", "")).strip().lower())
+        page = tif.pages[0]
+        x_res, y_res = page.tags.get("XResolution"), page.tags.get("YResolution")
+        if scale is None or x_res is None or y_res is None:
+            return None
+        x = x_res.value[1] / x_res.value[0] * scale  # tags hold pixels per unit as a fraction
+        y = y_res.value[1] / y_res.value[0] * scale
+        # ImageJ writes "spacing" only for stacks; a missing one means it was never set.
+        z = float(meta["spacing"]) * scale if "spacing" in meta else x
+        return VoxelSize(z, y, x)
+    return None
+
+
+def _ome_voxel_size(xml: str) -> VoxelSize | None:
+    from tifffile import xml2dict
+
+    try:
+        image = xml2dict(xml)["OME"]["Image"]
+        pixels = (image[0] if isinstance(image, list) else image)["Pixels"]
+    except (KeyError, TypeError, IndexError):
+        return None
+    sizes = []
+    for axis in "ZYX":
+        value = pixels.get(f"PhysicalSize{axis}")
+        unit = _UNIT_NM.get(str(pixels.get(f"PhysicalSize{axis}Unit", "µm")).lower())  # OME's default unit is µm
+        sizes.append(None if value is None or unit is None else float(value) * unit)
+    if sizes[1] is None or sizes[2] is None:
+        return None
+    return VoxelSize(sizes[0] if sizes[0] is not None else sizes[2], sizes[1], sizes[2])
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]

@@ -1,0 +1,254 @@
+"""Backbones in and out: build by timm name, export a pretrained one, load it back strictly.
+
+An exported backbone is a folder::
+
+    checkpoints/NAME/
+      config.json          timm's own local-dir config (architecture + model_args)
+      model.safetensors    backbone.state_dict(), nothing else
+      ssl_em.json          BackboneMeta: normalisation, pixel size, method, data fingerprint...
+      README.md            model card
+
+`timm.create_model("local-dir:checkpoints/NAME", pretrained=True)` loads it with only timm
+installed; `ssl_em.load_backbone(path)` loads it strictly and returns the metadata too.
+Nothing here unpickles a file that left a run: loading reads safetensors and JSON only. The
+one torch.load (of our own Lightning checkpoint, at export) uses weights_only=True.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ssl_em import __version__
+from ssl_em.data.normalize import Normalization
+
+WEIGHTS, CONFIG, META, CARD = "model.safetensors", "config.json", "ssl_em.json", "README.md"
+
+
+class BackboneError(ValueError):
+    """A backbone cannot be built or loaded as asked; the message says why in one line."""
+
+
+@dataclass
+class BackboneMeta:
+    """Everything needed to rebuild a backbone and feed it the images it was trained on."""
+
+    architecture: str
+    model_args: dict = field(default_factory=dict)
+    in_chans: int = 1
+    img_size: int | None = None
+    patch_size: int | None = None
+    pixel_size_nm: float | None = None
+    normalization: dict = field(default_factory=lambda: Normalization().to_dict())
+    method: str | None = None
+    recipe: str | None = None
+    steps: int | None = None
+    data_fingerprint: str | None = None
+    ssl_em_version: str = __version__
+
+    @property
+    def norm(self) -> Normalization:
+        return Normalization.from_dict(self.normalization)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BackboneMeta":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _takes_img_size(name: str) -> bool:
+    """Models whose input size is fixed at construction (ViTs, Swin...) take `img_size`;
+    convolutional ones accept any size and reject the argument."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name.split(".")[0])
+    return bool(cfg is not None and cfg.fixed_input_size)
+
+
+def build_backbone(name: str, in_chans: int = 1, img_size: int | None = None, **kwargs) -> nn.Module:
+    """A randomly initialised timm backbone without classifier: num_classes=0, pretrained=False.
+
+    img_size is passed only to models with a fixed input size and must then be a multiple of
+    the patch size. kwargs go to timm as they are (depth, embed_dim, drop_path_rate...).
+    """
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise BackboneError(f"unknown timm backbone {name!r}{hint}")
+    if img_size is not None and _takes_img_size(name):
+        kwargs["img_size"] = img_size
+    kwargs.setdefault("num_classes", 0)
+    model = timm.create_model(name, pretrained=False, in_chans=in_chans, **kwargs)
+    patch, size = patch_size_of(model), kwargs.get("img_size")
+    sizes = (size,) if isinstance(size, int) else tuple(size or ())
+    if patch is not None and any(s % patch for s in sizes):
+        raise BackboneError(f"tile size {size} is not divisible by the patch size {patch} of {name}; use a multiple of {patch}")
+    return model
+
+
+def patch_size_of(model: nn.Module) -> int | None:
+    """The (square) patch size of a ViT-like model, None for CNNs."""
+    pe = getattr(model, "patch_embed", None)
+    ps = getattr(pe, "patch_size", None)
+    return None if ps is None else int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+
+
+def export_backbone(backbone: nn.Module, out: str | Path, meta: BackboneMeta) -> Path:
+    """Write backbone.state_dict() and its configs into `out` (created). Returns `out`."""
+    from safetensors.torch import save_file
+    from timm.models._hub import save_config_for_hf
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    _atomic(out / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    norm = meta.norm
+    # timm's own preprocessing fields describe ours exactly: stretched [0, 1] input, then (x - mean) / std.
+    data_config = {"mean": (norm.mean,) * meta.in_chans, "std": (norm.std,) * meta.in_chans}
+    # The tag would otherwise name the timm weights the architecture's defaults came from.
+    model_config = {"pretrained_cfg": {"tag": "ssl_em", "license": None}}
+    _atomic(out / CONFIG, lambda p: save_config_for_hf(backbone, str(p), model_config=model_config, data_config=data_config))
+    _atomic(out / META, lambda p: p.write_text(json.dumps(meta.to_dict(), indent=2) + "\n"))
+    _atomic(out / CARD, lambda p: p.write_text(model_card(meta, out.name)))
+    return out
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def load_backbone(path: str | Path, architecture: str | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, BackboneMeta]:
+    """Load an exported backbone strictly from safetensors + JSON. `architecture`, if given,
+    must match the recorded one. Raises BackboneError with the reason otherwise."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for name in (WEIGHTS, META):
+        if not (path / name).is_file():
+            raise BackboneError(f"{path}: no {name}; not an ssl_em backbone folder (make one with `ssl-em export`)")
+    meta = BackboneMeta.from_dict(json.loads((path / META).read_text()))
+    if architecture is not None and architecture != meta.architecture:
+        raise BackboneError(f"{path}: holds a {meta.architecture} backbone, not the {architecture} asked for")
+    model = build_backbone(meta.architecture, **meta.model_args)
+    load_strict(model, load_file(str(path / WEIGHTS), device="cpu"), f"{path} ({meta.architecture})")
+    return model.to(device), meta
+
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """load_state_dict(strict=True) with a one-line error naming what does not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    problems = [f"{len(missing)} missing (e.g. {missing[:3]})"] * bool(missing) + [f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"] * bool(unexpected) + [f"{len(shapes)} of another shape (e.g. {shapes[:2]})"] * bool(shapes)
+    if problems:
+        raise BackboneError(f"{what}: weights do not fit the architecture: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+# -- from a training run ---------------------------------------------------------------------
+
+
+def find_checkpoint(run_or_ckpt: str | Path) -> Path:
+    """A .ckpt as given, or a run dir's checkpoints/last.ckpt (else its newest .ckpt)."""
+    p = Path(run_or_ckpt)
+    if p.is_file():
+        return p
+    if (p / "checkpoints" / "last.ckpt").is_file():
+        return p / "checkpoints" / "last.ckpt"
+    found = sorted(p.rglob("*.ckpt"), key=lambda f: f.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"{p}: no checkpoint (.ckpt) found")
+    return found[-1]
+
+
+def read_checkpoint(ckpt: str | Path) -> dict:
+    """Our own Lightning checkpoint, loaded without unpickling arbitrary objects."""
+    return torch.load(ckpt, map_location="cpu", weights_only=True)
+
+
+def backbone_from_checkpoint(ckpt: dict) -> tuple[nn.Module, BackboneMeta]:
+    """Rebuild `module.backbone` from a Lightning checkpoint written by a PretrainMethod."""
+    run = ckpt.get("ssl_em")
+    if not run:
+        raise BackboneError("checkpoint has no 'ssl_em' metadata; was it written by ssl_em.pretrain?")
+    model = build_backbone(run["architecture"], **run["model_args"])
+    prefix = "backbone."  # the method's attribute name; the backbone's own keys stay untouched
+    load_strict(model, {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}, run["architecture"])
+    args = run["model_args"]
+    meta = BackboneMeta(
+        architecture=run["architecture"],
+        model_args=args,
+        in_chans=int(args.get("in_chans", 1)),
+        img_size=_first(args.get("img_size")),
+        patch_size=patch_size_of(model),
+        pixel_size_nm=run.get("pixel_size_nm"),
+        normalization=run.get("normalization") or Normalization().to_dict(),
+        method=run.get("method"),
+        recipe=run.get("recipe"),
+        steps=int(ckpt.get("global_step", 0)),
+        data_fingerprint=run.get("data_fingerprint"),
+    )
+    return model, meta
+
+
+def _first(size) -> int | None:
+    return size[0] if isinstance(size, (list, tuple)) else size
+
+
+def export_run(run_or_ckpt: str | Path, out: str | Path) -> Path:
+    ckpt_path = find_checkpoint(run_or_ckpt)
+    model, meta = backbone_from_checkpoint(read_checkpoint(ckpt_path))
+    return export_backbone(model, out, meta)
+
+
+def model_card(meta: BackboneMeta, name: str) -> str:
+    norm = meta.norm
+    return f"""---
+library_name: timm
+tags: [electron-microscopy, self-supervised, ssl_em]
+---
+# {name}
+
+A {meta.architecture} backbone pretrained with `{meta.method}` by ssl_em {meta.ssl_em_version}
+for {meta.steps} steps on data `{meta.data_fingerprint}` (recipe: `{meta.recipe}`).
+
+| | |
+|---|---|
+| input | {meta.in_chans} channel(s), {meta.img_size or 'any'} px tiles{f', patch {meta.patch_size}' if meta.patch_size else ''} |
+| pixel size | {meta.pixel_size_nm if meta.pixel_size_nm is not None else 'unknown'} nm |
+| intensities | stretch each volume p0.5..p99.5 -> [0, 1], clip, then (x - {norm.mean:.4g}) / {norm.std:.4g} |
+
+```python
+import timm  # no ssl_em needed
+model = timm.create_model("local-dir:{name}", pretrained=True)
+
+import ssl_em  # or: strict load plus the metadata above
+model, meta = ssl_em.load_backbone("{name}")
+```
+"""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="a pretraining run dir (uses checkpoints/last.ckpt) or a .ckpt file")
+    parser.add_argument("--out", required=True, help="folder to write (e.g. checkpoints/NAME/)")
+
+
+def run(args) -> int:
+    out = export_run(args.run, args.out)
+    print(f"exported {out} (timm.create_model('local-dir:{out}', pretrained=True) loads it)")
+    return 0

@@ -1,0 +1,201 @@
+"""`ssl-em benchmark label-efficiency`: does pretraining pay off, and at how many labels?
+
+For each backbone (and, always, a randomly initialised twin of each architecture), each
+label budget (number of labeled training slices) and each seed, it fine-tunes with
+`ssl_em.finetune.cli.finetune`, scores the held-out slices, and appends one CSV row. The
+CSV is the record: a re-run skips the (arm, budget, seed) rows already in it, so an
+interrupted benchmark resumes. At the end it writes a markdown table (mean ± std over
+seeds) and a PNG plot of score against labeled slices.
+
+    ssl-em benchmark label-efficiency --backbones checkpoints/A checkpoints/B \\
+        --images isbi2012/train/image --labels isbi2012/train/label \\
+        --label-values 0,255 --classes membrane,cell --metric dice/membrane \\
+        --pool 0-19 --val-slices 20-29 --budgets 1,2,4,8 --seeds 0,1,2 --out results/isbi
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One line of the comparison: a backbone, pretrained or randomly initialised."""
+
+    name: str
+    backbone: str
+    random_init: bool = False
+
+
+def arms_for(backbones: list[str], random_twins: bool = True) -> list[Arm]:
+    """The pretrained arms plus one random-init arm per distinct architecture."""
+    from ssl_em.export import BackboneMeta
+
+    arms, seen = [], set()
+    for b in backbones:
+        arms.append(Arm(Path(b).name, b, False))
+        meta_file = Path(b) / "ssl_em.json"
+        arch = json.dumps(_arch_key(BackboneMeta.from_dict(json.loads(meta_file.read_text())) if meta_file.is_file() else None, b))
+        if random_twins and arch not in seen:
+            seen.add(arch)
+            arms.append(Arm(f"random-init ({Path(b).name} arch)", b, True))
+    return arms
+
+
+def _arch_key(meta, fallback: str):
+    return [meta.architecture, meta.model_args] if meta is not None else fallback
+
+
+def choose_slices(pool: list[int], budget: int, seed: int) -> list[int]:
+    """`budget` training slices from the pool, a seeded random subset (sorted)."""
+    if budget > len(pool):
+        raise ValueError(f"label budget {budget} exceeds the {len(pool)} slices of the training pool")
+    rng = np.random.default_rng([seed, budget])
+    return sorted(int(z) for z in rng.choice(pool, size=budget, replace=False))
+
+
+FIELDS = ["arm", "backbone", "random_init", "budget", "seed", "train_slices", "metric", "score", "seconds", "metrics_json"]
+
+
+def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slices: list[int], budgets: list[int], seeds: list[int],
+                     out: str | Path, metric: str = "mean_iou", task: str = "semantic", finetune_kwargs: dict | None = None,
+                     progress: bool = True) -> list[dict]:
+    """Run (or resume) the grid; returns all CSV rows. Rows are appended as each run ends."""
+    from tqdm import tqdm
+
+    from ssl_em.finetune.cli import finetune
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "results.csv"
+    rows = read_rows(csv_path)
+    done = {(r["arm"], int(r["budget"]), int(r["seed"])) for r in rows}
+    grid = [(a, b, s) for b in budgets for s in seeds for a in arms]
+    todo = [g for g in grid if (g[0].name, g[1], g[2]) not in done]
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if not rows:
+            writer.writeheader()
+        for arm, budget, seed in tqdm(todo, desc="label-efficiency", disable=not progress):
+            train = choose_slices(pool, budget, seed)
+            t0 = time.time()
+            _, metrics = finetune(arm.backbone, images, labels, train, val_slices, task=task, random_init=arm.random_init, seed=seed, **(finetune_kwargs or {}))
+            if metric not in metrics:
+                raise KeyError(f"metric {metric!r} not among {sorted(metrics)}")
+            row = {"arm": arm.name, "backbone": arm.backbone, "random_init": arm.random_init, "budget": budget, "seed": seed,
+                   "train_slices": " ".join(map(str, train)), "metric": metric, "score": metrics[metric],
+                   "seconds": round(time.time() - t0, 1), "metrics_json": json.dumps(metrics)}
+            writer.writerow(row)
+            f.flush()  # a crash loses at most the run in progress
+            rows.append({k: str(v) for k, v in row.items()})
+    return rows
+
+
+def read_rows(csv_path: Path) -> list[dict]:
+    if not Path(csv_path).is_file():
+        return []
+    with open(csv_path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def summarize(rows: list[dict]) -> dict[str, dict[int, tuple[float, float, int]]]:
+    """arm -> budget -> (mean, std, n) of the score over seeds."""
+    table: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        table.setdefault(r["arm"], {}).setdefault(int(r["budget"]), []).append(float(r["score"]))
+    return {a: {b: (float(np.mean(v)), float(np.std(v)), len(v)) for b, v in sorted(d.items())} for a, d in table.items()}
+
+
+def markdown_table(summary: dict, metric: str) -> str:
+    budgets = sorted({b for d in summary.values() for b in d})
+    head = f"| backbone \\ labeled slices ({metric}, mean ± std over seeds) | " + " | ".join(str(b) for b in budgets) + " |"
+    lines = [head, "|---|" + "---|" * len(budgets)]
+    for arm, d in summary.items():
+        cells = [f"{d[b][0]:.3f} ± {d[b][1]:.3f} (n={d[b][2]})" if b in d else "-" for b in budgets]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, metric: str, path: str | Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for arm, d in summary.items():
+        b = sorted(d)
+        m = np.array([d[x][0] for x in b])
+        s = np.array([d[x][1] for x in b])
+        ax.errorbar(b, m, yerr=s, marker="o", capsize=3, label=arm, linestyle="--" if "random" in arm else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({x for d in summary.values() for x in d}))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("labeled training slices")
+    ax.set_ylabel(metric)
+    ax.set_title(title or "label efficiency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(out: str | Path, metric: str, title: str = "") -> str:
+    """Write table.md and plot.png from results.csv; returns the table."""
+    out = Path(out)
+    summary = summarize(read_rows(out / "results.csv"))
+    table = markdown_table(summary, metric)
+    (out / "table.md").write_text(table + "\n")
+    plot(summary, metric, out / "plot.png", title)
+    return table
+
+
+def _ints(spec: str) -> list[int]:
+    from ssl_em.finetune.data import parse_slices
+
+    return parse_slices(spec, 1 << 30)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("kind", choices=["label-efficiency"], help="which benchmark")
+    parser.add_argument("--backbones", nargs="+", required=True, help="exported backbone folders (a random-init twin of each architecture is added)")
+    parser.add_argument("--images", required=True)
+    parser.add_argument("--labels", required=True)
+    parser.add_argument("--pool", required=True, help="slices training subsets are drawn from, e.g. 0-19")
+    parser.add_argument("--val-slices", required=True, help="held-out slices that are scored, e.g. 20-29")
+    parser.add_argument("--budgets", default="1,2,4,8", help="numbers of labeled slices (default 1,2,4,8)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--task", default="semantic", choices=["semantic", "instance"])
+    parser.add_argument("--metric", default="mean_iou", help="column to compare, e.g. mean_iou, dice/membrane, voi")
+    parser.add_argument("--classes", default=None, help="class names, e.g. membrane,cell")
+    parser.add_argument("--label-values", default=None, help="label value of each class, e.g. 0,255")
+    parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--tile-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--unfreeze-at-step", type=int, default=None, help="fine-tune the backbone after N steps (default: frozen)")
+    parser.add_argument("--out", required=True, help="folder for results.csv, table.md, plot.png")
+
+
+def run(args) -> int:
+    data_kwargs = {}
+    if args.classes:
+        data_kwargs["classes"] = args.classes.split(",")
+    if args.label_values:
+        data_kwargs["label_values"] = [int(v) for v in args.label_values.split(",")]
+    kwargs = {"max_steps": args.max_steps, "tile_size": args.tile_size, "batch_size": args.batch_size, "lr": args.lr,
+              "unfreeze_at_step": args.unfreeze_at_step, "data_kwargs": data_kwargs}
+    label_efficiency(arms_for(args.backbones), args.images, args.labels, _ints(args.pool), _ints(args.val_slices),
+                     [int(b) for b in args.budgets.split(",")], [int(s) for s in args.seeds.split(",")], args.out,
+                     metric=args.metric, task=args.task, finetune_kwargs=kwargs)
+    print(report(args.out, args.metric))
+    print(f"\nwrote {Path(args.out) / 'results.csv'}, table.md, plot.png")
+    return 0

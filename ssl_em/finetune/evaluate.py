@@ -1,0 +1,85 @@
+"""`ssl-em evaluate PRED GT [--task semantic|instance] [--slices 20-29] [--json OUT]`.
+
+PRED is an `ssl-em predict` output (OUT.zarr: its labels/semantic or labels/instances) or
+any volume ssl_em reads; GT any volume of the same shape. Semantic: ground-truth values map
+to classes by `--label-values` (default: the values the model was trained with, recorded
+in the prediction, else the values themselves); `--ignore-value` marks unannotated pixels.
+Instance: ground truth holds instance ids, 0 = background/boundary. Prints a table; `--json`
+writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ssl_em.finetune.data import IGNORE, LabelError, as_volume, parse_slices, semantic_targets
+from ssl_em.finetune.metrics import instance_scores, semantic_scores
+
+
+def open_prediction(spec: str, task: str):
+    """(Volume, ssl_em attrs or {}) for a prediction store or any volume."""
+    from ssl_em.data.readers.zarr_store import ZarrVolume, group_attributes
+
+    path = Path(spec)
+    attrs = group_attributes(path).get("ssl_em", {}) if path.is_dir() else {}
+    if attrs.get("format") == "ssl_em.prediction":
+        if not attrs.get("complete"):
+            raise LabelError(f"{spec}: prediction is incomplete (re-run `ssl-em predict` to finish it)")
+        name = "instances" if task == "instance" else "semantic"
+        if not (path / "labels" / name / "0").is_dir():
+            raise LabelError(f"{spec}: holds no labels/{name} (predicted with --instances none?)")
+        return ZarrVolume(path / "labels" / name / "0"), attrs
+    return as_volume(spec), {}
+
+
+def evaluate(pred_spec: str, gt_spec: str, task: str = "semantic", slices: str | None = None, label_values: list[int] | None = None, ignore_value: int | None = None) -> dict:
+    pred, attrs = open_prediction(pred_spec, task)
+    gt = as_volume(gt_spec)
+    if tuple(pred.shape) != tuple(gt.shape):
+        raise LabelError(f"prediction {pred_spec} shape {tuple(pred.shape)} != ground truth {gt_spec} shape {tuple(gt.shape)}")
+    zs = parse_slices(slices, gt.shape[0]) if slices else list(range(gt.shape[0]))
+    p = np.concatenate([pred.read(z) for z in zs])
+    g = np.concatenate([gt.read(z) for z in zs])
+    if task == "instance":
+        return {"task": task, "slices": zs, **instance_scores(p, g)}
+    classes = attrs.get("classes")
+    values = label_values or attrs.get("label_values") or sorted(int(v) for v in np.unique(g) if v != ignore_value)
+    target = semantic_targets(g, values, ignore_value, f"ground truth {gt_spec}")
+    k = max(len(values), len(classes or []))
+    return {"task": task, "slices": zs, **semantic_scores(p, target, k, IGNORE, classes if classes and len(classes) == k else None)}
+
+
+def format_table(scores: dict) -> str:
+    if scores["task"] == "instance":
+        keys = ("ap50", "ap75", "map", "f1_50", "voi", "voi_split", "voi_merge", "adapted_rand_error", "n_gt", "n_pred")
+        return "\n".join(f"{k:20s} {scores[k]:.4f}" if isinstance(scores[k], float) else f"{k:20s} {scores[k]}" for k in keys)
+    rows = [f"{'class':16s} {'IoU':>7s} {'Dice':>7s}"] + [f"{n:16s} {s['iou']:7.4f} {s['dice']:7.4f}" for n, s in scores["per_class"].items()]
+    return "\n".join(rows + [f"{'mean':16s} {scores['mean_iou']:7.4f} {scores['mean_dice']:7.4f}", f"pixel accuracy {scores['accuracy']:.4f}"])
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pred", help="ssl-em predict output (OUT.zarr) or any label volume")
+    parser.add_argument("gt", help="ground-truth volume (any format ssl_em reads)")
+    parser.add_argument("--task", choices=["semantic", "instance"], default="semantic")
+    parser.add_argument("--slices", default=None, help="z-slices to score, e.g. 20-29 (default: all)")
+    parser.add_argument("--label-values", default=None, help="ground-truth value of each class, comma-separated (e.g. 255,0)")
+    parser.add_argument("--ignore-value", type=int, default=None, help="ground-truth value of unannotated pixels")
+    parser.add_argument("--json", default=None, help="also write the scores to this JSON file")
+
+
+def run(args) -> int:
+    values = [int(v) for v in args.label_values.split(",")] if args.label_values else None
+    try:
+        scores = evaluate(args.pred, args.gt, args.task, args.slices, values, args.ignore_value)
+    except (LabelError, ValueError) as e:
+        print(f"ssl-em evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(scores))
+    if args.json:
+        Path(args.json).write_text(json.dumps(scores, indent=2, default=float) + "\n")
+    return 0

@@ -1,0 +1,162 @@
+"""Backbone in, fine-tuned model out: weights-only safetensors plus plain JSON.
+
+A fine-tuned model is a folder::
+
+    OUT/
+      model.safetensors      SegmentationNet.state_dict(): "extractor.backbone.*" (the
+                             unmodified timm backbone) and "head.*"
+      ssl_em_finetuned.json  FinetunedMeta: backbone architecture + model_args, feature
+                             indices, head class path + init args, classes, normalisation,
+                             tile size, task, instance post-processing settings, metrics
+
+`load_finetuned(path)` rebuilds the architecture from the JSON (timm factory + the head's
+class path) and loads the weights strictly; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ssl_em import __version__
+from ssl_em.data.normalize import Normalization
+from ssl_em.export import META as BACKBONE_META
+from ssl_em.export import BackboneError, BackboneMeta, build_backbone, load_backbone, load_strict, patch_size_of
+from ssl_em.finetune.features import FeatureExtractor, FeatureSpec
+
+WEIGHTS, META = "model.safetensors", "ssl_em_finetuned.json"
+FORMAT = "ssl_em.finetuned"
+
+
+class SegmentationNet(nn.Module):
+    """extractor (unmodified timm backbone) + head: x (B, in_chans, H, W) -> logits (B, K, H, W)."""
+
+    def __init__(self, extractor: FeatureExtractor, head: nn.Module) -> None:
+        super().__init__()
+        self.extractor, self.head = extractor, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.extractor(x), x)
+
+
+def resolve_backbone(backbone: str | Path, random_init: bool = False, tile_size: int | None = None) -> tuple[nn.Module, BackboneMeta]:
+    """A backbone and its metadata from an exported folder or a timm name.
+
+    backbone: `checkpoints/NAME` (an `ssl-em export` folder) or a timm model name (always
+    random weights; `pretrained=True` is never used). random_init: same architecture and
+    model_args as the folder's, fresh weights (the like-for-like baseline).
+    tile_size: ViTs are resized to it (position embeddings resampled) when it differs
+    from the pretraining img_size; `model_args["img_size"]` then records the new size.
+    """
+    path = Path(backbone)
+    if (path / BACKBONE_META).is_file():
+        model, meta = load_backbone(path)
+        meta = BackboneMeta.from_dict(meta.to_dict())
+        if random_init:
+            model = build_backbone(meta.architecture, **meta.model_args)
+            meta.method = "random-init"
+    elif path.exists() or "/" in str(backbone):
+        raise BackboneError(f"{backbone}: not an exported backbone folder (no {BACKBONE_META}); make one with `ssl-em export`, or give a timm model name")
+    else:
+        args = {"in_chans": 1, "img_size": tile_size}
+        model = build_backbone(str(backbone), **args)
+        meta = BackboneMeta(architecture=str(backbone), model_args=args, in_chans=1, img_size=tile_size, patch_size=patch_size_of(model), method="random-init")
+    patch = patch_size_of(model)
+    if tile_size is not None and patch is not None and tile_size % patch:
+        raise BackboneError(f"tile size {tile_size} is not divisible by the patch size {patch} of {meta.architecture}; use a multiple of {patch}")
+    if tile_size is not None and hasattr(model, "set_input_size") and meta.model_args.get("img_size") not in (None, tile_size):
+        model.set_input_size(img_size=tile_size)
+        meta.model_args = {**meta.model_args, "img_size": tile_size}
+        meta.img_size = tile_size
+    return model, meta
+
+
+@dataclass
+class FinetunedMeta:
+    """Everything needed to rebuild a fine-tuned model and feed it images."""
+
+    task: str
+    classes: list[str]
+    backbone: dict  # BackboneMeta.to_dict() of the backbone as fine-tuned
+    feature_indices: list[int]
+    head: dict  # {"class_path": ..., "init_args": {...}}
+    tile_size: int
+    backbone_source: str = ""
+    normalization: dict = field(default_factory=lambda: Normalization().to_dict())
+    ignore_index: int = -1
+    label_values: list[int] | None = None  # raw label value of each class (semantic task)
+    random_init: bool = False
+    instance: dict = field(default_factory=dict)  # instance post-processing defaults
+    metrics: dict = field(default_factory=dict)
+    steps: int = 0
+    format: str = FORMAT
+    ssl_em_version: str = __version__
+
+    @property
+    def norm(self) -> Normalization:
+        return Normalization.from_dict(self.normalization)
+
+    @property
+    def backbone_meta(self) -> BackboneMeta:
+        return BackboneMeta.from_dict(self.backbone)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FinetunedMeta":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def head_config(head: nn.Module) -> dict:
+    return {"class_path": f"{type(head).__module__}.{type(head).__qualname__}", "init_args": dict(getattr(head, "init_args", {}))}
+
+
+def build_head(config: dict, spec: FeatureSpec, num_classes: int) -> nn.Module:
+    """Instantiate a head from {"class_path", "init_args"}; the class must be an nn.Module."""
+    module_name, _, cls_name = config["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise BackboneError(f"head class {config['class_path']!r} is not an nn.Module class")
+    return cls(spec, num_classes, **config.get("init_args", {}))
+
+
+def export_finetuned(net: SegmentationNet, out: str | Path, meta: FinetunedMeta) -> Path:
+    """Write net.state_dict() (safetensors) and the metadata (JSON) into `out`."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tmp = out / (WEIGHTS + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / WEIGHTS)
+    (out / (META + ".tmp")).write_text(json.dumps(asdict(meta), indent=2) + "\n")
+    os.replace(out / (META + ".tmp"), out / META)
+    return out
+
+
+def build_net(meta: FinetunedMeta) -> SegmentationNet:
+    """The architecture a FinetunedMeta describes, with random weights."""
+    bb = meta.backbone_meta
+    extractor = FeatureExtractor(build_backbone(bb.architecture, **bb.model_args), indices=meta.feature_indices)
+    return SegmentationNet(extractor, build_head(meta.head, extractor.spec, len(meta.classes)))
+
+
+def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tuple[SegmentationNet, FinetunedMeta]:
+    """Load a fine-tuned model strictly (safetensors + JSON only). Returns (net in eval mode, meta)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / META).is_file() or not (path / WEIGHTS).is_file():
+        raise BackboneError(f"{path}: no {META} + {WEIGHTS}; not a fine-tuned ssl_em model (make one with `ssl-em finetune --out`)")
+    meta = FinetunedMeta.from_dict(json.loads((path / META).read_text()))
+    if meta.format != FORMAT:
+        raise BackboneError(f"{path}: {META} has format {meta.format!r}, expected {FORMAT!r}")
+    net = build_net(meta)
+    load_strict(net, load_file(str(path / WEIGHTS), device="cpu"), f"{path} (fine-tuned {meta.backbone['architecture']})")
+    return net.to(device).eval(), meta

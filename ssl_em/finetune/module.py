@@ -1,0 +1,242 @@
+"""`SegmentationModule`: a timm backbone + a light head, trained on few labeled tiles.
+
+The module receives its parts through the constructor (LightningCLI reads the typed
+signature as the config schema):
+
+- backbone: an exported folder (`checkpoints/NAME`), a timm name (random weights), or an
+  nn.Module; `random_init` swaps an exported backbone for the same architecture with fresh
+  weights, the like-for-like baseline of the label-efficiency benchmark.
+- head: a factory `head(spec, num_classes) -> nn.Module`; in YAML a class path with the
+  hyper-parameters as init_args (spec and num_classes come from the backbone and data).
+- freeze policy: `unfreeze_at_step` None keeps the backbone frozen throughout (linear probe,
+  frozen features); N trains the head alone for N steps, then everything; 0 trains all
+  from the start. `layer_decay` < 1 scales each backbone layer's lr by decay^(depth from the
+  top) (timm's group matcher, ViTs and CNNs alike); `backbone_lr_scale` scales all of it.
+
+Batches arrive as {"image": (B, 1, H, W) stretched to [0, 1], "target": (B, H, W) int64,
+-1 = ignore}; `on_after_batch_transfer` standardises with the backbone's (mean, std) and
+augments on the device. Loss: cross-entropy (+ `dice_weight` x soft Dice) over labeled
+pixels. Logged: train/loss, val/loss, val/iou (mean over classes), val/iou_<class>.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_em.data.augment import BrightnessContrast, FlipRot90, Gamma, GaussianNoise
+from ssl_em.data.normalize import Normalization
+from ssl_em.export import BackboneError, BackboneMeta, patch_size_of
+from ssl_em.finetune.export import FinetunedMeta, SegmentationNet, export_finetuned, head_config, resolve_backbone
+from ssl_em.finetune.features import FeatureExtractor, FeatureSpec
+from ssl_em.finetune.heads import LinearProbe
+
+HeadFactory = Callable[[FeatureSpec, int], nn.Module]
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -1, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean over classes of soft Dice. logits: (B, K, H, W); target: (B, H, W) with ignore."""
+    valid = (target != ignore_index).unsqueeze(1).to(logits.dtype)  # (B, 1, H, W)
+    probs = logits.softmax(1) * valid
+    onehot = F.one_hot(target.clamp(min=0), logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype) * valid
+    inter = (probs * onehot).sum((0, 2, 3))
+    denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    return 1 - ((2 * inter + eps) / (denom + eps)).mean()
+
+
+def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = -1) -> torch.Tensor:
+    """(K, K) counts, rows = target, cols = prediction, over pixels whose target != ignore."""
+    keep = target != ignore_index
+    idx = target[keep] * num_classes + pred[keep]
+    return torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+class SegmentationModule(pl.LightningModule):
+    def __init__(
+        self,
+        backbone: str | Path | nn.Module = "test_vit",
+        head: HeadFactory = LinearProbe,
+        num_classes: int = 2,
+        classes: list[str] | None = None,
+        task: str = "semantic",
+        ignore_index: int = -1,
+        random_init: bool = False,
+        tile_size: int | None = None,
+        feature_indices: list[int] | None = None,
+        normalization: dict | None = None,
+        unfreeze_at_step: int | None = None,
+        lr: float = 1e-3,
+        backbone_lr_scale: float = 0.1,
+        layer_decay: float = 1.0,
+        weight_decay: float = 1e-4,
+        dice_weight: float = 0.0,
+        augment: bool = True,
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone", "head"])
+        if isinstance(backbone, nn.Module):
+            model, meta = backbone, BackboneMeta(architecture=backbone.pretrained_cfg.get("architecture", type(backbone).__name__) if hasattr(backbone, "pretrained_cfg") else type(backbone).__name__)
+            meta.patch_size = patch_size_of(backbone)
+        else:
+            model, meta = resolve_backbone(backbone, random_init=random_init, tile_size=tile_size)
+        self.backbone_meta, self.backbone_source = meta, str(backbone) if not isinstance(backbone, nn.Module) else "<module>"
+        self.normalization = Normalization.from_dict(normalization) if normalization else meta.norm
+        extractor = FeatureExtractor(model, indices=feature_indices)
+        if extractor.spec.in_chans != 1:
+            raise BackboneError(f"backbone {meta.architecture} takes {extractor.spec.in_chans} input channels; EM images are grayscale (in_chans=1)")
+        self.net = SegmentationNet(extractor, head(extractor.spec, num_classes))
+        self.classes = list(classes) if classes else [str(k) for k in range(num_classes)]
+        if len(self.classes) != num_classes:
+            raise ValueError(f"{num_classes} classes but names {self.classes}")
+        self.geometric = FlipRot90()
+        self.intensity = nn.Sequential(BrightnessContrast(0.2, 0.2, p=0.8), Gamma(1.4, p=0.3), GaussianNoise(0.1, p=0.3))
+        self._frozen = False
+        self.set_backbone_frozen(unfreeze_at_step is None or unfreeze_at_step > 0)
+        self._val_confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+
+    # -- freezing -----------------------------------------------------------------------
+    @property
+    def backbone(self) -> nn.Module:
+        return self.net.extractor.backbone
+
+    def set_backbone_frozen(self, frozen: bool) -> None:
+        """Frozen: no grads, and eval mode (BatchNorm statistics and dropout stay put)."""
+        self._frozen = frozen
+        self.backbone.requires_grad_(not frozen)
+        self.backbone.train(self.training and not frozen)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self._frozen:
+            self.backbone.eval()
+        return self
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        step = self.hparams.unfreeze_at_step
+        if self._frozen and step is not None and self.global_step >= step:
+            self.set_backbone_frozen(False)
+
+    # -- data -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None:
+            check_fits(self.net.extractor.spec, dm.tile_size, self.backbone_meta.architecture)
+            if dm.num_classes != self.hparams.num_classes:
+                raise ValueError(f"the data has {dm.num_classes} classes {dm.classes} but the model was built for {self.hparams.num_classes}")
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Standardise with the backbone's (mean, std); augment training batches on the device."""
+        image, target = batch["image"], batch["target"]
+        if self.training and self.hparams.augment:
+            both = self.geometric(torch.cat([image, target[:, None].to(image.dtype)], 1))
+            image, target = both[:, :1], both[:, 1].round().long()
+            image = (image - self.normalization.mean) / self.normalization.std
+            image = self.intensity(image)
+        else:
+            image = (image - self.normalization.mean) / self.normalization.std
+        return {"image": image, "target": target}
+
+    # -- steps ------------------------------------------------------------------------------
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """image: (B, 1, H, W) standardised -> logits (B, K, H, W)."""
+        if self._frozen:
+            with torch.no_grad():
+                feats = self.net.extractor(image)
+            return self.net.head(feats, image)
+        return self.net(image)
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ignore = self.hparams.ignore_index
+        if (target != ignore).sum() == 0:  # an all-unlabeled batch: no signal, keep the graph
+            return logits.sum() * 0.0
+        loss = F.cross_entropy(logits, target, ignore_index=ignore)
+        if self.hparams.dice_weight:
+            loss = loss + self.hparams.dice_weight * soft_dice_loss(logits, target, ignore)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(self(batch["image"]), batch["target"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(batch["image"])
+        self.log("val/loss", self.loss(logits, batch["target"]), batch_size=batch["image"].shape[0])
+        self._val_confusion = self._val_confusion.to(logits.device) + confusion(logits.argmax(1), batch["target"], self.hparams.num_classes, self.hparams.ignore_index)
+
+    def on_validation_epoch_end(self) -> None:
+        iou = iou_from_confusion(self._val_confusion)
+        self.log("val/iou", iou.nanmean() if iou.numel() else torch.tensor(0.0), prog_bar=True)
+        for name, v in zip(self.classes, iou):
+            self.log(f"val/iou_{name}", v)
+        self.last_val_iou = {name: float(v) for name, v in zip(self.classes, iou)}
+        self._val_confusion = torch.zeros_like(self._val_confusion)
+
+    # -- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self):
+        """AdamW; backbone groups at lr x backbone_lr_scale x layer-wise decay. All parameters
+        are in the optimizer from the start: frozen ones have no grad, so AdamW skips them."""
+        from timm.optim import param_groups_layer_decay
+
+        h = self.hparams
+        groups = [{"params": [p for p in self.net.head.parameters()], "lr": h.lr}]
+        # timm's grouping skips parameters without requires_grad; a backbone frozen now but
+        # unfrozen later must still be in the optimizer, so group it as if trainable.
+        trainable = [p.requires_grad for p in self.backbone.parameters()]
+        self.backbone.requires_grad_(True)
+        backbone_groups = param_groups_layer_decay(self.backbone, weight_decay=h.weight_decay, layer_decay=h.layer_decay)
+        for p, t in zip(self.backbone.parameters(), trainable):
+            p.requires_grad_(t)
+        for g in backbone_groups:
+            scale = g.pop("lr_scale", 1.0)
+            g["lr"] = h.lr * h.backbone_lr_scale * scale
+            groups.append(g)
+        opt = torch.optim.AdamW(groups, lr=h.lr, weight_decay=h.weight_decay)
+        if not h.warmup_steps:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / h.warmup_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- export ---------------------------------------------------------------------------------
+    def finetuned_meta(self, tile_size: int, metrics: dict | None = None, label_values: list[int] | None = None) -> FinetunedMeta:
+        h = self.hparams
+        return FinetunedMeta(
+            task=h.task,
+            classes=self.classes,
+            backbone=self.backbone_meta.to_dict(),
+            backbone_source=self.backbone_source,
+            feature_indices=self.net.extractor.indices,
+            head=head_config(self.net.head),
+            tile_size=tile_size,
+            normalization=self.normalization.to_dict(),
+            ignore_index=h.ignore_index,
+            label_values=label_values,
+            random_init=h.random_init,
+            metrics=metrics or {},
+            steps=int(self.global_step),
+        )
+
+    def export(self, out: str | Path, tile_size: int, metrics: dict | None = None, label_values: list[int] | None = None) -> Path:
+        """Weights-only safetensors + JSON; `ssl_em.finetune.export.load_finetuned` reads it back."""
+        return export_finetuned(self.net, out, self.finetuned_meta(tile_size, metrics, label_values))
+
+
+def iou_from_confusion(cm: torch.Tensor) -> torch.Tensor:
+    """(K,) IoU per class; NaN for classes absent from both prediction and target."""
+    cm = cm.double()
+    tp = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan"))).float()
+
+
+def check_fits(spec: FeatureSpec, tile_size: int, architecture: str) -> None:
+    """The tile must be a multiple of the backbone's coarsest reduction (ViT patch, CNN stride)."""
+    m = spec.input_multiple
+    if tile_size % m:
+        raise BackboneError(f"tile size {tile_size} does not fit {architecture}: it must be a multiple of {m} (its {'patch size' if spec.columnar else 'coarsest feature stride'})")

@@ -1,0 +1,324 @@
+"""`ssl-em predict MODEL INPUT --out OUT.zarr`: sliding-window inference over any volume.
+
+Each 2D plane is cut into overlapping windows; window logits become probabilities that are
+blended with a smooth weight (a raised-cosine ramp over the overlap, never zero), so the
+result is the weighted mean of every window covering a pixel and shows no seams. The volume
+is processed slab by slab (`--slab` planes at a time), so memory is bounded by one slab,
+not by the volume, and each finished slab is recorded in OUT's attributes: after a crash,
+re-running the same command skips finished slabs. OUT is OME-Zarr (zarr v2, NGFF 0.4)::
+
+    OUT.zarr/                 image: class probabilities (c, z, y, x) float16, + "ssl_em" attrs
+      0/
+      labels/semantic/0       argmax classes (z, y, x) uint8   (NGFF labels: napari shows them)
+      labels/instances/0      instance ids (z, y, x) uint32    (task "instance")
+      planes/{xz,yz}/0        per-plane probabilities when --planes asks for more than xy
+
+`--planes xy,xz,yz` (near-isotropic volumes) predicts along all three axes and averages.
+Instances: seeded watershed (ssl_em.finetune.instance) slice by slice (`--instances 2d`,
+memory bounded by a slab) or over the whole volume (`--instances 3d`, which holds the
+foreground and boundary maps of the whole volume in memory: blockwise 3D stitching is not
+implemented). OUT holding another prediction (other model, input or settings) is refused
+unless --overwrite. Multi-GPU sharding is not implemented: one process, one device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ssl_em.data.normalize import IntensityStats, Normalization, normalize_numpy
+from ssl_em.data.volume import Volume
+from ssl_em.finetune.data import as_volume, sample_stats
+from ssl_em.finetune.instance import foreground_boundary, segment_slices, watershed_instances
+
+FORMAT = "ssl_em.prediction"
+#: plane -> (axis sliced, output axes of the 2D image in (z, y, x) order)
+PLANES = {"xy": 0, "xz": 1, "yz": 2}
+
+
+class PredictionExistsError(FileExistsError):
+    """OUT already holds another prediction; nothing was written."""
+
+
+# -- 2D sliding window -----------------------------------------------------------------------
+
+
+def window_starts(n: int, window: int, stride: int) -> list[int]:
+    """Window offsets covering [0, n): regular steps, the last one flush with the end."""
+    if n <= window:
+        return [0]
+    starts = list(range(0, n - window, stride))
+    return starts + [n - window]
+
+
+def blend_weights(window: int, overlap: int) -> np.ndarray:
+    """(window, window) weights: 1 in the middle, a raised-cosine ramp over `overlap` px at
+    each edge, strictly positive so image borders (covered by one window) stay defined."""
+    w = np.ones(window, np.float32)
+    if overlap > 0:
+        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap) + 0.5) / overlap)
+        w[:overlap] = np.minimum(w[:overlap], ramp)
+        w[-overlap:] = np.minimum(w[-overlap:], ramp[::-1])
+    return np.outer(w, w)
+
+
+@torch.no_grad()
+def predict_plane(net: nn.Module, image: np.ndarray, window: int, overlap: int, batch_size: int = 4, device: str | torch.device = "cpu") -> np.ndarray:
+    """image: (H, W) standardised float32 -> (K, H, W) float32 class probabilities.
+
+    Images smaller than the window are reflect-padded; windows are batched."""
+    H, W = image.shape
+    Hp, Wp = max(H, window), max(W, window)
+    if (Hp, Wp) != (H, W):
+        image = np.pad(image, ((0, Hp - H), (0, Wp - W)), mode="reflect" if min(H, W) > 1 else "edge")
+    stride = max(1, window - overlap)
+    corners = [(y, x) for y in window_starts(Hp, window, stride) for x in window_starts(Wp, window, stride)]
+    weight = torch.from_numpy(blend_weights(window, overlap))
+    acc, norm = None, torch.zeros(Hp, Wp)
+    src = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    for i in range(0, len(corners), batch_size):
+        batch = corners[i : i + batch_size]
+        x = torch.stack([src[y : y + window, x : x + window] for y, x in batch])[:, None].to(device)
+        probs = net(x).float().softmax(1).cpu()
+        if acc is None:
+            acc = torch.zeros(probs.shape[1], Hp, Wp)
+        for (y, x), p in zip(batch, probs):
+            acc[:, y : y + window, x : x + window] += p * weight
+            norm[y : y + window, x : x + window] += weight
+    return (acc / norm).numpy()[:, :H, :W]
+
+
+# -- whole volume -------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictSettings:
+    window: int
+    overlap: int
+    slab: int = 8
+    batch_size: int = 4
+    planes: tuple[str, ...] = ("xy",)
+    instances: str | None = None  # None, "2d" or "3d"
+    seed_threshold: float = 0.5
+    min_size: int = 16
+
+    def identity(self) -> dict:
+        """What makes two predictions the same (batch size and slab do not change results)."""
+        return {"window": self.window, "overlap": self.overlap, "planes": list(self.planes), "instances": self.instances, "seed_threshold": self.seed_threshold, "min_size": self.min_size}
+
+
+class Prediction:
+    """The OUT.zarr store: creation, the identity check, and the record of finished slabs."""
+
+    def __init__(self, path: str | Path, identity: dict, shape: tuple[int, int, int], classes: list[str], settings: PredictSettings, overwrite: bool = False, label_values: list[int] | None = None) -> None:
+        import zarr
+
+        self.path = Path(path)
+        existing = self._read_attrs()
+        if self.path.exists() and any(self.path.iterdir()) and (existing is None or existing.get("identity") != identity):
+            if not overwrite:
+                theirs = (existing or {}).get("identity", {})
+                what = "is not an ssl_em prediction" if existing is None else "holds another prediction (different " + ", ".join(sorted(k for k in set(identity) | set(theirs) if identity.get(k) != theirs.get(k))) + ")"
+                raise PredictionExistsError(f"{self.path}: {what}; refusing to overwrite (pass --overwrite, or choose another --out)")
+            shutil.rmtree(self.path)
+            existing = None
+        self.root = zarr.open_group(str(self.path), mode="a", zarr_format=2)
+        K, (Z, Y, X) = len(classes), shape
+        cy, cx = min(Y, 512), min(X, 512)
+        if existing is None:
+            self.root.create_array("0", shape=(K, Z, Y, X), chunks=(1, settings.slab, cy, cx), dtype="float16", fill_value=0, overwrite=True)
+            labels = self.root.require_group("labels")
+            names = ["semantic"] + ["instances"] * bool(settings.instances)
+            labels.attrs["labels"] = names
+            for name, dtype in zip(names, ("uint8", "uint32")):
+                g = labels.require_group(name)
+                g.create_array("0", shape=(Z, Y, X), chunks=(settings.slab, cy, cx), dtype=dtype, fill_value=0, overwrite=True)
+                g.attrs.update(_multiscales(name, ("z", "y", "x")) | {"image-label": {"version": "0.4", "source": {"image": "../../"}}})
+            for plane in settings.planes[1:] if len(settings.planes) > 1 else ():
+                self.root.require_group("planes").require_group(plane).create_array("0", shape=(K, Z, Y, X), chunks=(1, Z, min(Y, 64), min(X, 64)), dtype="float16", fill_value=0, overwrite=True)
+            self.root.attrs.update(_multiscales("probabilities", ("c", "z", "y", "x")) | {"ssl_em": {"format": FORMAT, "identity": identity, "classes": classes, "label_values": label_values, "done": {}, "complete": False}})
+        self.meta = dict(self.root.attrs["ssl_em"])
+
+    def _read_attrs(self) -> dict | None:
+        f = self.path / ".zattrs"
+        return json.loads(f.read_text()).get("ssl_em") if f.is_file() else None
+
+    def done(self, step: str) -> set:
+        return set(self.meta["done"].get(step, []))
+
+    def mark(self, step: str, item, **extra) -> None:
+        """Record a finished slab (written after its data, so a crash redoes it at worst)."""
+        done = dict(self.meta["done"])
+        done[step] = sorted(set(done.get(step, [])) | {item})
+        self.meta = {**self.meta, "done": done, **extra}
+        self.root.attrs["ssl_em"] = self.meta
+
+    def array(self, name: str):
+        return self.root[name]
+
+
+def _multiscales(name: str, axes: tuple[str, ...]) -> dict:
+    kinds = {"c": "channel", "z": "space", "y": "space", "x": "space"}
+    ax = [{"name": a, "type": kinds[a]} | ({"unit": "nanometer"} if kinds[a] == "space" else {}) for a in axes]
+    return {"multiscales": [{"version": "0.4", "name": name, "axes": ax, "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0] * len(axes)}]}]}]}
+
+
+def volume_fingerprint(volume: Volume, spec: str | Path | None = None) -> str:
+    """Identity of the input: the source's files (size, mtime) when it is a path, else shape,
+    dtype and a hash of a few slices."""
+    if spec is not None and not isinstance(spec, (np.ndarray, Volume)):
+        from ssl_em.data.readers.open import source_fingerprint
+
+        return source_fingerprint(spec)
+    h = hashlib.sha256(f"{volume.shape}{np.dtype(volume.dtype)}".encode())
+    for z in {0, volume.shape[0] // 2, volume.shape[0] - 1}:
+        h.update(np.ascontiguousarray(volume.read(z)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def predict_volume(
+    net: nn.Module,
+    volume: Volume,
+    out: str | Path,
+    classes: list[str],
+    normalization: Normalization,
+    settings: PredictSettings,
+    model_id: str,
+    input_id: str | None = None,
+    label_values: list[int] | None = None,
+    stats: IntensityStats | None = None,
+    overwrite: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Path:
+    """Predict `volume` into OUT.zarr slab by slab; resumes where a previous run stopped."""
+    from tqdm.auto import tqdm
+
+    net = net.to(device).eval()
+    Z, Y, X = volume.shape
+    identity = {"model": model_id, "input": input_id or volume_fingerprint(volume), "shape": list(volume.shape), **settings.identity()}
+    pred = Prediction(out, identity, volume.shape, classes, settings, overwrite=overwrite, label_values=label_values)
+    if pred.meta.get("complete"):
+        return pred.path
+    stats = stats or sample_stats(volume)
+    probs_arr = pred.array("0")
+    targets = {"xy": probs_arr} | {p: pred.root["planes"][p]["0"] for p in settings.planes if p != "xy"}
+    for plane in settings.planes:
+        axis = PLANES[plane]
+        n, s = volume.shape[axis], settings.slab
+        todo = [i for i in range(0, n, s) if i not in pred.done(plane)]
+        for start in tqdm(todo, desc=f"predict {plane}", unit="slab", disable=not progress):
+            region = [slice(None)] * 3
+            region[axis] = slice(start, min(start + s, n))
+            raw = volume.read(*region)
+            slab = np.stack([predict_plane(net, normalize_numpy(np.take(raw, i, axis=axis), stats, normalization), settings.window, settings.overlap, settings.batch_size, device) for i in range(raw.shape[axis])], axis=1 + axis)
+            targets[plane][(slice(None), *region)] = slab.astype(np.float16)
+            if plane == "xy" and len(settings.planes) == 1:
+                pred.array("labels/semantic/0")[tuple(region)] = slab.argmax(0).astype(np.uint8)
+            pred.mark(plane, start)
+    if len(settings.planes) > 1:  # average the planes into the image, slab by slab along z
+        for start in tqdm([z for z in range(0, Z, settings.slab) if z not in pred.done("combine")], desc="combine planes", disable=not progress):
+            zs = slice(start, min(start + settings.slab, Z))
+            mean = sum(targets[p][:, zs].astype(np.float32) for p in settings.planes) / len(settings.planes)
+            probs_arr[:, zs] = mean.astype(np.float16)
+            pred.array("labels/semantic/0")[zs] = mean.argmax(0).astype(np.uint8)
+            pred.mark("combine", start)
+    if settings.instances:
+        _instances(pred, settings, progress)
+    pred.mark("complete", 1, complete=True)
+    return pred.path
+
+
+def _instances(pred: Prediction, settings: PredictSettings, progress: bool) -> None:
+    """Watershed on (foreground, boundary); 2d slab by slab with a running id offset, or 3d at once."""
+    from tqdm.auto import tqdm
+
+    probs, ids = pred.array("0"), pred.array("labels/instances/0")
+    Z = probs.shape[1]
+    kw = {"seed_threshold": settings.seed_threshold, "min_size": settings.min_size}
+    if settings.instances == "3d":
+        if not pred.done("instances"):
+            fg, bd = foreground_boundary(probs[:].astype(np.float32))
+            ids[:] = watershed_instances(fg, bd, **kw)
+            pred.mark("instances", 0)
+        return
+    for start in tqdm([z for z in range(0, Z, settings.slab) if z not in pred.done("instances")], desc="instances", disable=not progress):
+        zs = slice(start, min(start + settings.slab, Z))
+        fg, bd = foreground_boundary(probs[:, zs].astype(np.float32))
+        slab = segment_slices(fg, bd, **kw)
+        offset = int(pred.meta.get("instance_offset", 0))
+        ids[zs] = np.where(slab > 0, slab + offset, 0)
+        pred.mark("instances", start, instance_offset=offset + int(slab.max()))
+
+
+def model_fingerprint(path: str | Path) -> str:
+    from ssl_em.finetune.export import WEIGHTS
+
+    h = hashlib.sha256()
+    with open(Path(path) / WEIGHTS, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a fine-tuned model folder (from `ssl-em finetune --out`)")
+    parser.add_argument("input", help="the volume: any format ssl_em reads (HDF5 as file.h5:/dataset)")
+    parser.add_argument("--out", required=True, help="OME-Zarr to write (OUT.zarr)")
+    parser.add_argument("--window", type=int, default=None, help="window side in px (default: the model's tile size)")
+    parser.add_argument("--overlap", type=int, default=None, help="overlap between windows in px (default: window / 4)")
+    parser.add_argument("--slab", type=int, default=8, help="planes per slab: memory and resume granularity")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--planes", default="xy", help="xy, or xy,xz,yz to average orthogonal planes (near-isotropic volumes)")
+    parser.add_argument("--instances", choices=["none", "2d", "3d"], default=None, help="instance segmentation (default: 2d for instance models, none otherwise)")
+    parser.add_argument("--min-size", type=int, default=16, help="instance fragments smaller than this are merged into neighbours")
+    parser.add_argument("--voxel-size", default=None, help="z,y,x nm (overrides the file)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--overwrite", action="store_true", help="replace whatever OUT holds")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    import sys
+
+    from ssl_em.finetune.export import load_finetuned
+
+    net, meta = load_finetuned(args.model, device=args.device)
+    volume = as_volume(args.input, args.voxel_size)
+    window = args.window or meta.tile_size
+    instances = args.instances if args.instances is not None else ("2d" if meta.task == "instance" else "none")
+    settings = PredictSettings(
+        window=window,
+        overlap=args.overlap if args.overlap is not None else window // 4,
+        slab=args.slab,
+        batch_size=args.batch_size,
+        planes=tuple(p.strip() for p in args.planes.split(",")),
+        instances=None if instances == "none" else instances,
+        min_size=args.min_size,
+    )
+    multiple = net.extractor.spec.input_multiple
+    if window % multiple:
+        print(f"ssl-em predict: error: --window {window} must be a multiple of {multiple} for this model", file=sys.stderr)
+        return 2
+    bad = [p for p in settings.planes if p not in PLANES] + ([] if settings.planes[0] == "xy" else ["(xy must come first)"])
+    if bad:
+        print(f"ssl-em predict: error: --planes {args.planes}: unknown {bad}; use xy or xy,xz,yz", file=sys.stderr)
+        return 2
+    try:
+        out = predict_volume(net, volume, args.out, meta.classes, meta.norm, settings, model_fingerprint(args.model), volume_fingerprint(volume, args.input), meta.label_values, overwrite=args.overwrite, device=args.device, progress=not args.no_progress)
+    except PredictionExistsError as e:
+        print(f"ssl-em predict: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} (open in napari with napari-ome-zarr)")
+    return 0

@@ -1,0 +1,178 @@
+"""`ssl-em pretrain --config recipes/pretrain/RECIPE.yaml --data ARCHIVE.zarr [--resume] ...`
+
+LightningCLI over any PretrainMethod (the recipe picks it by `model.class_path`) and
+`EMDataModule`. Every setting can be overridden on the command line (`--model.init_args.
+mask_ratio 0.6`, `--data.batch_size 32`, `--trainer.max_steps 1000`). On top of Lightning:
+
+- `--data PATH` is short for `--data.data PATH`; the tile size feeds the model's img_size;
+- a run lives in one folder, `--run_dir` (default runs/<recipe name>): logs, config.yaml,
+  checkpoints/ (every `--checkpoint_every_n_steps`, written to a temporary file and renamed,
+  plus checkpoints/last.ckpt);
+- `--resume` continues from checkpoints/last.ckpt (step count, optimizer, data epoch), so
+  a run killed with kill -9 carries on from its last checkpoint;
+- mistakes are reported in one line before training: unknown backbone, tile size not a
+  multiple of the patch size, nothing left after curation, batch larger than the data,
+  a checkpoint of another architecture or method;
+- bf16-mixed on GPU, 32-bit on CPU; `--compile` wraps the method's forward in torch.compile;
+- logs go to Weights & Biases in offline mode by default (`wandb sync` later if you want);
+  recipes may choose `pytorch_lightning.loggers.CSVLogger` instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from pytorch_lightning import Callback
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningCLI
+
+from ssl_em.data.stream import EMDataModule, NoTilesError
+from ssl_em.export import BackboneError, read_checkpoint
+from ssl_em.pretrain.base import PretrainMethod, run_metadata
+
+
+class PretrainError(ValueError):
+    """A run cannot start as configured; the message says why in one line."""
+
+
+class RecordRecipe(Callback):
+    """Puts the recipe path(s) into every checkpoint's "ssl_em" metadata, for export."""
+
+    def __init__(self, recipe: str | None) -> None:
+        self.recipe = recipe
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint.setdefault("ssl_em", {})["recipe"] = self.recipe
+
+
+class PretrainCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run_dir", type=str | None, default=None, help="the run's folder (default: runs/<recipe name>)")
+        parser.add_argument("--checkpoint_every_n_steps", type=int, default=1000, help="save checkpoints/last.ckpt every N optimizer steps")
+        parser.add_argument("--resume", type=bool, default=False, help="continue from <run_dir>/checkpoints/last.ckpt")
+        parser.add_argument("--compile", type=bool, default=False, help="torch.compile the method's forward")
+        parser.link_arguments("data.tile_size", "model.init_args.img_size")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config
+        recipes = [str(p) for p in (cfg.get("config") or [])]
+        self.recipe = ",".join(recipes) or None
+        if cfg.run_dir is None:
+            stem = Path(recipes[-1]).stem if recipes else "pretrain"
+            cfg.run_dir = cfg.trainer.default_root_dir or str(Path("runs") / stem)
+        cfg.trainer.default_root_dir = cfg.run_dir
+        loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
+        for lg in loggers:  # loggers without an explicit folder write into the run dir
+            init = getattr(lg, "init_args", None)
+            if init is not None and "save_dir" in init and init.save_dir in (None, "", "."):
+                init.save_dir = cfg.run_dir
+
+    def instantiate_trainer(self, **kwargs):
+        cfg = self.config
+        given = self.config_init.trainer.get("callbacks") or []
+        checkpoints = ModelCheckpoint(
+            dirpath=Path(cfg.run_dir) / "checkpoints",
+            filename="step{step:08d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=cfg.checkpoint_every_n_steps,
+            save_last=True,
+            save_top_k=1,  # no metric to rank by: keeps the newest, besides last.ckpt
+        )
+        kwargs["callbacks"] = (given if isinstance(given, list) else [given]) + [checkpoints, RecordRecipe(self.recipe)]
+        return super().instantiate_trainer(**kwargs)
+
+
+def _shortcuts(argv: list[str]) -> list[str]:
+    """`--data X` -> `--data.data X` unless X is a config file for the data group;
+    bare `--resume` / `--compile` -> `--resume true` / `--compile true`."""
+    out, i = [], 0
+    while i < len(argv):
+        a, nxt = argv[i], argv[i + 1] if i + 1 < len(argv) else None
+        if a == "--data" and nxt is not None and not nxt.endswith((".yaml", ".yml", ".json")):
+            out += ["--data.data", nxt]
+            i += 1
+        elif a.startswith("--data=") and not a.endswith((".yaml", ".yml", ".json")):
+            out.append("--data.data=" + a.split("=", 1)[1])
+        elif a in ("--resume", "--compile") and (nxt is None or nxt.lower() not in ("true", "false")):
+            out += [a, "true"]
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+def check_data(datamodule: EMDataModule) -> None:
+    """Open the data once on a copy, so curation and batch-size problems show before training
+    (the real datamodule is set up by the trainer, which knows the rank)."""
+    probe = copy.deepcopy(datamodule)
+    try:
+        probe.setup("fit")
+    except (NoTilesError, FileNotFoundError, ValueError) as e:
+        raise PretrainError(f"data {datamodule.data!r}: {e}") from e
+
+
+def check_resume(model: PretrainMethod, ckpt_path: Path) -> None:
+    """The checkpoint must come from the same method and backbone with the same shapes."""
+    ckpt = read_checkpoint(ckpt_path)
+    theirs = ckpt.get("ssl_em", {})
+    ours = {**run_metadata(model.backbone, None), "method": f"{type(model).__module__}.{type(model).__qualname__}"}
+    for key in ("method", "architecture", "model_args"):
+        if key in theirs and theirs[key] != ours[key]:
+            raise PretrainError(f"{ckpt_path}: was trained with {key} {theirs[key]}, this run has {ours[key]}; use another --run_dir or the same recipe")
+    own = model.state_dict()
+    state = ckpt["state_dict"]
+    bad = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
+    if bad:
+        raise PretrainError(f"{ckpt_path}: its weights do not fit this model ({len(bad)} keys differ, e.g. {bad[:3]}); use another --run_dir")
+
+
+def make_cli(argv: list[str]) -> PretrainCLI:
+    """Parse `argv` and instantiate model, datamodule and trainer; does not train."""
+    with warnings.catch_warnings():
+        # `ssl-em` hands us its argv minus the subcommand, which LightningCLI would flag.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return PretrainCLI(
+            PretrainMethod,
+            EMDataModule,
+            subclass_mode_model=True,
+            run=False,
+            args=_shortcuts(argv),
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
+                "logger": {"class_path": "pytorch_lightning.loggers.WandbLogger", "init_args": {"project": "ssl_em", "offline": True}},
+            },
+            parser_kwargs={"prog": "ssl-em pretrain", "description": __doc__.split("\n")[0]},
+        )
+
+
+def run_argv(argv: list[str]) -> int:
+    try:
+        cli = make_cli(argv)
+    except BackboneError as e:
+        print(f"ssl-em pretrain: error: {e}", file=sys.stderr)
+        return 2
+    cfg = cli.config
+    ckpt_path = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    try:
+        check_data(cli.datamodule)
+        if cfg.resume and ckpt_path.is_file():
+            check_resume(cli.model, ckpt_path)
+    except PretrainError as e:
+        print(f"ssl-em pretrain: error: {e}", file=sys.stderr)
+        return 2
+    if cfg.resume and not ckpt_path.is_file():
+        print(f"ssl-em pretrain: nothing to resume in {ckpt_path.parent}; starting from scratch", file=sys.stderr)
+    if cfg.compile:
+        cli.model.compile()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt_path) if cfg.resume and ckpt_path.is_file() else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_argv(sys.argv[1:]))

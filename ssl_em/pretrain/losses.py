@@ -1,0 +1,63 @@
+"""Contrastive losses with negatives from every rank.
+
+`gather` concatenates a tensor from all ranks with autograd (the backward pass sends each
+rank the gradient of every rank's loss with respect to its own samples), so with DDP's
+gradient averaging, W ranks x B samples train exactly like one process with W*B samples.
+Outside torch.distributed it is the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """x: (B, ...) on each rank -> (W*B, ...), rank-major, differentiable."""
+    _, w = world()
+    if w == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def info_nce(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE (MoCo v3): each query's positive is the key of the same sample; the keys of all
+    other samples on all ranks are its negatives.
+
+    query, key: (B, D) on this rank (need not be normalised). Returns the mean over local
+    queries of -log softmax(q . k+ / t) over the W*B keys.
+    """
+    rank, _ = world()
+    q, k = F.normalize(query, dim=1), F.normalize(gather(key), dim=1)
+    logits = q @ k.T / temperature  # (B, W*B)
+    labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
+    return F.cross_entropy(logits, labels)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent (SimCLR): 2N samples over all ranks; each one's positive is its other view, the
+    other 2N - 2 are negatives.
+
+    z1, z2: (B, D), the two views of the same B samples on this rank. Returns the mean over
+    the 2B local samples.
+    """
+    rank, w = world()
+    B = z1.shape[0]
+    local = F.normalize(torch.cat([z1, z2]), dim=1)  # (2B, D): view 1 then view 2
+    every = F.normalize(torch.cat([gather(z1), gather(z2)]), dim=1)  # (2WB, D)
+    logits = local @ every.T / temperature  # (2B, 2WB)
+    idx = torch.arange(B, device=z1.device) + rank * B  # this rank's samples in each half
+    own = torch.cat([idx, idx + w * B])  # each local row's own column
+    partner = torch.cat([idx + w * B, idx])  # its other view's column
+    logits = logits.masked_fill(F.one_hot(own, logits.shape[1]).bool(), float("-inf"))
+    return F.cross_entropy(logits, partner)

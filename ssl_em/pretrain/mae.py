@@ -1,0 +1,181 @@
+"""Masked autoencoder (He et al. 2022) over an unmodified timm ViT.
+
+The encoder is `self.backbone`, a plain `timm` VisionTransformer: we run its own patch_embed,
+position embedding (with its cls/register tokens), blocks and norm on the visible patches
+only, as facebookresearch/mae and lightly do, so export is `self.backbone.state_dict()`.
+A light decoder (timm blocks, attention through scaled_dot_product_attention) predicts the
+pixels of the masked patches; the loss is on masked patches only.
+
+Shapes: B batch, C channels (1 for EM), L patches, p patch size, D encoder width,
+Dd decoder width, P prefix tokens (cls + registers) of the backbone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from ssl_em.export import BackboneError, build_backbone
+from ssl_em.pretrain.base import PretrainMethod
+
+
+def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """imgs: (B, C, H, W) -> (B, L, p*p*C), patches in row-major order like timm's PatchEmbed."""
+    return rearrange(imgs, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p)
+
+
+def unpatchify(x: torch.Tensor, p: int, h: int, c: int) -> torch.Tensor:
+    """x: (B, L, p*p*C) -> (B, C, h*p, w*p) for an h-row patch grid."""
+    return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, p=p, q=p, c=c)
+
+
+def random_masking(B: int, L: int, mask_ratio: float, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample random masking by sorting uniform noise (MAE).
+
+    Returns ids_keep: (B, L_keep) visible patch indices, mask: (B, L) with 1 = masked,
+    0 = visible, in the original patch order, and ids_restore: (B, L) to unshuffle.
+    """
+    n_keep = int(round(L * (1 - mask_ratio)))
+    noise = torch.rand(B, L, device=device)
+    ids_shuffle = noise.argsort(dim=1)
+    ids_restore = ids_shuffle.argsort(dim=1)
+    mask = torch.ones(B, L, device=device)
+    mask[:, :n_keep] = 0
+    return ids_shuffle[:, :n_keep], mask.gather(1, ids_restore), ids_restore
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
+    """Mean squared error over masked patches only.
+
+    pred, target: (B, L, p*p*C); mask: (B, L), 1 = masked. With norm_pix each target patch is
+    standardised by its own mean and variance (MAE's better-representations variant).
+    """
+    if norm_pix:
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    per_patch = ((pred - target) ** 2).mean(-1)  # (B, L)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+class MAE(PretrainMethod):
+    """MAE pretraining of any timm ViT on grayscale EM tiles."""
+
+    def __init__(
+        self,
+        backbone: str = "vit_small_patch16_224",
+        img_size: int = 224,
+        backbone_kwargs: dict | None = None,
+        mask_ratio: float = 0.75,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        norm_pix_loss: bool = True,
+        base_lr: float = 1.5e-4,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 1000,
+        min_lr_fraction: float = 0.0,
+        image_every_n_steps: int = 1000,
+    ) -> None:
+        super().__init__(base_lr=base_lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_fraction=min_lr_fraction)
+        self.save_hyperparameters()
+        self.backbone = build_backbone(backbone, in_chans=1, img_size=img_size, **(backbone_kwargs or {}))
+        if not all(hasattr(self.backbone, a) for a in ("patch_embed", "_pos_embed", "blocks", "norm")):
+            raise BackboneError(f"MAE needs a ViT-style timm backbone (patch_embed, blocks, norm); {backbone} is not one")
+        self.mask_ratio, self.norm_pix_loss, self.image_every_n_steps = mask_ratio, norm_pix_loss, image_every_n_steps
+        pe = self.backbone.patch_embed
+        self.patch_size = pe.patch_size[0]
+        self.grid = tuple(pe.grid_size)  # (h, w) patches
+        self.in_chans = pe.proj.in_channels  # from the model, never assumed
+        num_patches, width = self.grid[0] * self.grid[1], self.backbone.embed_dim
+
+        # Decoder: its own width, learned position embedding, a mask token, then pixels.
+        self.decoder_embed = nn.Linear(width, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches, decoder_dim))
+        self.decoder_blocks = nn.Sequential(*[Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * self.in_chans)
+        for t in (self.mask_token, self.decoder_pos_embed):
+            trunc_normal_(t, std=0.02)
+
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """imgs: (B, C, H, W) -> latent (B, P + L_keep, D), mask (B, L), ids_restore (B, L)."""
+        vit = self.backbone
+        x = vit._pos_embed(vit.patch_embed(imgs))  # (B, P + L, D), prefix tokens first
+        prefix, x = x[:, : vit.num_prefix_tokens], x[:, vit.num_prefix_tokens :]
+        B, L, D = x.shape
+        ids_keep, mask, ids_restore = random_masking(B, L, mask_ratio, x.device)
+        x = x.gather(1, ids_keep[..., None].expand(-1, -1, D))  # (B, L_keep, D)
+        x = torch.cat([prefix, x], dim=1)
+        x = vit.norm_pre(vit.patch_drop(x))
+        x = vit.norm(vit.blocks(x))
+        return x, mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent: (B, P + L_keep, D), ids_restore: (B, L) -> pred (B, L, p*p*C)."""
+        P = self.backbone.num_prefix_tokens
+        x = self.decoder_embed(latent)  # (B, P + L_keep, Dd)
+        prefix, x = x[:, :P], x[:, P:]
+        B, L = ids_restore.shape
+        x = torch.cat([x, self.mask_token.expand(B, L - x.shape[1], -1)], dim=1)  # (B, L, Dd), shuffled
+        x = x.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[2])) + self.decoder_pos_embed
+        x = self.decoder_norm(self.decoder_blocks(torch.cat([prefix, x], dim=1)))
+        return self.decoder_pred(x[:, P:])
+
+    def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """imgs: (B, C, H, W) -> {loss, pred (B, L, p*p*C), mask (B, L)}."""
+        latent, mask, ids_restore = self.forward_encoder(imgs, self.mask_ratio)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss = masked_mse(pred, patchify(imgs, self.patch_size), mask, self.norm_pix_loss)
+        return {"loss": loss, "pred": pred, "mask": mask}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        imgs = batch["image"]  # (B, 1, H, W), normalised
+        out = self(imgs)
+        self.log_step(out["loss"], imgs.shape[0])
+        if self.image_every_n_steps and self.global_step % self.image_every_n_steps == 0:
+            self.log_reconstruction(imgs, out["pred"].detach(), out["mask"])
+        return out["loss"]
+
+    # -- visualisation --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reconstruction_grid(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, n: int = 8) -> torch.Tensor:
+        """Rows of (input, masked input, reconstruction with visible patches pasted in), as a
+        (C, H', W') image in [0, 1]."""
+        from torchvision.utils import make_grid
+
+        imgs, pred, mask = imgs[:n].float(), pred[:n].float(), mask[:n].float()
+        target = patchify(imgs, self.patch_size)
+        if self.norm_pix_loss:  # undo the per-patch standardisation with the true patch stats
+            pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+        m = mask[..., None]
+        h, c = self.grid[0], self.in_chans
+        masked = unpatchify(target * (1 - m), self.patch_size, h, c)
+        recon = unpatchify(target * (1 - m) + pred * m, self.patch_size, h, c)
+        rows = torch.stack([imgs, masked, recon], dim=1).flatten(0, 1)  # (3n, C, H, W)
+        lo, hi = imgs.amin(), imgs.amax()
+        return make_grid(((rows - lo) / (hi - lo + 1e-6)).clamp(0, 1), nrow=3, padding=2, pad_value=1.0)
+
+    @torch.no_grad()
+    def log_reconstruction(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> None:
+        """To the logger if it takes images (wandb), else as a PNG in the run dir."""
+        if not self.trainer.is_global_zero:
+            return
+        grid = self.reconstruction_grid(imgs, pred, mask).cpu()
+        caption = f"step {self.global_step}: input | masked | reconstruction"
+        logger = self.logger
+        if hasattr(logger, "log_image"):
+            logger.log_image("train/reconstruction", images=[grid], caption=[caption], step=self.global_step)
+            return
+        from torchvision.utils import save_image
+
+        out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "reconstructions"
+        out.mkdir(parents=True, exist_ok=True)
+        save_image(grid, out / f"step{self.global_step:08d}.png")

@@ -1,0 +1,163 @@
+"""Fine-tuning: loss with ignore label, freezing, a short run that learns, export/load,
+random-init twin, named errors for bad inputs, every recipe parses, the CLI end to end."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import timm
+import torch
+
+from ssl_em.export import BackboneError, BackboneMeta, export_backbone
+from ssl_em.finetune.cli import build_cli, finetune, run_argv
+from ssl_em.finetune.data import LabeledSlicesDataModule, LabelError
+from ssl_em.finetune.export import load_finetuned
+from ssl_em.finetune.heads import LinearProbe, UNETRHead, UNetHead
+from ssl_em.finetune.module import SegmentationModule
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "finetune"
+SMALL_UNETR = functools.partial(UNETRHead, width=16, min_width=8, skip_width=8, stem_width=8)
+SMALL_UNET = functools.partial(UNetHead, width=16, min_width=8, skip_width=8, stem_width=8)
+
+
+@pytest.fixture(scope="module")
+def em():
+    from ssl_em.synthetic import make_volume
+
+    return make_volume(shape=(6, 64, 64), seed=1)
+
+
+@pytest.fixture(scope="module")
+def em_files(em, tmp_path_factory):
+    import tifffile
+
+    d = tmp_path_factory.mktemp("em")
+    tifffile.imwrite(d / "image.tif", em.image, photometric="minisblack")
+    tifffile.imwrite(d / "semantic.tif", em.semantic, photometric="minisblack")
+    return d
+
+
+@pytest.fixture(scope="module")
+def exported_backbone(tmp_path_factory):
+    """A 'pretrained' backbone folder in ssl_em.export's format (random weights stand in)."""
+    model = timm.create_model("test_vit", in_chans=1, num_classes=0, img_size=32, pretrained=False)
+    out = tmp_path_factory.mktemp("bb") / "vit"
+    meta = BackboneMeta("test_vit", model_args={"in_chans": 1, "img_size": 32}, img_size=32, patch_size=16, normalization={"mean": 0.4, "std": 0.2}, method="mae")
+    return export_backbone(model, out, meta)
+
+
+def test_ignore_label_is_ignored_by_the_loss():
+    m = SegmentationModule("test_resnet", LinearProbe, num_classes=3, dice_weight=1.0)
+    logits = torch.randn(2, 3, 8, 8)
+    target = torch.randint(0, 3, (2, 8, 8))
+    target[:, :4] = -1
+    other = target.clone()
+    other[:, :4] = -1
+    base = m.loss(logits, target)
+    logits2 = logits.clone()
+    logits2[:, :, :4] = torch.randn(2, 3, 4, 8) * 10  # anything under the ignore label
+    assert torch.allclose(m.loss(logits2, target), base)
+    assert m.loss(logits, torch.full_like(target, -1)) == 0
+
+
+def _fit(module, em, steps):
+    dm = LabeledSlicesDataModule(em.image, em.semantic, "0", None, tile_size=32, batch_size=2, tiles_per_epoch=8)
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+
+
+def test_frozen_backbone_then_unfrozen(em):
+    pl.seed_everything(0)
+    frozen = SegmentationModule("test_resnet", SMALL_UNET, num_classes=3, tile_size=32, unfreeze_at_step=None)
+    before = {k: v.clone() for k, v in frozen.backbone.state_dict().items()}
+    head_before = [p.clone() for p in frozen.net.head.parameters()]
+    _fit(frozen, em, 2)
+    after = frozen.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a frozen backbone (BatchNorm statistics included) must not change"
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, frozen.net.head.parameters()))
+
+    later = SegmentationModule("test_resnet", SMALL_UNET, num_classes=3, tile_size=32, unfreeze_at_step=1)
+    w0 = later.backbone.conv1[0].weight.clone() if isinstance(later.backbone.conv1, torch.nn.Sequential) else next(later.backbone.parameters()).clone()
+    _fit(later, em, 1)
+    assert not any(p.requires_grad for p in later.backbone.parameters())
+    _fit(later, em, 3)  # a new trainer continues counting from 0; unfreezes at step 1
+    assert all(p.requires_grad for p in later.backbone.parameters())
+    assert not torch.equal(w0, next(later.backbone.parameters()))
+
+
+def test_layer_decay_groups():
+    m = SegmentationModule("test_vit", SMALL_UNETR, num_classes=2, tile_size=32, unfreeze_at_step=0, layer_decay=0.5, lr=1.0, backbone_lr_scale=1.0)
+    lrs = sorted({g["lr"] for g in m.configure_optimizers().param_groups})
+    assert lrs[-1] == 1.0 and lrs[0] < 0.1  # head at lr, lowest backbone layers decayed
+
+
+def test_short_finetune_beats_untrained_and_exports(em, tmp_path):
+    kw = dict(tile_size=32, batch_size=4, head=SMALL_UNET, unfreeze_at_step=0, lr=3e-3, accelerator="cpu")
+    _, untrained = finetune("test_resnet", em.image, em.semantic, "0,1", "4,5", max_steps=0, **kw)
+    model, trained = finetune("test_resnet", em.image, em.semantic, "0,1", "4,5", max_steps=25, out=tmp_path / "ft", **kw)
+    assert trained["mean_iou"] > untrained["mean_iou"] + 0.1, (untrained, trained)
+    net, meta = load_finetuned(tmp_path / "ft")
+    assert meta.classes == ["0", "1", "2"] and meta.tile_size == 32 and meta.head["class_path"].endswith("UNetHead")
+    assert meta.metrics["mean_iou"] == pytest.approx(trained["mean_iou"])
+    x = torch.randn(1, 1, 32, 32)
+    model.net.eval()
+    with torch.no_grad():
+        assert torch.allclose(net(x), model.net(x), atol=1e-5)
+
+
+def test_random_init_twin_is_like_for_like(exported_backbone):
+    pre = SegmentationModule(str(exported_backbone), LinearProbe, num_classes=2, tile_size=32)
+    rnd = SegmentationModule(str(exported_backbone), LinearProbe, num_classes=2, tile_size=32, random_init=True)
+    a, b = pre.backbone.state_dict(), rnd.backbone.state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert not torch.equal(a["blocks.0.attn.qkv.weight"], b["blocks.0.attn.qkv.weight"])
+    assert pre.normalization.mean == rnd.normalization.mean == 0.4  # same data pipeline
+    assert rnd.backbone_meta.method == "random-init"
+
+
+def test_vit_is_resized_to_the_tile(exported_backbone, em):
+    m = SegmentationModule(str(exported_backbone), LinearProbe, num_classes=3, tile_size=64)
+    assert m.net(torch.randn(1, 1, 64, 64)).shape == (1, 3, 64, 64)
+    assert m.backbone_meta.model_args["img_size"] == 64
+
+
+def test_bad_inputs_give_named_errors(em, em_files, tmp_path):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "short.tif", em.semantic[:4], photometric="minisblack")
+    with pytest.raises(LabelError, match=r"short\.tif.*\(4, 64, 64\).*image\.tif.*\(6, 64, 64\)"):
+        LabeledSlicesDataModule(str(em_files / "image.tif"), str(tmp_path / "short.tif"), "0")
+    bad = em.semantic.copy()
+    bad[0, 0, :3] = [7, 9, 9]
+    with pytest.raises(LabelError, match=r"label values \[7, 9\]"):
+        LabeledSlicesDataModule(em.image, bad, "0", label_values=[0, 1, 2])
+    with pytest.raises(BackboneError, match="not divisible by the patch size 16"):
+        SegmentationModule("test_vit", LinearProbe, num_classes=3, tile_size=40)
+    rgb = timm.create_model("test_resnet", in_chans=3, num_classes=0)
+    with pytest.raises(BackboneError, match="3 input channels"):
+        SegmentationModule(rgb, LinearProbe, num_classes=3)
+    assert run_argv(["--config", str(RECIPES / "tiny_cpu.yaml"), "--backbone", "test_resnet", "--images", str(em_files / "image.tif"), "--labels", str(em_files / "semantic.tif"), "--tile-size", "48"]) == 2
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_every_recipe_parses(recipe, em_files):
+    backbone = "test_resnet" if "cnn" in recipe else "test_vit"
+    labels = "semantic.tif"
+    cli = build_cli(["--config", str(RECIPES / recipe), "--backbone", backbone, "--images", str(em_files / "image.tif"), "--labels", str(em_files / labels), "--train-slices", "0", "--val-slices", "5"])
+    assert cli.model.hparams.num_classes == cli.datamodule.num_classes
+    assert cli.model.hparams.tile_size == cli.datamodule.tile_size
+
+
+def test_cli_end_to_end_then_predict(em_files, tmp_path):
+    from ssl_em.cli import main
+
+    out = tmp_path / "model"
+    argv = ["finetune", "--config", str(RECIPES / "tiny_cpu.yaml"), "--images", str(em_files / "image.tif"), "--labels", str(em_files / "semantic.tif"), "--train-slices", "0,1", "--val-slices", "4-5", "--max-steps", "2", "--out", str(out)]
+    assert main(argv) == 0
+    assert (out / "model.safetensors").is_file() and (out / "ssl_em_finetuned.json").is_file()
+    assert main(["predict", str(out), str(em_files / "image.tif"), "--out", str(tmp_path / "p.zarr"), "--slab", "3", "--no-progress"]) == 0
+    assert main(["evaluate", str(tmp_path / "p.zarr"), str(em_files / "semantic.tif"), "--slices", "4-5"]) == 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
 
 #: Percentiles recorded for every source; (0.5, 99.5) are the stretch window.
 PERCENTILES = (0.1, 0.5, 1.0, 5.0, 50.0, 95.0, 99.0, 99.5, 99.9)
@@ -70,12 +69,14 @@ class Normalization:
         return cls(mean=float(d["mean"]), std=float(d["std"]))
 
 
-def normalize(x: torch.Tensor, lo: torch.Tensor | float, hi: torch.Tensor | float, norm: Normalization) -> torch.Tensor:
+def normalize(x: "torch.Tensor", lo: "torch.Tensor | float", hi: "torch.Tensor | float", norm: Normalization) -> "torch.Tensor":
     """Stretch raw intensities to [0, 1] with (lo, hi), clip, then standardise.
 
     x: (B, C, ...) any dtype; lo, hi: scalars or (B,) per-sample windows.
     Returns float32 of the same shape.
     """
+    import torch  # here, not at module level: ingest/inspect never need torch
+
     x = x.float()
     if isinstance(lo, torch.Tensor) and lo.ndim == 1:
         shape = (-1,) + (1,) * (x.ndim - 1)

@@ -25,8 +25,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LightningCLI
 
-from ssl_em.export import BackboneError
-from ssl_em.finetune.data import IGNORE, LabeledSlicesDataModule, LabelError
+from ssl_em.finetune.data import IGNORE, LabeledSlicesDataModule
 from ssl_em.finetune.heads import default_head
 from ssl_em.finetune.instance import foreground_boundary, watershed_instances
 from ssl_em.finetune.metrics import instance_scores, semantic_scores
@@ -162,7 +161,7 @@ def run_argv(argv: list[str]) -> int:
     try:
         cli = build_cli(argv)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    except (BackboneError, LabelError) as e:
+    except ValueError as e:  # BackboneError, LabelError, VolumeError: one line says what is wrong
         print(f"ssl-em finetune: error: {e}", file=sys.stderr)
         return 2
     metrics = score_val_slices(cli.model, cli.datamodule)

@@ -1,0 +1,50 @@
+"""The label-efficiency benchmark: slice choice, resumable CSV, table and plot."""
+
+from __future__ import annotations
+
+import pytest
+
+from ssl_em.finetune import benchmark
+from ssl_em.finetune.benchmark import Arm, choose_slices, label_efficiency, markdown_table, report, summarize
+
+
+def test_choose_slices_is_seeded_sized_and_inside_the_pool():
+    pool = list(range(20))
+    a = choose_slices(pool, 4, seed=0)
+    assert a == choose_slices(pool, 4, seed=0) and len(set(a)) == 4 and set(a) <= set(pool)
+    assert choose_slices(pool, 4, seed=1) != a
+    with pytest.raises(ValueError, match="exceeds"):
+        choose_slices(pool, 21, 0)
+
+
+def test_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_finetune(backbone, images, labels, train, val, task, random_init, seed, **kw):
+        calls.append((backbone, tuple(train), random_init, seed))
+        return None, {"mean_iou": 0.5 + 0.1 * len(train) - 0.2 * random_init}
+
+    import ssl_em.finetune.cli as ft_cli
+
+    monkeypatch.setattr(ft_cli, "finetune", fake_finetune)
+    arms = [Arm("mae", "ckpt/mae"), Arm("random", "ckpt/mae", True)]
+    rows = label_efficiency(arms, "img", "lbl", list(range(10)), [10, 11], [1, 2], [0, 1], tmp_path, progress=False)
+    assert len(rows) == len(calls) == 8
+    assert {c[2] for c in calls} == {False, True}
+    # A re-run finds every row in the CSV and trains nothing.
+    calls.clear()
+    assert len(label_efficiency(arms, "img", "lbl", list(range(10)), [10, 11], [1, 2], [0, 1], tmp_path, progress=False)) == 8
+    assert calls == []
+    summary = summarize(rows)
+    assert summary["mae"][2][0] == pytest.approx(0.7) and summary["random"][1][0] == pytest.approx(0.4)
+    table = report(tmp_path, "mean_iou")
+    assert "| mae |" in table and (tmp_path / "plot.png").stat().st_size > 1000
+    assert "0.700 ± 0.000 (n=2)" in markdown_table(summary, "mean_iou")
+
+
+def test_unknown_metric_is_a_clear_error(tmp_path, monkeypatch):
+    import ssl_em.finetune.cli as ft_cli
+
+    monkeypatch.setattr(ft_cli, "finetune", lambda *a, **k: (None, {"mean_iou": 1.0}))
+    with pytest.raises(KeyError, match="dice/membrane"):
+        label_efficiency([Arm("a", "b")], "i", "l", [0, 1], [2], [1], [0], tmp_path, metric="dice/membrane", progress=False)

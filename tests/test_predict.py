@@ -1,0 +1,188 @@
+"""Sliding-window prediction: blending matches a whole-image forward, memory stays within a
+slab, resume skips finished slabs, another prediction is never overwritten silently,
+orthogonal planes, and instance post-processing recovers synthetic cells."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ssl_em.data.normalize import IntensityStats, Normalization, normalize_numpy
+from ssl_em.data.volume import ArrayVolume
+from ssl_em.finetune.instance import foreground_boundary, instance_targets, segment_slices, watershed_instances
+from ssl_em.finetune.metrics import instance_scores
+from ssl_em.finetune.predict import PredictionExistsError, PredictSettings, blend_weights, predict_plane, predict_volume
+
+CLASSES = ["a", "b", "c"]
+NORM = Normalization()
+
+
+def local_net(kernel: int, seed: int = 0) -> nn.Module:
+    """A purely local model (receptive field `kernel` px per conv) standing in for a network."""
+    torch.manual_seed(seed)
+    pad = kernel // 2
+    return nn.Sequential(nn.Conv2d(1, 4, kernel, padding=pad), nn.Tanh(), nn.Conv2d(4, 3, kernel, padding=pad)).eval()
+
+
+class RecordingVolume(ArrayVolume):
+    """Counts the largest region any read asked for."""
+
+    max_read = 0
+
+    def _read(self, zs, ys, xs):
+        out = super()._read(zs, ys, xs)
+        RecordingVolume.max_read = max(RecordingVolume.max_read, out.size)
+        return out
+
+
+class CountingNet(nn.Module):
+    def __init__(self, net, fail_after: int | None = None):
+        super().__init__()
+        self.net, self.calls, self.fail_after = net, 0, fail_after
+
+    def forward(self, x):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("simulated crash")
+        return self.net(x)
+
+
+@pytest.fixture(scope="module")
+def volume():
+    rng = np.random.default_rng(0)
+    return (rng.random((5, 70, 90)) * 200).astype(np.uint8)
+
+
+def test_pointwise_blend_is_exact():
+    net = nn.Conv2d(1, 3, 1).eval()
+    img = np.random.default_rng(1).standard_normal((70, 90)).astype(np.float32)
+    got = predict_plane(net, img, window=32, overlap=8, batch_size=5)
+    with torch.no_grad():
+        want = net(torch.from_numpy(img)[None, None]).softmax(1)[0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_blend_matches_whole_image_forward_in_the_interior():
+    net = local_net(3)
+    img = np.random.default_rng(2).standard_normal((100, 120)).astype(np.float32)
+    got = predict_plane(net, img, window=48, overlap=16, batch_size=4)
+    with torch.no_grad():
+        want = net(torch.from_numpy(img)[None, None]).softmax(1)[0].numpy()
+    err = np.abs(got - want)[:, 2:-2, 2:-2]
+    # only pixels within 2 px of a window edge differ, and there the ramp weight is tiny
+    assert err.max() < 0.02 and err.mean() < 1e-3
+    w = blend_weights(48, 16)
+    assert w.min() > 0 and w[24, 24] == 1
+
+
+def test_small_image_is_padded():
+    net = nn.Conv2d(1, 3, 1).eval()
+    out = predict_plane(net, np.zeros((10, 20), np.float32), window=32, overlap=8)
+    assert out.shape == (3, 10, 20)
+
+
+def _settings(**kw):
+    return PredictSettings(**{"window": 32, "overlap": 8, "slab": 2, "batch_size": 4} | kw)
+
+
+def test_volume_prediction_memory_resume_and_refusal(volume, tmp_path):
+    import zarr
+
+    net = local_net(1)  # pointwise: whole-volume reference is exact
+    stats = IntensityStats.compute(volume)
+    vol = RecordingVolume(volume)
+    RecordingVolume.max_read = 0
+    out = tmp_path / "p.zarr"
+    predict_volume(net, vol, out, CLASSES, NORM, _settings(), model_id="m1", stats=stats, progress=False)
+    assert RecordingVolume.max_read <= 2 * 70 * 90  # one slab, never the volume
+    root = zarr.open_group(str(out), mode="r")
+    with torch.no_grad():
+        want = net(torch.from_numpy(normalize_numpy(volume, stats, NORM))[:, None]).softmax(1).permute(1, 0, 2, 3).numpy()
+    np.testing.assert_allclose(root["0"][:].astype(np.float32), want, atol=2e-3)
+    np.testing.assert_array_equal(root["labels/semantic/0"][:], want.argmax(0))
+    attrs = json.loads((out / ".zattrs").read_text())
+    assert attrs["ssl_em"]["complete"] and attrs["multiscales"][0]["axes"][0]["name"] == "c"
+    assert json.loads((out / "labels" / ".zattrs").read_text())["labels"] == ["semantic"]
+    assert "image-label" in json.loads((out / "labels" / "semantic" / ".zattrs").read_text())
+
+    # crash after the first slab: 70 x 90 needs 3 x 4 windows = 3 batches of 4 per plane; slab 0 = 2 planes = 6 calls
+    out2 = tmp_path / "crash.zarr"
+    crashing = CountingNet(net, fail_after=6)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        predict_volume(crashing, ArrayVolume(volume), out2, CLASSES, NORM, _settings(), model_id="m1", stats=stats, progress=False)
+    assert json.loads((out2 / ".zattrs").read_text())["ssl_em"]["done"]["xy"] == [0]
+    resumed = CountingNet(net)
+    predict_volume(resumed, ArrayVolume(volume), out2, CLASSES, NORM, _settings(), model_id="m1", stats=stats, progress=False)
+    assert resumed.calls == 3 * 3  # planes 2..4 only: slab 0 was skipped
+    np.testing.assert_array_equal(zarr.open_group(str(out2), mode="r")["0"][:], root["0"][:])
+
+    # another model into the same OUT: refused, nothing touched; --overwrite replaces it
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(PredictionExistsError, match="different model"):
+        predict_volume(net, ArrayVolume(volume), out, CLASSES, NORM, _settings(), model_id="m2", stats=stats, progress=False)
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    predict_volume(net, ArrayVolume(volume), out, CLASSES, NORM, _settings(), model_id="m2", stats=stats, overwrite=True, progress=False)
+    assert json.loads((out / ".zattrs").read_text())["ssl_em"]["identity"]["model"] == "m2"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    with pytest.raises(PredictionExistsError, match="not an ssl_em prediction"):
+        predict_volume(net, ArrayVolume(volume), tmp_path / "other", CLASSES, NORM, _settings(), model_id="m1", stats=stats, progress=False)
+
+
+def test_orthogonal_planes_average(volume, tmp_path):
+    import zarr
+
+    net = local_net(1)  # pointwise: every plane gives the same probabilities
+    stats = IntensityStats.compute(volume)
+    small = volume[:, :40, :36]
+    predict_volume(net, ArrayVolume(small), tmp_path / "xy.zarr", CLASSES, NORM, _settings(), model_id="m", stats=stats, progress=False)
+    predict_volume(net, ArrayVolume(small), tmp_path / "all.zarr", CLASSES, NORM, _settings(planes=("xy", "xz", "yz")), model_id="m", stats=stats, progress=False)
+    a = zarr.open_group(str(tmp_path / "xy.zarr"), mode="r")["0"][:].astype(np.float32)
+    b = zarr.open_group(str(tmp_path / "all.zarr"), mode="r")["0"][:].astype(np.float32)
+    np.testing.assert_allclose(a, b, atol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def cells():
+    from ssl_em.synthetic import make_volume
+
+    return make_volume(shape=(4, 96, 96), seed=3).cells
+
+
+def _probs_from_ids(ids: np.ndarray, noise: float, seed: int = 0) -> np.ndarray:
+    """Class probabilities a good network would give: one-hot targets, blurred and noisy."""
+    from scipy import ndimage
+
+    t = np.stack([instance_targets(s) for s in ids])
+    p = np.stack([(t == k).astype(np.float32) for k in range(3)])
+    p = ndimage.gaussian_filter(p, (0, 0, 1, 1)) + noise * np.random.default_rng(seed).random(p.shape)
+    return p / p.sum(0, keepdims=True)
+
+
+def test_watershed_recovers_synthetic_cells(cells):
+    fg, bd = foreground_boundary(_probs_from_ids(cells, noise=0.2))
+    seg2d = segment_slices(fg, bd, min_size=10)
+    scores = [instance_scores(seg2d[z], cells[z]) for z in range(cells.shape[0])]
+    assert np.mean([s["voi"] for s in scores]) < 0.3
+    assert np.mean([s["adapted_rand_error"] for s in scores]) < 0.05
+    assert np.mean([s["ap50"] for s in scores]) > 0.9
+    seg3d = watershed_instances(fg, bd, min_size=10)  # 3D: one id per cell through z
+    assert instance_scores(seg3d, cells)["voi"] < 0.5
+
+
+def test_small_fragments_are_merged_or_removed():
+    fg = np.ones((20, 20), np.float32)
+    bd = np.zeros((20, 20), np.float32)
+    bd[:, 10] = 1.0  # a wall splits two cells
+    fg[:, 10] = 1.0
+    interior = np.zeros((20, 20), bool)
+    interior[2:18, 1:9] = interior[2:18, 12:19] = True
+    interior[0, 19] = True  # a 1-pixel seed: a fragment to merge away
+    ids = watershed_instances(np.where(interior, 1.0, 0.6), np.where(interior, 0.0, 0.3), seed_threshold=0.5, min_size=5)
+    assert len(np.unique(ids[ids > 0])) == 2
+    kept = watershed_instances(np.where(interior, 1.0, 0.6), np.where(interior, 0.0, 0.3), min_size=5, merge_small=False)
+    assert kept[0, 19] == 0

@@ -24,6 +24,16 @@ SMALL_UNETR = functools.partial(UNETRHead, width=16, min_width=8, skip_width=8, 
 SMALL_UNET = functools.partial(UNetHead, width=16, min_width=8, skip_width=8, stem_width=8)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is many times faster than
+    two threads fighting other processes for the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def em():
     from ssl_em.synthetic import make_volume
@@ -165,3 +175,28 @@ def test_cli_end_to_end_then_predict(em_files, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "ssl_em_finetuned.json").is_file()
     assert main(["predict", str(out), str(em_files / "image.tif"), "--out", str(tmp_path / "p.zarr"), "--slab", "3", "--no-progress"]) == 0
     assert main(["evaluate", str(tmp_path / "p.zarr"), str(em_files / "semantic.tif"), "--slices", "4-5"]) == 0
+
+
+def test_instance_task_end_to_end(em, tmp_path):
+    """Instance ids -> background/boundary/interior training -> watershed in predict -> scores."""
+    import tifffile
+
+    from ssl_em.cli import main
+
+    tifffile.imwrite(tmp_path / "image.tif", em.image, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "cells.tif", em.cells, photometric="minisblack")
+    _, metrics = finetune("test_resnet", str(tmp_path / "image.tif"), str(tmp_path / "cells.tif"), "0,1", "5", task="instance", max_steps=3, tile_size=32, batch_size=2, head=SMALL_UNET, unfreeze_at_step=0, accelerator="cpu", out=tmp_path / "inst")
+    assert {"ap50", "voi", "adapted_rand_error", "iou/boundary"} <= set(metrics)
+    assert main(["predict", str(tmp_path / "inst"), str(tmp_path / "image.tif"), "--out", str(tmp_path / "i.zarr"), "--no-progress"]) == 0
+    assert (tmp_path / "i.zarr" / "labels" / "instances" / "0").is_dir()
+    assert main(["evaluate", str(tmp_path / "i.zarr"), str(tmp_path / "cells.tif"), "--task", "instance"]) == 0
+
+
+@pytest.mark.realdata
+def test_isbi_slices_load_with_a_label_mapping(shared_data):
+    """Real EM through open_volume: ISBI 2012 PNG folders, membrane 0 / interior 255."""
+    isbi = shared_data / "isbi2012" / "train"
+    dm = LabeledSlicesDataModule(str(isbi / "image"), str(isbi / "label"), "0,1", "20-29", classes=["interior", "membrane"], label_values=[255, 0], tile_size=256)
+    assert dm.num_classes == 2 and dm._train[0].shape == (2, 512, 512)
+    assert 0.0 <= dm._train[0].min() and dm._train[0].max() <= 1.0
+    assert set(np.unique(dm._val[1])) == {0, 1} and 0.05 < (dm._val[1] == 1).mean() < 0.5

@@ -12,6 +12,16 @@ from ssl_em.finetune.heads import LinearProbe, UNetHead, UNETRHead, default_head
 SMALL = dict(width=32, min_width=16, skip_width=16, stem_width=8)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is many times faster than
+    two threads fighting other processes for the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny_vit():
     return FeatureExtractor(timm.create_model("test_vit", in_chans=1, num_classes=0, img_size=64, pretrained=False))

@@ -21,6 +21,16 @@ CLASSES = ["a", "b", "c"]
 NORM = Normalization()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is many times faster than
+    two threads fighting other processes for the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def local_net(kernel: int, seed: int = 0) -> nn.Module:
     """A purely local model (receptive field `kernel` px per conv) standing in for a network."""
     torch.manual_seed(seed)

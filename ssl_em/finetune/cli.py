@@ -153,7 +153,7 @@ def build_cli(argv: list[str]) -> FinetuneCLI:
         seed_everything_default=0,
         save_config_callback=None,
         trainer_defaults={"max_steps": 500, "logger": False, "enable_checkpointing": False, "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"},
-        parser_kwargs={"prog": "ssl-em finetune", "description": __doc__.split("\n")[0]},
+        parser_kwargs={"prog": "ssl-em finetune", "description": __doc__.split("\n\n`finetune")[0]},
     )
 
 

@@ -81,8 +81,7 @@ class SegmentationModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "head"])
         if isinstance(backbone, nn.Module):
-            model, meta = backbone, BackboneMeta(architecture=backbone.pretrained_cfg.get("architecture", type(backbone).__name__) if hasattr(backbone, "pretrained_cfg") else type(backbone).__name__)
-            meta.patch_size = patch_size_of(backbone)
+            model, meta = backbone, module_meta(backbone)
         else:
             model, meta = resolve_backbone(backbone, random_init=random_init, tile_size=tile_size)
         self.backbone_meta, self.backbone_source = meta, str(backbone) if not isinstance(backbone, nn.Module) else "<module>"
@@ -225,6 +224,19 @@ class SegmentationModule(pl.LightningModule):
     def export(self, out: str | Path, tile_size: int, metrics: dict | None = None, label_values: list[int] | None = None) -> Path:
         """Weights-only safetensors + JSON; `ssl_em.finetune.export.load_finetuned` reads it back."""
         return export_finetuned(self.net, out, self.finetuned_meta(tile_size, metrics, label_values))
+
+
+def module_meta(backbone: nn.Module) -> BackboneMeta:
+    """Best-effort metadata for a timm model handed over as a module (tests, notebooks): the
+    architecture from its pretrained_cfg, in_chans and a ViT's img_size. Constructor kwargs
+    beyond those (depth, embed_dim...) cannot be recovered, so export such a model only if
+    it was built from timm defaults; pass a name or an exported folder otherwise."""
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    args: dict = {"in_chans": int(getattr(backbone, "in_chans", 1) or 1)}
+    img_size = getattr(getattr(backbone, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        args["img_size"] = int(img_size[0])
+    return BackboneMeta(architecture=cfg.get("architecture", type(backbone).__name__), model_args=args, in_chans=args["in_chans"], img_size=args.get("img_size"), patch_size=patch_size_of(backbone))
 
 
 def iou_from_confusion(cm: torch.Tensor) -> torch.Tensor:

@@ -308,8 +308,10 @@ def run(args) -> int:
         min_size=args.min_size,
     )
     multiple = net.extractor.spec.input_multiple
-    if window % multiple:
-        print(f"ssl-em predict: error: --window {window} must be a multiple of {multiple} for this model", file=sys.stderr)
+    fixed = meta.backbone_meta.model_args.get("img_size") if getattr(net.extractor.backbone, "patch_embed", None) is not None else None
+    if window % multiple or fixed not in (None, window):
+        need = f"equal to the model's tile size {fixed}" if fixed not in (None, window) else f"a multiple of {multiple}"
+        print(f"ssl-em predict: error: --window {window} must be {need} for this model", file=sys.stderr)
         return 2
     bad = [p for p in settings.planes if p not in PLANES] + ([] if settings.planes[0] == "xy" else ["(xy must come first)"])
     if bad:

@@ -81,6 +81,7 @@ class PretrainCLI(LightningCLI):
             every_n_train_steps=cfg.checkpoint_every_n_steps,
             save_last=True,
             save_top_k=1,  # no metric to rank by: keeps the newest, besides last.ckpt
+            enable_version_counter=False,  # a resumed run overwrites last.ckpt, not last-v1.ckpt
         )
         kwargs["callbacks"] = (given if isinstance(given, list) else [given]) + [checkpoints, RecordRecipe(self.recipe)]
         return super().instantiate_trainer(**kwargs)
@@ -151,11 +152,21 @@ def make_cli(argv: list[str]) -> PretrainCLI:
         )
 
 
+def _find(e: BaseException | None, kind: type) -> BaseException | None:
+    """The first exception of `kind` in e's chain of causes."""
+    while e is not None and not isinstance(e, kind):
+        e = e.__cause__ or e.__context__
+    return e
+
+
 def run_argv(argv: list[str]) -> int:
     try:
         cli = make_cli(argv)
-    except BackboneError as e:
-        print(f"ssl-em pretrain: error: {e}", file=sys.stderr)
+    except ValueError as e:  # jsonargparse wraps errors raised while instantiating the classes
+        cause = _find(e, BackboneError)
+        if cause is None:
+            raise
+        print(f"ssl-em pretrain: error: {cause}", file=sys.stderr)
         return 2
     cfg = cli.config
     ckpt_path = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"

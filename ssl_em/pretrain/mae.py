@@ -176,6 +176,7 @@ class MAE(PretrainMethod):
             return
         from torchvision.utils import save_image
 
-        out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "reconstructions"
+        # Not trainer.log_dir: it broadcasts, and only rank 0 is here.
+        out = Path(getattr(logger, "log_dir", None) or self.trainer.default_root_dir) / "reconstructions"
         out.mkdir(parents=True, exist_ok=True)
         save_image(grid, out / f"step{self.global_step:08d}.png")

@@ -25,3 +25,16 @@ def synthetic_small():
     from ssl_em.synthetic import make_volume
 
     return make_volume(shape=(16, 128, 128), seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is many times faster than
+    two threads fighting other processes for the cores. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,14 +12,8 @@ from ssl_em.finetune.heads import LinearProbe, UNetHead, UNETRHead, default_head
 SMALL = dict(width=32, min_width=16, skip_width=16, stem_width=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is many times faster than
-    two threads fighting other processes for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One intra-op thread for this module (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

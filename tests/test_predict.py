@@ -21,14 +21,8 @@ CLASSES = ["a", "b", "c"]
 NORM = Normalization()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is many times faster than
-    two threads fighting other processes for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One intra-op thread for this module (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def local_net(kernel: int, seed: int = 0) -> nn.Module:

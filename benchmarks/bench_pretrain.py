@@ -45,12 +45,12 @@ class Config:
 
 
 FULL = [
-    Config("mae_vit_b16", MAE, {"backbone": "vit_base_patch16_224"}, 224, 128),
+    Config("mae_vit_b16", MAE, {"backbone": "vit_base_patch16_224", "image_every_n_steps": 0}, 224, 128),
     Config("mocov3_vit_s16", MoCoV3, {"backbone": "vit_small_patch16_224"}, 224, 128),
 ]
 TINY = [
     Config("mae_tiny", MAE, {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"patch_size": 8, "depth": 4, "embed_dim": 96, "num_heads": 3},
-                             "decoder_dim": 64, "decoder_depth": 2, "decoder_heads": 2}, 64, 32),
+                             "decoder_dim": 64, "decoder_depth": 2, "decoder_heads": 2, "image_every_n_steps": 0}, 64, 32),
     Config("mocov3_tiny", MoCoV3, {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"patch_size": 8, "depth": 2, "embed_dim": 96, "num_heads": 3},
                                    "hidden_dim": 256, "out_dim": 64}, 32, 32),
 ]

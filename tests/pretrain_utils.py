@@ -37,16 +37,3 @@ def make_archive(path: Path, shape=(4, 128, 128), flag_all: bool = False, seed: 
     w.finish("synthetic", meta)
     return path
 
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster when the 2 cores are shared:
-    two spinning OpenMP threads on a loaded machine cost 10-40x. Test modules import it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from ssl_em.finetune import benchmark
 from ssl_em.finetune.benchmark import Arm, choose_slices, label_efficiency, markdown_table, report, summarize
 
 

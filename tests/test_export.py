@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from pretrain_utils import TINY_VIT, one_thread  # noqa: F401 (autouse fixture)
+from pretrain_utils import TINY_VIT
 
 from ssl_em.data.normalize import Normalization
 from ssl_em.export import BackboneError, BackboneMeta, build_backbone, export_backbone, export_run, load_backbone

@@ -25,7 +25,6 @@ SMALL_UNET = functools.partial(UNetHead, width=16, min_width=8, skip_width=8, st
 
 
 # One intra-op thread for this module (fixture in conftest.py).
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ SMALL = dict(width=32, min_width=16, skip_width=16, stem_width=8)
 
 
 # One intra-op thread for this module (fixture in conftest.py).
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ NORM = Normalization()
 
 
 # One intra-op thread for this module (fixture in conftest.py).
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def local_net(kernel: int, seed: int = 0) -> nn.Module:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pretrain_utils import make_archive, one_thread  # noqa: F401 (autouse fixture)
+from pretrain_utils import make_archive
 
 from ssl_em.export import load_backbone, read_checkpoint
 from ssl_em.pretrain.cli import make_cli, run_argv

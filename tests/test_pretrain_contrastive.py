@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pretrain_utils import TINY_VIT, one_thread  # noqa: F401 (autouse fixture)
+from pretrain_utils import TINY_VIT
 from torch import nn
 
 from ssl_em.pretrain.contrastive import MoCoV3, SimCLR, cosine_momentum, mlp

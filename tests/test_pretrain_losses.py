@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.multiprocessing as mp
-from pretrain_utils import one_thread  # noqa: F401 (autouse fixture)
 
 from ssl_em.pretrain.losses import info_nce, nt_xent
 
@@ -67,11 +65,12 @@ def _losses(x1, x2, w):
     return {"info_nce": info_nce(x1 @ w, x2 @ w, 0.2), "nt_xent": nt_xent(x1 @ w, x2 @ w, 0.3)}
 
 
-def _rank(rank: int, world: int, port: int, out: str) -> None:
+def _rank(rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file store, not a TCP port picked in advance: nothing can take it in between.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     x1, x2, w0 = _problem()
     local = slice(rank * B, (rank + 1) * B)
     result = {}
@@ -89,17 +88,9 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_equal_one_big_batch(tmp_path):
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_rank, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     x1, x2, w0 = _problem()
     for name in ("info_nce", "nt_xent"):

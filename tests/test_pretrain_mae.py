@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from pretrain_utils import TINY_VIT, one_thread  # noqa: F401 (autouse fixture)
+from pretrain_utils import TINY_VIT
 
 from ssl_em.pretrain.mae import MAE, masked_mse, patchify, random_masking, unpatchify
 

@@ -10,8 +10,12 @@ backbone's (mean, std), so the backbone sees the intensity distribution it was t
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch is imported lazily so that ingest and inspect start fast
+    import torch
 
 #: Percentiles recorded for every source; (0.5, 99.5) are the stretch window.
 PERCENTILES = (0.1, 0.5, 1.0, 5.0, 50.0, 95.0, 99.0, 99.5, 99.9)

@@ -141,6 +141,5 @@ class PretrainMethod(pl.LightningModule):
     # -- checkpoint metadata --------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        meta = run_metadata(self.backbone, datamodule)
+        meta = run_metadata(self.backbone, getattr(self.trainer, "datamodule", None))
         checkpoint.setdefault("ssl_em", {}).update(meta, method=f"{type(self).__module__}.{type(self).__qualname__}")

@@ -74,6 +74,9 @@ class PretrainCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         cfg = self.config
         given = self.config_init.trainer.get("callbacks") or []
+        # Lightning writes every checkpoint into a temporary file and renames it on commit
+        # (fsspec transaction in lightning_fabric's _atomic_save): a kill -9 mid-save leaves
+        # the previous last.ckpt intact.
         checkpoints = ModelCheckpoint(
             dirpath=Path(cfg.run_dir) / "checkpoints",
             filename="step{step:08d}",

@@ -20,14 +20,35 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+class _Gather(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient for this rank's slice.
+
+    torch.distributed.nn.functional.all_gather does the same but is deprecated, and on
+    torch 2.15 with gloo it left a thread that aborted the process at exit.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        rank, w = world()
+        ctx.rank, ctx.batch = rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(w)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # Every rank's loss depends on this rank's samples: sum those gradients here.
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
+
+
 def gather(x: torch.Tensor) -> torch.Tensor:
-    """x: (B, ...) on each rank -> (W*B, ...), rank-major, differentiable."""
+    """x: (B, ...) on each rank, same B everywhere -> (W*B, ...), rank-major, differentiable."""
     _, w = world()
     if w == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return _Gather.apply(x)
 
 
 def info_nce(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:

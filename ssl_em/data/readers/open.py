@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from ssl_em.data.readers.hdf5 import Hdf5Volume
-from ssl_em.data.readers.image_stack import IMAGE_SUFFIXES, PIL_SUFFIXES, ImageStackVolume, image_files
+from ssl_em.data.readers.image_stack import IMAGE_SUFFIXES, PIL_SUFFIXES, ImageStackVolume
 from ssl_em.data.readers.mrc import MrcVolume
 from ssl_em.data.readers.tiff import TiffVolume
 from ssl_em.data.readers.zarr_store import (

@@ -17,7 +17,7 @@ from ssl_em.data.volume import UNKNOWN_VOXEL_SIZE, Volume, VolumeError, VoxelSiz
 #: Length units found in ImageJ and OME metadata, in nanometres.
 _UNIT_NM = {
     "nm": 1.0, "nanometer": 1.0, "nanometre": 1.0,
-    "um": 1e3, "µm": 1e3, "\u00b5m": 1e3, "micron": 1e3, "micrometer": 1e3, "micrometre": 1e3,
+    "um": 1e3, "\u00b5m": 1e3, "\u03bcm": 1e3, "micron": 1e3, "micrometer": 1e3, "micrometre": 1e3,
     "mm": 1e6, "millimeter": 1e6, "å": 0.1, "angstrom": 0.1, "a": 0.1,
 }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ssl_em.finetune.benchmark import Arm, choose_slices, label_efficiency, markdown_table, report, summarize
+from ssl_em.finetune.benchmark import Arm, choose_slices, gains_table, label_efficiency, markdown_table, paired_gains, read_rows, report, summarize
 
 
 def test_choose_slices_is_seeded_sized_and_inside_the_pool():
@@ -47,3 +47,37 @@ def test_unknown_metric_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(ft_cli, "finetune", lambda *a, **k: (None, {"mean_iou": 1.0}))
     with pytest.raises(KeyError, match="dice/membrane"):
         label_efficiency([Arm("a", "b")], "i", "l", [0, 1], [2], [1], [0], tmp_path, metric="dice/membrane", progress=False)
+
+
+def _row(arm, random_init, budget, seed, score):
+    return {"arm": arm, "backbone": "ckpt/mae", "random_init": str(random_init), "budget": str(budget), "seed": str(seed),
+            "train_slices": "0", "metric": "m", "score": str(score), "seconds": "1", "metrics_json": "{}"}
+
+
+def test_paired_gains_pair_each_seed_with_its_random_twin():
+    rows = [_row("mae", False, 1, 0, 0.8), _row("rand", True, 1, 0, 0.7),
+            _row("mae", False, 1, 1, 0.6), _row("rand", True, 1, 1, 0.65),
+            _row("mae", False, 2, 0, 0.9)]  # no twin yet: not paired
+    gains = paired_gains(rows)
+    mean, std, wins, pairs = gains["mae"][1]
+    assert (mean, wins, pairs) == (pytest.approx(0.025), 1, 2) and std == pytest.approx(0.075)
+    assert 2 not in gains["mae"] and "rand" not in gains
+    assert "+0.025 ± 0.075 (1/2 wins)" in gains_table(gains, "m")
+
+
+def test_report_merges_parallel_folders_once(tmp_path):
+    import csv
+
+    from ssl_em.finetune.benchmark import FIELDS
+
+    for name, rows in {"a": [_row("mae", False, 1, 0, 0.8), _row("rand", True, 1, 0, 0.7)],
+                       "b": [_row("mae", False, 1, 1, 0.6), _row("rand", True, 1, 1, 0.65)]}.items():
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "results.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+    table = report(tmp_path / "all", "m", merge=[tmp_path / "a", tmp_path / "b"])
+    report(tmp_path / "all", "m", merge=[tmp_path / "a", tmp_path / "b"])  # again: nothing doubled
+    assert len(read_rows(tmp_path / "all" / "results.csv")) == 4
+    assert "0.700 ± 0.100 (n=2)" in table and "(1/2 wins)" in table

@@ -123,6 +123,33 @@ def markdown_table(summary: dict, metric: str) -> str:
     return "\n".join(lines)
 
 
+def paired_gains(rows: list[dict]) -> dict[str, dict[int, tuple[float, float, int, int]]]:
+    """Pretrained minus random init, paired by (budget, seed): both arms of a pair trained on
+    the same slices with the same seed, so the slice draw cancels out of the difference.
+
+    Returns arm -> budget -> (mean gain, std of gain, wins, pairs) against the random-init
+    twin of the same backbone.
+    """
+    random = {(r["backbone"], int(r["budget"]), int(r["seed"])): float(r["score"]) for r in rows if r["random_init"] == "True"}
+    gains: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        twin = random.get((r["backbone"], int(r["budget"]), int(r["seed"])))
+        if r["random_init"] != "True" and twin is not None:
+            gains.setdefault(r["arm"], {}).setdefault(int(r["budget"]), []).append(float(r["score"]) - twin)
+    return {a: {b: (float(np.mean(g)), float(np.std(g)), int(sum(x > 0 for x in g)), len(g)) for b, g in sorted(d.items())}
+            for a, d in gains.items()}
+
+
+def gains_table(gains: dict, metric: str) -> str:
+    budgets = sorted({b for d in gains.values() for b in d})
+    lines = [f"| gain over random init ({metric}, paired by seed) | " + " | ".join(str(b) for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for arm, d in gains.items():
+        cells = [f"{d[b][0]:+.3f} ± {d[b][1]:.3f} ({d[b][2]}/{d[b][3]} wins)" if b in d else "-" for b in budgets]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(summary: dict, metric: str, path: str | Path, title: str = "") -> None:
     import matplotlib
 
@@ -148,11 +175,27 @@ def plot(summary: dict, metric: str, path: str | Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def report(out: str | Path, metric: str, title: str = "") -> str:
-    """Write table.md and plot.png from results.csv; returns the table."""
+def report(out: str | Path, metric: str, title: str = "", merge: list[str | Path] = ()) -> str:
+    """Write table.md (scores, then paired gains) and plot.png from results.csv; returns
+    the tables. `merge`: other benchmark folders (e.g. seeds run in parallel processes)
+    whose rows are appended to out/results.csv first, skipping rows it already has."""
     out = Path(out)
-    summary = summarize(read_rows(out / "results.csv"))
+    rows = read_rows(out / "results.csv")
+    have = {(r["arm"], r["budget"], r["seed"]) for r in rows}
+    extra = [r for m in merge for r in read_rows(Path(m) / "results.csv") if (r["arm"], r["budget"], r["seed"]) not in have]
+    if extra:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "results.csv", "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            if not rows:
+                writer.writeheader()
+            writer.writerows(extra)
+        rows += extra
+    summary = summarize(rows)
     table = markdown_table(summary, metric)
+    gains = paired_gains(rows)
+    if gains:
+        table += "\n\n" + gains_table(gains, metric)
     (out / "table.md").write_text(table + "\n")
     plot(summary, metric, out / "plot.png", title)
     return table
@@ -165,27 +208,36 @@ def _ints(spec: str) -> list[int]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", choices=["label-efficiency"], help="which benchmark")
-    parser.add_argument("--backbones", nargs="+", required=True, help="exported backbone folders (a random-init twin of each architecture is added)")
-    parser.add_argument("--images", required=True)
-    parser.add_argument("--labels", required=True)
-    parser.add_argument("--pool", required=True, help="slices training subsets are drawn from, e.g. 0-19")
-    parser.add_argument("--val-slices", required=True, help="held-out slices that are scored, e.g. 20-29")
-    parser.add_argument("--budgets", default="1,2,4,8", help="numbers of labeled slices (default 1,2,4,8)")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--task", default="semantic", choices=["semantic", "instance"])
-    parser.add_argument("--metric", default="mean_iou", help="column to compare, e.g. mean_iou, dice/membrane, voi")
-    parser.add_argument("--classes", default=None, help="class names, e.g. membrane,cell")
-    parser.add_argument("--label-values", default=None, help="label value of each class, e.g. 0,255")
-    parser.add_argument("--max-steps", type=int, default=300)
-    parser.add_argument("--tile-size", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--unfreeze-at-step", type=int, default=None, help="fine-tune the backbone after N steps (default: frozen)")
-    parser.add_argument("--out", required=True, help="folder for results.csv, table.md, plot.png")
+    kinds = parser.add_subparsers(dest="kind", required=True)
+    le = kinds.add_parser("label-efficiency", help="fine-tune pretrained and random-init backbones over label budgets and seeds")
+    le.add_argument("--backbones", nargs="+", required=True, help="exported backbone folders (a random-init twin of each architecture is added)")
+    le.add_argument("--images", required=True)
+    le.add_argument("--labels", required=True)
+    le.add_argument("--pool", required=True, help="slices training subsets are drawn from, e.g. 0-19")
+    le.add_argument("--val-slices", required=True, help="held-out slices that are scored, e.g. 20-29")
+    le.add_argument("--budgets", default="1,2,4,8", help="numbers of labeled slices (default 1,2,4,8)")
+    le.add_argument("--seeds", default="0,1,2")
+    le.add_argument("--task", default="semantic", choices=["semantic", "instance"])
+    le.add_argument("--metric", default="mean_iou", help="column to compare, e.g. mean_iou, dice/membrane, voi")
+    le.add_argument("--classes", default=None, help="class names, e.g. membrane,cell")
+    le.add_argument("--label-values", default=None, help="label value of each class, e.g. 0,255")
+    le.add_argument("--max-steps", type=int, default=300)
+    le.add_argument("--tile-size", type=int, default=128)
+    le.add_argument("--batch-size", type=int, default=8)
+    le.add_argument("--lr", type=float, default=1e-3)
+    le.add_argument("--unfreeze-at-step", type=int, default=None, help="fine-tune the backbone after N steps (default: frozen)")
+    le.add_argument("--out", required=True, help="folder for results.csv, table.md, plot.png")
+    rep = kinds.add_parser("report", help="rewrite table.md and plot.png from results.csv, merging other result folders")
+    rep.add_argument("--out", required=True, help="the benchmark folder (its results.csv is extended by --merge)")
+    rep.add_argument("--metric", default="mean_iou")
+    rep.add_argument("--merge", nargs="*", default=[], help="other benchmark folders, e.g. seeds run in parallel processes")
+    rep.add_argument("--title", default="")
 
 
 def run(args) -> int:
+    if args.kind == "report":
+        print(report(args.out, args.metric, args.title, merge=args.merge))
+        return 0
     data_kwargs = {}
     if args.classes:
         data_kwargs["classes"] = args.classes.split(",")

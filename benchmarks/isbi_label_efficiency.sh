@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The question ssl_em has to answer: with a few labeled slices, does a backbone pretrained
+# by ssl_em segment real EM better than the same architecture randomly initialised?
+#
+# 1. ingest an unlabeled pool: the ISBI 2012 *test* stack (its labels are not public and
+#    never used), the FlyEM FIB-SEM sample and the bioimage.io crops;
+# 2. pretrain an MAE ViT on it (CPU-sized: 6 blocks, width 192, 8 px patches, 128 px tiles);
+# 3. export the backbone;
+# 4. fine-tune on 1..8 labeled slices of the ISBI 2012 *train* stack (slices 0-19), from the
+#    pretrained and from a random-init twin, score Dice of the membrane class on the
+#    held-out train slices 20-29, over several seeds.
+#
+# Every stage resumes: rerunning skips finished sources, continues the pretraining run from
+# its last checkpoint, and skips (arm, budget, seed) rows already in results.csv.
+#
+#   bash benchmarks/isbi_label_efficiency.sh            # defaults below
+#   DATA=/path/to/shared/data WORK=/tmp/isbi STEPS=5000 bash benchmarks/isbi_label_efficiency.sh
+set -euo pipefail
+DATA=${DATA:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data}
+WORK=${WORK:-/tmp/ssl_em_isbi}
+STEPS=${STEPS:-5000}            # pretraining steps (batch 32)
+FT_STEPS=${FT_STEPS:-300}       # fine-tuning steps per run
+UNFREEZE=${UNFREEZE:-50}        # fine-tune the whole backbone after this many head-only steps
+BUDGETS=${BUDGETS:-1,2,4,8}
+SEEDS=${SEEDS:-0,1,2}
+RECIPE=$(cd "$(dirname "$0")/.." && pwd)/recipes/pretrain/tiny_cpu.yaml
+export WANDB_MODE=${WANDB_MODE:-offline}
+mkdir -p "$WORK"
+
+POOL=$WORK/pool.zarr
+ssl-em ingest "$DATA/isbi2012/test" --voxel-size 50,4,4 --out "$POOL" --quiet
+ssl-em ingest "$DATA/flyem_fibsem_sample1/grayscale_maps" --voxel-size 10,10,10 --out "$POOL" --quiet
+ssl-em ingest "$DATA"/bioimageio_crops/*.tif --out "$POOL" --quiet
+
+RUN=$WORK/runs/mae_vit6
+resume=false
+[ -f "$RUN/checkpoints/last.ckpt" ] && resume=true
+ssl-em pretrain --config "$RECIPE" --data "$POOL" --run_dir "$RUN" --resume "$resume" \
+  --model.init_args.backbone_kwargs '{patch_size: 8, depth: 6, embed_dim: 192, num_heads: 3}' \
+  --data.tile_size 128 --data.block_size 512 --data.shuffle_buffer 256 --data.samples_per_epoch 1000000 \
+  --trainer.max_steps "$STEPS" --model.init_args.warmup_steps 150 \
+  --model.init_args.image_every_n_steps 500 --checkpoint_every_n_steps 250
+
+CKPT=$WORK/ckpt/isbi_mae_vit6
+ssl-em export "$RUN" --out "$CKPT"
+
+ssl-em benchmark label-efficiency --backbones "$CKPT" \
+  --images "$DATA/isbi2012/train/image" --labels "$DATA/isbi2012/train/label" \
+  --classes membrane,cell --label-values 0,255 --metric dice/membrane \
+  --pool 0-19 --val-slices 20-29 --budgets "$BUDGETS" --seeds "$SEEDS" \
+  --max-steps "$FT_STEPS" --unfreeze-at-step "$UNFREEZE" --out "$WORK/label_efficiency"

@@ -193,3 +193,12 @@ def test_isbi_slices_load_with_a_label_mapping(shared_data):
     assert dm.num_classes == 2 and dm._train[0].shape == (2, 512, 512)
     assert 0.0 <= dm._train[0].min() and dm._train[0].max() <= 1.0
     assert set(np.unique(dm._val[1])) == {0, 1} and 0.05 < (dm._val[1] == 1).mean() < 0.5
+
+
+def test_random_init_backbone_trains_at_full_lr_by_default():
+    """A random backbone has nothing to preserve; slowing it 10x would handicap the baseline."""
+    top = {}
+    for random_init in (False, True):
+        m = SegmentationModule("test_vit", SMALL_UNETR, num_classes=2, tile_size=32, unfreeze_at_step=0, lr=1.0, random_init=random_init)
+        top[random_init] = max(g["lr"] for g in m.configure_optimizers().param_groups[1:])  # [0] is the head
+    assert top == {False: pytest.approx(0.1), True: pytest.approx(1.0)}

@@ -55,6 +55,10 @@ def test_heads_give_logits_at_input_resolution(which, head_cls, tiny_vit, tiny_c
 def test_default_head_follows_the_backbone(tiny_vit, tiny_cnn):
     assert isinstance(default_head(tiny_vit.spec, 2), UNETRHead)
     assert isinstance(default_head(tiny_cnn.spec, 2), UNetHead)
+    for features in (tiny_vit, tiny_cnn):  # sizes pass through to whichever head it picks
+        narrow = default_head(features.spec, 2, width=32, min_width=8, skip_width=16, stem_width=8)
+        assert narrow.init_args["width"] == 32
+        assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in default_head(features.spec, 2).parameters()) / 4
 
 
 def test_full_resolution_stem_sees_one_pixel_lines(tiny_vit):

@@ -166,6 +166,7 @@ class UNetHead(nn.Module):
         return self.decoder(features[-1], skips, image.shape[-2:])
 
 
-def default_head(spec: FeatureSpec, num_classes: int) -> nn.Module:
-    """UNETRHead for ViT-like backbones (one resolution), UNetHead for CNNs, at default sizes."""
-    return (UNETRHead if spec.columnar else UNetHead)(spec, num_classes)
+def default_head(spec: FeatureSpec, num_classes: int, **kwargs) -> nn.Module:
+    """UNETRHead for ViT-like backbones (one resolution), UNetHead for CNNs; kwargs (e.g.
+    width, min_width) go to the chosen head, default sizes otherwise."""
+    return (UNETRHead if spec.columnar else UNetHead)(spec, num_classes, **kwargs)

@@ -12,6 +12,9 @@ signature as the config schema):
   frozen features); N trains the head alone for N steps, then everything; 0 trains all
   from the start. `layer_decay` < 1 scales each backbone layer's lr by decay^(depth from the
   top) (timm's group matcher, ViTs and CNNs alike); `backbone_lr_scale` scales all of it.
+  Its default (None) is 0.1 for a pretrained backbone, whose features should move gently,
+  and 1.0 for random init, which has nothing to preserve: a baseline slowed 10x would make
+  pretraining look better than it is.
 
 Batches arrive as {"image": (B, 1, H, W) stretched to [0, 1], "target": (B, H, W) int64,
 -1 = ignore}; `on_after_batch_transfer` standardises with the backbone's (mean, std) and
@@ -71,7 +74,7 @@ class SegmentationModule(pl.LightningModule):
         normalization: dict | None = None,
         unfreeze_at_step: int | None = None,
         lr: float = 1e-3,
-        backbone_lr_scale: float = 0.1,
+        backbone_lr_scale: float | None = None,
         layer_decay: float = 1.0,
         weight_decay: float = 1e-4,
         dice_weight: float = 0.0,
@@ -192,9 +195,10 @@ class SegmentationModule(pl.LightningModule):
         backbone_groups = param_groups_layer_decay(self.backbone, weight_decay=h.weight_decay, layer_decay=h.layer_decay)
         for p, t in zip(self.backbone.parameters(), trainable):
             p.requires_grad_(t)
+        backbone_lr_scale = h.backbone_lr_scale if h.backbone_lr_scale is not None else (1.0 if h.random_init else 0.1)
         for g in backbone_groups:
             scale = g.pop("lr_scale", 1.0)
-            g["lr"] = h.lr * h.backbone_lr_scale * scale
+            g["lr"] = h.lr * backbone_lr_scale * scale
             groups.append(g)
         opt = torch.optim.AdamW(groups, lr=h.lr, weight_decay=h.weight_decay)
         if not h.warmup_steps:

@@ -6,13 +6,17 @@ patches from ../shared/data; the synthetic generator when that folder is absent)
 1 x 256 x 256, blosc-zstd. Then, each in a fresh process so peak memory is its own:
 
   (a) naive:   zarr-python, one slice per 224 x 224 tile at a random position
-  (b) stream:  ssl_em.data.stream.TileDataset, one process, tensorstore capped to 1 thread
+  (b) stream:  ssl_em.data.stream.TileDataset as EMDataModule loads it (ready batches of 64
+               through TileBatches, DataLoader(batch_size=None)), one process, tensorstore
+               capped to 1 decode thread
   (b2)         the same with tensorstore's default thread pool (all cores)
   (c) ceiling: every chunk's bytes read and decompressed once with blosc (1 thread), as
                tiles/s = decoded bytes/s / tile bytes
 
 and prints tiles/s, peak RSS and coverage (tile pixels per decoded voxel; how evenly blocks
-are visited). Usage: python benchmarks/bench_loader.py [--dir /tmp/ssl_em_bench] [--gb 2.1]
+are visited). Tiles per CPU-second count every thread of the process (process_time), so
+they hold on a busy machine where wall-clock rates do not.
+Usage: python benchmarks/bench_loader.py [--dir /tmp/ssl_em_bench] [--gb 2.1] [--tiles 20000]
 """
 
 from __future__ import annotations
@@ -105,24 +109,29 @@ def run_naive(path: Path, n: int) -> dict:
 
 
 def run_stream(path: Path, n: int, threads: int | None) -> dict:
-    from ssl_em.data.stream import StreamSource, TileDataset
+    from ssl_em.data.stream import StreamSource, TileBatches, TileDataset
 
     from torch.utils.data import DataLoader
 
     sources = StreamSource.from_archive(path, threads=threads)
     ds = TileDataset(sources, tile_size=TILE, samples_per_epoch=n, use_curation=True, seed=0)
-    # Through a DataLoader (in-process), so collating tiles into batches is counted too.
-    t0, c0 = time.perf_counter(), time.process_time()
+    # Through a DataLoader (in-process) the way EMDataModule builds it, so assembling
+    # batches of 64 is counted too.
+    t0, c0, th0 = time.perf_counter(), time.process_time(), time.thread_time()
     count = 0
-    for batch in DataLoader(ds, batch_size=64, num_workers=0):
+    for batch in DataLoader(TileBatches(ds, 64), batch_size=None, num_workers=0):
         count += batch["image"].shape[0]
-    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    dt, cpu, th = time.perf_counter() - t0, time.process_time() - c0, time.thread_time() - th0
     item = {"image": batch["image"][0]}
     c = ds.counters
     n_blocks = int(np.prod(ds.plans[0].n_blocks))
     return {
         "tiles_per_s": count / dt,
         "tiles_per_cpu_s": count / cpu,
+        # CPU per tile in the Python thread (cutting, batching, DataLoader) and in the others
+        # (tensorstore reading and decoding chunks).
+        "cpu_us_per_tile_python_thread": th / count * 1e6,
+        "cpu_us_per_tile_other_threads": (cpu - th) / count * 1e6,
         "tile_px_per_decoded_voxel": count * TILE * TILE / max(c["voxels_decoded"], 1),
         "coverage": f"{c['blocks']} blocks read of {n_blocks}, each at most once (no block re-read before all are read)",
         "dtype": str(item["image"].dtype),

@@ -53,6 +53,16 @@ def test_each_decoded_voxel_feeds_about_one_tile(tmp_path):
     assert 0.7 < ratio <= 1.0
 
 
+def test_the_epoch_ends_without_decoding_blocks_in_vain(tmp_path):
+    vol = np.random.default_rng(0).integers(0, 255, (8, 256, 256), dtype=np.uint8)
+    path = write_archive(tmp_path / "a.zarr", {"v": vol})
+    ds = TileDataset(StreamSource.from_archive(path), tile_size=30, samples_per_epoch=101, shuffle_buffer=16, block_size=64)
+    assert len(list(ds)) == 101
+    # 4 tiles per 64 px block: the shuffle buffer is drained, not dropped, and reads stop
+    # once the tiles in hand cover the epoch, so less than one block's tiles go unused.
+    assert 101 <= ds.counters["tiles"] < 101 + 4
+
+
 def test_curation_flags_are_skipped(tmp_path):
     vol = marked_volume()
     flags = np.zeros((4, 2, 2), np.uint8)
@@ -105,11 +115,14 @@ def test_sources_are_balanced_by_size_power():
     big = StreamSource.from_volume(ArrayVolume(np.full((16, 128, 128), 10, np.uint8), path="big"))
     small = StreamSource.from_volume(ArrayVolume(np.full((1, 128, 128), 200, np.uint8), path="small"))
     counts = {}
+    # The source is drawn per block (16 tiles here): 200 blocks keep the binomial spread of
+    # the fraction at about 0.035, well inside the tolerances below.
+    n = 3200
     for gamma in (0.0, 1.0):
-        ds = TileDataset([big, small], tile_size=32, samples_per_epoch=800, gamma=gamma, shuffle_buffer=16, prefetch=1)
+        ds = TileDataset([big, small], tile_size=32, samples_per_epoch=n, gamma=gamma, shuffle_buffer=16, prefetch=1)
         counts[gamma] = np.bincount([it["source"] for it in ds], minlength=2)
-    assert abs(counts[0.0][1] / 800 - 0.5) < 0.1  # equal weights
-    assert counts[1.0][1] / 800 < 0.15  # proportional to size: 1/17
+    assert abs(counts[0.0][1] / n - 0.5) < 0.1  # equal weights
+    assert counts[1.0][1] / n < 0.15  # proportional to size: 1/17
 
 
 def _stream(ds: TileDataset, rank: int, world: int) -> list[bytes]:
@@ -128,6 +141,19 @@ def test_ranks_differ_and_seed_reproduces(synthetic_small):
     ds = make(0)
     ds.rank, ds.world_size = 0, 1
     assert [it["image"].numpy().tobytes() for it in ds] != [it["image"].numpy().tobytes() for it in ds]  # epochs differ
+
+
+def test_batches_are_the_tiles_in_order(tmp_path, synthetic_small):
+    """`batches` (what training uses) yields the per-tile stream, grouped, in one array per batch."""
+    path = write_archive(tmp_path / "a.zarr", {"syn": synthetic_small.image})
+    make = lambda n: TileDataset(StreamSource.from_archive(path), tile_size=32, samples_per_epoch=n, shuffle_buffer=8, block_size=64)
+    items = list(make(64))
+    batches = list(make(64).batches(16))
+    assert len(batches) == 4 and len(list(make(70).batches(16))) == 4  # a last part-batch is dropped
+    for k, b in enumerate(batches):
+        assert b["image"].shape == (16, 1, 32, 32) and b["image"].dtype == torch.uint8 and b["image"].is_contiguous()
+        assert torch.equal(b["image"], torch.stack([it["image"] for it in items[16 * k : 16 * k + 16]]))
+        assert b["source"].tolist() == [it["source"] for it in items[16 * k : 16 * k + 16]]
 
 
 def test_workers_differ_through_the_dataloader(tmp_path, synthetic_small):

@@ -189,6 +189,39 @@ class TileDataset(IterableDataset):
         return base + (reader < extra)
 
     def __iter__(self):
+        """One tile at a time: {"image": (1, [D,] T, T) tensor, "source": int}.
+
+        Tiles are views into their block (no copy); a DataLoader's collate makes the one copy.
+        Training uses `batches` instead, which skips the per-tile tensors and the collate.
+        """
+        for tiles in self._stream(1):
+            for view, i in tiles:
+                yield {"image": torch.from_numpy(view).unsqueeze(0), "source": i}
+
+    def batches(self, batch_size: int):
+        """Ready batches {"image": (B, 1, [D,] T, T), "source": (B,) long}, one copy per tile.
+
+        The same tiles in the same order as iterating the dataset, grouped by B; a reader's
+        last tiles that do not fill a batch are dropped (like DataLoader's drop_last).
+        Assembled in numpy (single-threaded), so no torch thread pool spins per batch.
+        """
+        pending: list[tuple[np.ndarray, int]] = []
+        for tiles in self._stream(batch_size):
+            pending.extend(tiles)
+            while len(pending) >= batch_size:
+                batch, pending = pending[:batch_size], pending[batch_size:]
+                image = np.empty((batch_size, 1, *batch[0][0].shape), batch[0][0].dtype)
+                for k, (view, _) in enumerate(batch):
+                    image[k, 0] = view
+                source = np.fromiter((i for _, i in batch), np.int64, batch_size)
+                yield {"image": torch.from_numpy(image), "source": torch.from_numpy(source)}
+
+    def _stream(self, multiple: int):
+        """This reader's share of one epoch, as lists of (tile view, source index) pairs
+        (the tiles each decoded block lets out of the shuffle buffer).
+
+        The reader's tile count is rounded down to a multiple of `multiple` (the batch size).
+        """
         # Each pass is one epoch. Persistent loader workers each hold a copy of the
         # dataset and are iterated once per epoch, so their counters stay in step.
         self.epoch += 1
@@ -196,35 +229,49 @@ class TileDataset(IterableDataset):
         reader, readers = self._reader()
         rng = np.random.default_rng([self.seed, epoch, reader])
         blocks = [_BlockDeck(p, self.seed, epoch, reader, readers) for p in self.plans]
-        remaining = self._count(reader, readers)
+        remaining = self._count(reader, readers) // multiple * multiple
         inflight: deque = deque()
-        buffer: list = []
-        empty_blocks = 0
-        while remaining > 0:
-            while len(inflight) < self.prefetch:
-                i = int(rng.choice(len(self.sources), p=self.weights))
-                origin = blocks[i].next()
-                axis = int(rng.choice(self.plans[i].axes))
-                inflight.append((i, origin, axis, self._read_async(i, origin)))
-            i, origin, axis, fut = inflight.popleft()
-            block = fut.result()
-            self.counters["blocks"] += 1
-            self.counters["voxels_decoded"] += int(np.asarray(block).size)
-            tiles = self._cut(i, origin, axis, block, rng)
-            self.counters["tiles"] += len(tiles)
-            empty_blocks = 0 if tiles else empty_blocks + 1
-            if empty_blocks > 1000:
-                raise NoTilesError("1000 blocks in a row gave no unflagged tile; curation left too little data")
-            for t in tiles:
-                buffer.append({"image": t, "source": i})
-                if len(buffer) >= self.shuffle_buffer:
-                    j = int(rng.integers(len(buffer)))
-                    buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                    yield buffer.pop()
-                    remaining -= 1
-                    if remaining == 0:
-                        return
-        # (the buffer is only drained by the loop above; leftovers are dropped by design)
+        # Shuffle buffer of (tile view, source): tiles of one block spread over many batches.
+        pool: list[tuple[np.ndarray, int]] = []
+        empty_blocks = blocks_read = tiles_cut = 0
+        try:
+            while remaining > 0:
+                # Read ahead only while the tiles in hand and on their way (at this epoch's
+                # mean per block) fall short of the epoch: no block is decoded in vain.
+                per_block = tiles_cut / blocks_read if blocks_read else 0.0
+                while len(inflight) < self.prefetch and len(pool) + per_block * len(inflight) < remaining:
+                    i = int(rng.choice(len(self.sources), p=self.weights))
+                    origin = blocks[i].next()
+                    axis = int(rng.choice(self.plans[i].axes))
+                    inflight.append((i, origin, axis, self._read_async(i, origin)))
+                if inflight:
+                    i, origin, axis, fut = inflight.popleft()
+                    block = np.asarray(fut.result())
+                    self.counters["blocks"] += 1
+                    self.counters["voxels_decoded"] += int(block.size)
+                    tiles = self._cut(i, origin, axis, block, rng)
+                    self.counters["tiles"] += len(tiles)
+                    blocks_read, tiles_cut = blocks_read + 1, tiles_cut + len(tiles)
+                    empty_blocks = 0 if tiles else empty_blocks + 1
+                    if empty_blocks > 1000:
+                        raise NoTilesError("1000 blocks in a row gave no unflagged tile; curation left too little data")
+                    pool.extend((t, i) for t in tiles)
+                    # Once the buffer is full, each new tile lets one random tile out.
+                    n_out = min(len(pool) - max(self.shuffle_buffer, 1) + 1, remaining)
+                else:
+                    n_out = remaining  # the buffer holds the rest of the epoch: drain it
+                if n_out <= 0:
+                    continue
+                out = []
+                for u in rng.random(n_out).tolist():
+                    j = int(u * len(pool))
+                    pool[j], pool[-1] = pool[-1], pool[j]
+                    out.append(pool.pop())
+                remaining -= n_out
+                yield out
+        finally:
+            for *_, fut in inflight:  # blocks not needed any more: do not decode them
+                fut.cancel()
 
     # -- blocks -> tiles --------------------------------------------------------------
     def _read_async(self, i: int, origin: tuple[int, int, int]):
@@ -234,13 +281,19 @@ class TileDataset(IterableDataset):
             return vol.read_async(*region)
         return _Done(vol.read(*region))
 
-    def _cut(self, i: int, origin, axis: int, block: np.ndarray, rng) -> list[torch.Tensor]:
-        """Cut non-overlapping, jittered tiles from a block; drop curated-out ones; resample."""
+    def _cut(self, i: int, origin, axis: int, block: np.ndarray, rng) -> list[np.ndarray]:
+        """Non-overlapping, jittered tiles of a block, curated-out ones dropped, resampled.
+
+        Returns views ([D,] T, T) into the block (copies only when resampled). The block
+        lives until its last tile leaves the shuffle buffer, so memory stays bounded by
+        (shuffle buffer + blocks in flight).
+        """
         plan, src = self.plans[i], self.sources[i]
         t, d = plan.src_tile, self.depth
-        block = np.asarray(block)
         if block.ndim == 2:
             block = block[None]
+        if not block.flags.writeable:  # torch.from_numpy wants writeable memory
+            block = block.copy()
         # Move the plane normal to the front: (n_planes, rows, cols), with the level axes.
         arr = np.moveaxis(block, axis, 0)
         ax_rows, ax_cols = [a for a in (0, 1, 2) if a != axis]
@@ -249,31 +302,28 @@ class TileDataset(IterableDataset):
         if nr == 0 or nc == 0 or n_planes < d:
             return []
         cell_r, cell_c = R // nr, C // nc
-        step = d if d > 1 else 1
-        # Tiles are views into the block; the DataLoader's collate makes the one copy.
-        # The block lives until its last tile leaves the shuffle buffer, so memory stays
-        # bounded by (shuffle buffer + blocks in flight).
-        arr_t = torch.from_numpy(arr) if arr.flags.writeable else torch.from_numpy(arr.copy())
-        tiles, centres = [], []
-        for p in range(0, n_planes - d + 1, step):
-            jr = rng.integers(0, cell_r - t + 1, size=nr)
-            jc = rng.integers(0, cell_c - t + 1, size=nc)
-            for a in range(nr):
-                r0 = a * cell_r + int(jr[a])
-                for b in range(nc):
-                    c0 = b * cell_c + int(jc[b])
-                    tile = arr_t[p : p + d, r0 : r0 + t, c0 : c0 + t] if d > 1 else arr_t[p, r0 : r0 + t, c0 : c0 + t]
-                    tiles.append(tile)
-                    centre = [0.0, 0.0, 0.0]
-                    centre[axis] = origin[axis] + p + d / 2
-                    centre[ax_rows] = origin[ax_rows] + r0 + t / 2
-                    centre[ax_cols] = origin[ax_cols] + c0 + t / 2
-                    centres.append(centre)
-        keep = self._kept(src, plan, np.array(centres)) if self.use_curation and src.curation is not None else np.ones(len(tiles), bool)
-        tiles = [x for x, k in zip(tiles, keep) if k]
+        # A grid of nr x nc cells per plane (every d-th plane for 3D patches); each tile
+        # sits at a random offset in its cell, drawn per plane and row / column.
+        planes = np.arange(0, n_planes - d + 1, d)
+        r0 = np.arange(nr) * cell_r + rng.integers(0, cell_r - t + 1, size=(len(planes), nr))  # (P, nr)
+        c0 = np.arange(nc) * cell_c + rng.integers(0, cell_c - t + 1, size=(len(planes), nc))  # (P, nc)
+        p = np.repeat(planes, nr * nc)  # tiles in (plane, row, column) order
+        r = np.repeat(r0, nc, axis=1).ravel()
+        c = np.tile(c0, (1, nr)).ravel()
+        if self.use_curation and src.curation is not None:
+            centres = np.empty((len(p), 3))
+            centres[:, axis] = origin[axis] + p + d / 2
+            centres[:, ax_rows] = origin[ax_rows] + r + t / 2
+            centres[:, ax_cols] = origin[ax_cols] + c + t / 2
+            keep = self._kept(src, plan, centres)
+            p, r, c = p[keep], r[keep], c[keep]
+        if d > 1:
+            tiles = [arr[a : a + d, b : b + t, e : e + t] for a, b, e in zip(p.tolist(), r.tolist(), c.tolist())]
+        else:
+            tiles = [arr[a, b : b + t, e : e + t] for a, b, e in zip(p.tolist(), r.tolist(), c.tolist())]
         if t != self.tile_size and tiles:
-            tiles = list(self._resample(torch.stack(tiles)).unbind(0))
-        return [x.unsqueeze(0) for x in tiles]  # each (1, [D,] T, T)
+            tiles = list(self._resample(torch.from_numpy(np.stack(tiles))).numpy())
+        return tiles
 
     def _kept(self, src: StreamSource, plan: _Plan, centres: np.ndarray) -> np.ndarray:
         """(N,) bool: tile centres (level coords, (N, 3)) that fall in unflagged curation tiles."""
@@ -296,6 +346,25 @@ class TileDataset(IterableDataset):
         return out
 
 
+class TileBatches(IterableDataset):
+    """A TileDataset as ready batches, for `DataLoader(TileBatches(ds, B), batch_size=None)`.
+
+    Each pass iterates `ds.batches(B)`; a loader worker gets its own copy of `ds`, so the
+    per-(rank, worker) decks and the epoch counter work as for single tiles.
+    """
+
+    def __init__(self, tiles: TileDataset, batch_size: int) -> None:
+        super().__init__()
+        self.tiles, self.batch_size = tiles, batch_size
+
+    def __iter__(self):
+        return self.tiles.batches(self.batch_size)
+
+    def __len__(self) -> int:
+        # Batches per rank, as DataLoader(ds, batch_size=B, drop_last=True) would count them.
+        return len(self.tiles) // self.batch_size
+
+
 class _Done:
     """A finished 'future' for readers without asynchronous reads."""
 
@@ -304,6 +373,9 @@ class _Done:
 
     def result(self):
         return self.value
+
+    def cancel(self) -> bool:
+        return False
 
 
 class _BlockDeck:
@@ -435,10 +507,13 @@ class EMDataModule(pl.LightningDataModule):
         self._hi = torch.tensor([s.stats.hi for s in self.dataset.sources], dtype=torch.float32)
 
     def train_dataloader(self) -> DataLoader:
+        # The dataset assembles whole batches (one numpy copy per tile) and the loader does
+        # not batch (batch_size=None): per-tile tensors and collate's torch.stack cost CPU
+        # per tile, and far more when torch's intra-op threads spin on a busy machine.
         # tensorstore aborts in a fork()ed child, so workers are spawned; they persist so
         # the start-up cost is paid once per run, not once per epoch.
         return DataLoader(
-            self.dataset, batch_size=self.batch_size, num_workers=self.num_workers, drop_last=True,
+            TileBatches(self.dataset, self.batch_size), batch_size=None, num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
             multiprocessing_context="spawn" if self.num_workers else None,
             prefetch_factor=4 if self.num_workers else None,

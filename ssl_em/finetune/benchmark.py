@@ -207,7 +207,7 @@ def _ints(spec: str) -> list[int]:
     return parse_slices(spec, 1 << 30)
 
 
-def _head(width: int):
+def head_of_width(width: int):
     """The default head (UNETR for ViTs, U-Net for CNNs) scaled by one width knob."""
     import functools
 
@@ -254,7 +254,7 @@ def run(args) -> int:
     if args.label_values:
         data_kwargs["label_values"] = [int(v) for v in args.label_values.split(",")]
     kwargs = {"max_steps": args.max_steps, "tile_size": args.tile_size, "batch_size": args.batch_size, "lr": args.lr,
-              "unfreeze_at_step": args.unfreeze_at_step, "data_kwargs": data_kwargs, "head": _head(args.head_width)}
+              "unfreeze_at_step": args.unfreeze_at_step, "data_kwargs": data_kwargs, "head": head_of_width(args.head_width)}
     label_efficiency(arms_for(args.backbones), args.images, args.labels, _ints(args.pool), _ints(args.val_slices),
                      [int(b) for b in args.budgets.split(",")], [int(s) for s in args.seeds.split(",")], args.out,
                      metric=args.metric, task=args.task, finetune_kwargs=kwargs)

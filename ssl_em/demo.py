@@ -1,4 +1,4 @@
-"""`ssl-em demo`: the whole story on the built-in synthetic volume, in a few minutes on a CPU.
+"""`ssl-em demo`: the whole story on the built-in synthetic volume, in about a minute on a 2-core CPU.
 
 Each stage is the same `ssl-em` command a user would type, run in order into `--out`:
 

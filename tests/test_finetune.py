@@ -183,6 +183,13 @@ def test_instance_task_end_to_end(em, tmp_path):
     assert main(["predict", str(tmp_path / "inst"), str(tmp_path / "image.tif"), "--out", str(tmp_path / "i.zarr"), "--no-progress"]) == 0
     assert (tmp_path / "i.zarr" / "labels" / "instances" / "0").is_dir()
     assert main(["evaluate", str(tmp_path / "i.zarr"), str(tmp_path / "cells.tif"), "--task", "instance"]) == 0
+    from ssl_em.finetune.evaluate import evaluate
+
+    assert evaluate(str(tmp_path / "i.zarr"), str(tmp_path / "cells.tif"))["task"] == "instance"  # read from the prediction
+    assert evaluate(str(tmp_path / "i.zarr"), str(tmp_path / "cells.tif"), task="semantic")["task"] == "semantic"
+    argv = ["predict", str(tmp_path / "inst"), str(tmp_path / "image.tif"), "--out", str(tmp_path / "i3.zarr"), "--no-progress", "--instances", "3d"]
+    assert main(argv + ["--seed-threshold", "0.9"]) == 0
+    assert '"seed_threshold": 0.9' in (tmp_path / "i3.zarr" / ".zattrs").read_text()
 
 
 @pytest.mark.realdata

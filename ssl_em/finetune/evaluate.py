@@ -37,7 +37,14 @@ def open_prediction(spec: str, task: str):
     return as_volume(spec), {}
 
 
-def evaluate(pred_spec: str, gt_spec: str, task: str = "semantic", slices: str | None = None, label_values: list[int] | None = None, ignore_value: int | None = None) -> dict:
+def default_task(pred_spec: str) -> str:
+    """"instance" for an `ssl-em predict` output that holds instances, else "semantic"."""
+    return "instance" if (Path(pred_spec) / "labels" / "instances" / "0").is_dir() else "semantic"
+
+
+def evaluate(pred_spec: str, gt_spec: str, task: str | None = None, slices: str | None = None, label_values: list[int] | None = None, ignore_value: int | None = None) -> dict:
+    """task None: `default_task(pred_spec)`."""
+    task = task or default_task(pred_spec)
     pred, attrs = open_prediction(pred_spec, task)
     gt = as_volume(gt_spec)
     if tuple(pred.shape) != tuple(gt.shape):
@@ -65,7 +72,8 @@ def format_table(scores: dict) -> str:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pred", help="ssl-em predict output (OUT.zarr) or any label volume")
     parser.add_argument("gt", help="ground-truth volume (any format ssl_em reads)")
-    parser.add_argument("--task", choices=["semantic", "instance"], default="semantic")
+    parser.add_argument("--task", choices=["semantic", "instance"], default=None,
+                        help="default: instance if PRED is an ssl-em prediction holding instances, else semantic")
     parser.add_argument("--slices", default=None, help="z-slices to score, e.g. 20-29 (default: all)")
     parser.add_argument("--label-values", default=None, help="ground-truth value of each class, comma-separated (e.g. 255,0)")
     parser.add_argument("--ignore-value", type=int, default=None, help="ground-truth value of unannotated pixels")

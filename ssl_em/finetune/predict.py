@@ -283,6 +283,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--planes", default="xy", help="xy, or xy,xz,yz to average orthogonal planes (near-isotropic volumes)")
     parser.add_argument("--instances", choices=["none", "2d", "3d"], default=None, help="instance segmentation (default: 2d for instance models, none otherwise)")
     parser.add_argument("--min-size", type=int, default=16, help="instance fragments smaller than this are merged into neighbours")
+    parser.add_argument("--seed-threshold", type=float, default=0.5,
+                        help="watershed seeds: foreground - boundary above this (3D needs more, e.g. 0.9: thin boundaries leak between sections)")
     parser.add_argument("--voxel-size", default=None, help="z,y,x nm (overrides the file)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--overwrite", action="store_true", help="replace whatever OUT holds")
@@ -306,6 +308,7 @@ def run(args) -> int:
         planes=tuple(p.strip() for p in args.planes.split(",")),
         instances=None if instances == "none" else instances,
         min_size=args.min_size,
+        seed_threshold=args.seed_threshold,
     )
     multiple = net.extractor.spec.input_multiple
     fixed = meta.backbone_meta.model_args.get("img_size") if getattr(net.extractor.backbone, "patch_embed", None) is not None else None

@@ -165,6 +165,14 @@ class Stripes(nn.Module):
         return out
 
 
+def _one_section(x: torch.Tensor, p: float) -> torch.Tensor:
+    """(B, 1, D, 1, 1) bool: one random z-section per sample, each sample with chance p."""
+    B, _, D = x.shape[:3]
+    z = torch.randint(0, D, (B,), device=x.device)
+    m = (torch.arange(D, device=x.device)[None] == z[:, None]) & _chance(x, p)[:, None]
+    return m[:, None, :, None, None]
+
+
 class MissingSection(nn.Module):
     """3D: replace one random z-section by a constant (lost or torn section). x: (B, C, D, H, W)."""
 
@@ -173,10 +181,7 @@ class MissingSection(nn.Module):
         self.value, self.p = value, p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, _, D = x.shape[:3]
-        z = torch.randint(0, D, (B,), device=x.device)
-        m = (torch.arange(D, device=x.device)[None] == z[:, None]) & _chance(x, self.p)[:, None]
-        return torch.where(m[:, None, :, None, None], torch.full_like(x, self.value), x)
+        return torch.where(_one_section(x, self.p), torch.full_like(x, self.value), x)
 
 
 class DarkSection(nn.Module):
@@ -187,11 +192,9 @@ class DarkSection(nn.Module):
         self.shift, self.p = shift, p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, _, D = x.shape[:3]
-        z = torch.randint(0, D, (B,), device=x.device)
-        m = (torch.arange(D, device=x.device)[None] == z[:, None]) & _chance(x, self.p)[:, None]
-        s = torch.empty(B, device=x.device).uniform_(*self.shift)
-        return x - m[:, None, :, None, None] * s.view(B, 1, 1, 1, 1)
+        m = _one_section(x, self.p)
+        s = torch.empty(x.shape[0], device=x.device).uniform_(*self.shift)
+        return x - m * s.view(-1, 1, 1, 1, 1)
 
 
 class Misalignment(nn.Module):

@@ -196,7 +196,8 @@ class TileDataset(IterableDataset):
         """
         for tiles in self._stream(1):
             for view, i in tiles:
-                yield {"image": torch.from_numpy(view).unsqueeze(0), "source": i}
+                # torch.from_numpy wants writeable memory (a read-only memmap needs a copy).
+                yield {"image": torch.from_numpy(view if view.flags.writeable else view.copy()).unsqueeze(0), "source": i}
 
     def batches(self, batch_size: int):
         """Ready batches {"image": (B, 1, [D,] T, T), "source": (B,) long}, one copy per tile.
@@ -292,8 +293,6 @@ class TileDataset(IterableDataset):
         t, d = plan.src_tile, self.depth
         if block.ndim == 2:
             block = block[None]
-        if not block.flags.writeable:  # torch.from_numpy wants writeable memory
-            block = block.copy()
         # Move the plane normal to the front: (n_planes, rows, cols), with the level axes.
         arr = np.moveaxis(block, axis, 0)
         ax_rows, ax_cols = [a for a in (0, 1, 2) if a != axis]

@@ -4,6 +4,9 @@ random-init twin, named errors for bad inputs, every recipe parses, the CLI end 
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import timm
 import torch
+import zarr
 
 from ssl_em.export import BackboneError, BackboneMeta, export_backbone
 from ssl_em.finetune.cli import build_cli, finetune, run_argv
@@ -168,6 +172,21 @@ def test_cli_end_to_end_then_predict(em_files, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "ssl_em_finetuned.json").is_file()
     assert main(["predict", str(out), str(em_files / "image.tif"), "--out", str(tmp_path / "p.zarr"), "--slab", "3", "--no-progress"]) == 0
     assert main(["evaluate", str(tmp_path / "p.zarr"), str(em_files / "semantic.tif"), "--slices", "4-5"]) == 0
+
+    # Two processes (Lightning Fabric, gloo on CPU) share the slabs of all three planes and
+    # write exactly what one process writes.
+    predict = ["predict", str(out), str(em_files / "image.tif"), "--slab", "2", "--planes", "xy,xz,yz", "--no-progress", "--accelerator", "cpu"]
+    assert main(predict + ["--out", str(tmp_path / "one.zarr")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "ssl_em.cli", *predict, "--devices", "2", "--out", str(tmp_path / "two.zarr")], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    one, two = zarr.open_group(str(tmp_path / "one.zarr"), mode="r"), zarr.open_group(str(tmp_path / "two.zarr"), mode="r")
+    for name in ("0", "labels/semantic/0", "planes/xz/0", "planes/yz/0"):
+        np.testing.assert_array_equal(two[name][:], one[name][:])
+    assert two.attrs["ssl_em"]["complete"]
+    for plane, n in zip(("xy", "xz", "yz"), one["0"].shape[1:]):
+        by = sorted(f.read_text() for f in (tmp_path / "two.zarr" / ".progress" / plane).iterdir())
+        assert len(by) == -(-n // 2) and set(by) == {"0", "1"}  # every slab once, by both ranks
 
 
 def test_instance_task_end_to_end(em, tmp_path):

@@ -67,19 +67,32 @@ def test_plain_zarr_array_and_single_array_group(tmp_path, vol, zarr_format):
         open_volume(tmp_path / "g.zarr")
 
 
-def test_n5_written_by_tensorstore(tmp_path, vol):
+def test_n5_in_java_axis_order_with_voxel_size(tmp_path, vol):
+    """N5 as Java tools write it: dimensions and pixelResolution fastest first (x, y, z)."""
+    import json
+
     import tensorstore as ts
 
     data = vol.astype(np.float32) / 255
+    path = tmp_path / "v.n5"
     store = ts.open(
-        {"driver": "n5", "kvstore": {"driver": "file", "path": str(tmp_path / "v.n5")},
-         "metadata": {"dimensions": list(data.shape), "blockSize": [2, 16, 16], "dataType": "float32", "compression": {"type": "gzip"}}},
+        {"driver": "n5", "kvstore": {"driver": "file", "path": str(path)},
+         "metadata": {"dimensions": list(data.shape[::-1]), "blockSize": [16, 16, 2], "dataType": "float32", "compression": {"type": "gzip"}}},
         create=True,
     ).result()
-    store.write(data).result()
-    v = open_volume(tmp_path / "v.n5", voxel_size=8)
-    assert detect_format(tmp_path / "v.n5").name == "n5"
-    _check(v, data, (8, 8, 8))
+    store.write(data.T).result()
+    assert detect_format(path).name == "n5"
+    _check(open_volume(path, voxel_size=8), data, (8, 8, 8))
+    assert not open_volume(path).voxel_size_known
+
+    attrs = json.loads((path / "attributes.json").read_text())
+    (path / "attributes.json").write_text(json.dumps(attrs | {"pixelResolution": {"dimensions": [4.0, 5.0, 0.04], "unit": "um"}}))
+    _check(open_volume(path), data, (40, 5000, 4000))
+    (path / "attributes.json").write_text(json.dumps(attrs | {"resolution": [4, 5, 40]}))
+    _check(open_volume(path), data, (40, 5, 4))
+    cosem = {"transform": {"axes": ["z", "y", "x"], "scale": [30, 8, 6], "units": ["nm", "nm", "nm"]}}
+    (path / "attributes.json").write_text(json.dumps(attrs | cosem))
+    _check(open_volume(path), data, (30, 8, 6))
 
 
 # -- HDF5 ---------------------------------------------------------------------------------

@@ -18,7 +18,14 @@ Instances: seeded watershed (ssl_em.finetune.instance) slice by slice (`--instan
 memory bounded by a slab) or over the whole volume (`--instances 3d`, which holds the
 foreground and boundary maps of the whole volume in memory: blockwise 3D stitching is not
 implemented). OUT holding another prediction (other model, input or settings) is refused
-unless --overwrite. Multi-GPU sharding is not implemented: one process, one device.
+unless --overwrite.
+
+Several devices (`--devices N`, also across nodes with `--num-nodes`) share the work through
+Lightning Fabric's DDP launcher: every process takes every N-th slab. Slabs are aligned with
+the output chunks, so no two processes ever write the same chunk, and each finished slab is
+recorded as its own marker file (OUT.zarr/.progress/PLANE/START) rather than in a shared
+attribute, so concurrent processes never overwrite each other's record. Instances and the
+final "complete" flag are written by rank 0 after every rank has finished.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ import argparse
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +123,25 @@ class PredictSettings:
         return {"window": self.window, "overlap": self.overlap, "planes": list(self.planes), "instances": self.instances, "seed_threshold": self.seed_threshold, "min_size": self.min_size}
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a prediction: items k with k % world == rank.
+
+    Items are dealt by their position in the full list, never in the list of what is left,
+    so every rank agrees on the split even while the others are already marking slabs done."""
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = field(default=lambda: None, compare=False)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mine(self, items: list) -> list:
+        return [item for k, item in enumerate(items) if k % self.world == self.rank]
+
+
 class Prediction:
     """The OUT.zarr store: creation, the identity check, and the record of finished slabs."""
 
@@ -122,12 +149,8 @@ class Prediction:
         import zarr
 
         self.path = Path(path)
-        existing = self._read_attrs()
-        if self.path.exists() and any(self.path.iterdir()) and (existing is None or existing.get("identity") != identity):
-            if not overwrite:
-                theirs = (existing or {}).get("identity", {})
-                what = "is not an ssl_em prediction" if existing is None else "holds another prediction (different " + ", ".join(sorted(k for k in set(identity) | set(theirs) if identity.get(k) != theirs.get(k))) + ")"
-                raise PredictionExistsError(f"{self.path}: {what}; refusing to overwrite (pass --overwrite, or choose another --out)")
+        existing = self._read_attrs(self.path)
+        if self.check(self.path, identity, overwrite):
             shutil.rmtree(self.path)
             existing = None
         self.root = zarr.open_group(str(self.path), mode="a", zarr_format=2)
@@ -143,22 +166,46 @@ class Prediction:
                 g.create_array("0", shape=(Z, Y, X), chunks=(settings.slab, cy, cx), dtype=dtype, fill_value=0, overwrite=True)
                 g.attrs.update(_multiscales(name, ("z", "y", "x")) | {"image-label": {"version": "0.4", "source": {"image": "../../"}}})
             for plane in settings.planes[1:] if len(settings.planes) > 1 else ():
-                self.root.require_group("planes").require_group(plane).create_array("0", shape=(K, Z, Y, X), chunks=(1, Z, min(Y, 64), min(X, 64)), dtype="float16", fill_value=0, overwrite=True)
-            self.root.attrs.update(_multiscales("probabilities", ("c", "z", "y", "x")) | {"ssl_em": {"format": FORMAT, "identity": identity, "classes": classes, "label_values": label_values, "done": {}, "complete": False}})
+                # A slab along the sliced axis fills whole chunks: processes never share one.
+                chunks = [1, min(Z, 64), min(Y, 256), min(X, 256)]
+                chunks[1 + PLANES[plane]] = settings.slab
+                self.root.require_group("planes").require_group(plane).create_array("0", shape=(K, Z, Y, X), chunks=tuple(chunks), dtype="float16", fill_value=0, overwrite=True)
+            self.root.attrs.update(_multiscales("probabilities", ("c", "z", "y", "x")) | {"ssl_em": {"format": FORMAT, "identity": identity, "classes": classes, "label_values": label_values, "complete": False}})
         self.meta = dict(self.root.attrs["ssl_em"])
+        self.progress = self.path / ".progress"
 
-    def _read_attrs(self) -> dict | None:
-        f = self.path / ".zattrs"
+    @staticmethod
+    def _read_attrs(path: Path) -> dict | None:
+        f = path / ".zattrs"
         return json.loads(f.read_text()).get("ssl_em") if f.is_file() else None
 
-    def done(self, step: str) -> set:
-        return set(self.meta["done"].get(step, []))
+    @classmethod
+    def check(cls, path: str | Path, identity: dict, overwrite: bool) -> bool:
+        """True if `path` holds something to replace; PredictionExistsError if it may not be."""
+        path = Path(path)
+        existing = cls._read_attrs(path)
+        if not (path.exists() and any(path.iterdir()) and (existing is None or existing.get("identity") != identity)):
+            return False
+        if not overwrite:
+            theirs = (existing or {}).get("identity", {})
+            what = "is not an ssl_em prediction" if existing is None else "holds another prediction (different " + ", ".join(sorted(k for k in set(identity) | set(theirs) if identity.get(k) != theirs.get(k))) + ")"
+            raise PredictionExistsError(f"{path}: {what}; refusing to overwrite (pass --overwrite, or choose another --out)")
+        return True
 
-    def mark(self, step: str, item, **extra) -> None:
-        """Record a finished slab (written after its data, so a crash redoes it at worst)."""
-        done = dict(self.meta["done"])
-        done[step] = sorted(set(done.get(step, [])) | {item})
-        self.meta = {**self.meta, "done": done, **extra}
+    def done(self, step: str) -> set[int]:
+        folder = self.progress / step
+        return {int(f.name) for f in folder.iterdir()} if folder.is_dir() else set()
+
+    def mark(self, step: str, item: int, rank: int = 0) -> None:
+        """Record a finished slab (after its data, so a crash redoes it at worst). One file per
+        slab, holding the rank that wrote it: processes sharing a prediction never rewrite each
+        other's record."""
+        (self.progress / step).mkdir(parents=True, exist_ok=True)
+        (self.progress / step / str(item)).write_text(str(rank))
+
+    def update(self, **meta) -> None:
+        """Rank 0 only: the instance id offset, and `complete` once everything is written."""
+        self.meta = {**self.meta, **meta}
         self.root.attrs["ssl_em"] = self.meta
 
     def array(self, name: str):
@@ -184,6 +231,11 @@ def volume_fingerprint(volume: Volume, spec: str | Path | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+def prediction_identity(volume: Volume, settings: PredictSettings, model_id: str, input_id: str | None = None) -> dict:
+    """What OUT must hold for a run to resume it rather than refuse it."""
+    return {"model": model_id, "input": input_id or volume_fingerprint(volume), "shape": list(volume.shape), **settings.identity()}
+
+
 def predict_volume(
     net: nn.Module,
     volume: Volume,
@@ -198,24 +250,32 @@ def predict_volume(
     overwrite: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    shard: Shard = Shard(),
 ) -> Path:
-    """Predict `volume` into OUT.zarr slab by slab; resumes where a previous run stopped."""
+    """Predict `volume` into OUT.zarr slab by slab; resumes where a previous run stopped.
+
+    With several processes, each calls this with its own `shard` (same arguments otherwise)."""
     from tqdm.auto import tqdm
 
     net = net.to(device).eval()
     Z, Y, X = volume.shape
-    identity = {"model": model_id, "input": input_id or volume_fingerprint(volume), "shape": list(volume.shape), **settings.identity()}
-    pred = Prediction(out, identity, volume.shape, classes, settings, overwrite=overwrite, label_values=label_values)
+    identity = prediction_identity(volume, settings, model_id, input_id)
+    # Rank 0 creates (or replaces) the store; the others open it once it exists.
+    pred = Prediction(out, identity, volume.shape, classes, settings, overwrite=overwrite, label_values=label_values) if shard.main else None
+    shard.barrier()
+    pred = pred or Prediction(out, identity, volume.shape, classes, settings)
     if pred.meta.get("complete"):
         return pred.path
     stats = stats or sample_stats(volume)
     probs_arr = pred.array("0")
     targets = {"xy": probs_arr} | {p: pred.root["planes"][p]["0"] for p in settings.planes if p != "xy"}
+    bar = not progress or not shard.main
     for plane in settings.planes:
         axis = PLANES[plane]
         n, s = volume.shape[axis], settings.slab
-        todo = [i for i in range(0, n, s) if i not in pred.done(plane)]
-        for start in tqdm(todo, desc=f"predict {plane}", unit="slab", disable=not progress):
+        done = pred.done(plane)
+        todo = [i for i in shard.mine(list(range(0, n, s))) if i not in done]
+        for start in tqdm(todo, desc=f"predict {plane}", unit="slab", disable=bar):
             region = [slice(None)] * 3
             region[axis] = slice(start, min(start + s, n))
             raw = volume.read(*region)
@@ -223,17 +283,22 @@ def predict_volume(
             targets[plane][(slice(None), *region)] = slab.astype(np.float16)
             if plane == "xy" and len(settings.planes) == 1:
                 pred.array("labels/semantic/0")[tuple(region)] = slab.argmax(0).astype(np.uint8)
-            pred.mark(plane, start)
+            pred.mark(plane, start, shard.rank)
+    shard.barrier()  # every plane is written before any z slab is averaged
     if len(settings.planes) > 1:  # average the planes into the image, slab by slab along z
-        for start in tqdm([z for z in range(0, Z, settings.slab) if z not in pred.done("combine")], desc="combine planes", disable=not progress):
+        done = pred.done("combine")
+        for start in tqdm([z for z in shard.mine(list(range(0, Z, settings.slab))) if z not in done], desc="combine planes", disable=bar):
             zs = slice(start, min(start + settings.slab, Z))
             mean = sum(targets[p][:, zs].astype(np.float32) for p in settings.planes) / len(settings.planes)
             probs_arr[:, zs] = mean.astype(np.float16)
             pred.array("labels/semantic/0")[zs] = mean.argmax(0).astype(np.uint8)
-            pred.mark("combine", start)
-    if settings.instances:
-        _instances(pred, settings, progress)
-    pred.mark("complete", 1, complete=True)
+            pred.mark("combine", start, shard.rank)
+        shard.barrier()
+    if shard.main:
+        if settings.instances:
+            _instances(pred, settings, progress)
+        pred.update(complete=True)
+    shard.barrier()  # no process reports success before the store says complete
     return pred.path
 
 
@@ -256,7 +321,10 @@ def _instances(pred: Prediction, settings: PredictSettings, progress: bool) -> N
         slab = segment_slices(fg, bd, **kw)
         offset = int(pred.meta.get("instance_offset", 0))
         ids[zs] = np.where(slab > 0, slab + offset, 0)
-        pred.mark("instances", start, instance_offset=offset + int(slab.max()))
+        # The offset moves before the slab is marked: a crash in between redoes the slab
+        # with fresh ids (a gap in the numbering), never with ids another slab already has.
+        pred.update(instance_offset=offset + int(slab.max()))
+        pred.mark("instances", start)
 
 
 def model_fingerprint(path: str | Path) -> str:
@@ -286,9 +354,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed-threshold", type=float, default=0.5,
                         help="watershed seeds: foreground - boundary above this (3D needs more, e.g. 0.9: thin boundaries leak between sections)")
     parser.add_argument("--voxel-size", default=None, help="z,y,x nm (overrides the file)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--accelerator", default="auto", help="cpu, cuda, ... (Lightning's names; default: what is there)")
+    parser.add_argument("--devices", default="1", help="devices per node sharing the work (a number, or -1 for all)")
+    parser.add_argument("--num-nodes", type=int, default=1, help="nodes sharing the work (launch one process per node, as for Lightning training)")
     parser.add_argument("--overwrite", action="store_true", help="replace whatever OUT holds")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def launch(accelerator: str, devices: str, num_nodes: int) -> tuple[Shard, torch.device]:
+    """Start the processes that share a prediction (Lightning Fabric; one per device) and
+    return this process's shard and device. With one device nothing is started."""
+    from lightning_fabric import Fabric
+
+    fabric = Fabric(accelerator=accelerator, devices=int(devices) if devices.lstrip("-").isdigit() else devices, num_nodes=num_nodes)
+    fabric.launch()  # ranks > 0 re-run this command from the top, then everyone continues here
+    return Shard(fabric.global_rank, fabric.world_size, fabric.barrier), fabric.device
 
 
 def run(args) -> int:
@@ -296,7 +376,7 @@ def run(args) -> int:
 
     from ssl_em.finetune.export import load_finetuned
 
-    net, meta = load_finetuned(args.model, device=args.device)
+    net, meta = load_finetuned(args.model, device="cpu")
     volume = as_volume(args.input, args.voxel_size)
     window = args.window or meta.tile_size
     instances = args.instances if args.instances is not None else ("2d" if meta.task == "instance" else "none")
@@ -320,10 +400,17 @@ def run(args) -> int:
     if bad:
         print(f"ssl-em predict: error: --planes {args.planes}: unknown {bad}; use xy or xy,xz,yz", file=sys.stderr)
         return 2
+    model_id, input_id = model_fingerprint(args.model), volume_fingerprint(volume, args.input)
     try:
-        out = predict_volume(net, volume, args.out, meta.classes, meta.norm, settings, model_fingerprint(args.model), volume_fingerprint(volume, args.input), meta.label_values, overwrite=args.overwrite, device=args.device, progress=not args.no_progress)
+        # Refuse before any process starts: a refusal inside one rank would leave the others
+        # waiting at a barrier.
+        Prediction.check(args.out, prediction_identity(volume, settings, model_id, input_id), args.overwrite)
     except PredictionExistsError as e:
         print(f"ssl-em predict: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out} (open in napari with napari-ome-zarr)")
+    shard, device = launch(args.accelerator, args.devices, args.num_nodes)
+    out = predict_volume(net, volume, args.out, meta.classes, meta.norm, settings, model_id, input_id, meta.label_values,
+                         overwrite=args.overwrite, device=device, progress=not args.no_progress, shard=shard)
+    if shard.main:
+        print(f"wrote {out} (open in napari with napari-ome-zarr)")
     return 0

@@ -68,6 +68,8 @@ class ZarrVolume(Volume):
         self._lead = len(store.shape) - 3 if len(store.shape) >= 3 else -1
         self.shape = shape[-3:]
         self.dtype = np.dtype(store.dtype.numpy_dtype)
+        if voxel_size is None and self.driver == "n5":
+            voxel_size = n5_voxel_size(group_attributes(p))
         if voxel_size is None:
             self.voxel_size, self.voxel_size_known = UNKNOWN_VOXEL_SIZE, False
         else:
@@ -84,7 +86,10 @@ class ZarrVolume(Volume):
             context["data_copy_concurrency"] = {"limit": self.threads}
             context["file_io_concurrency"] = {"limit": self.threads}
         try:
-            return ts.open(spec, read=True, context=ts.Context(context)).result()
+            store = ts.open(spec, read=True, context=ts.Context(context)).result()
+            # N5 lists dimensions fastest first (x, y, z: the Java convention, which tensorstore
+            # keeps); reversed they are ssl_em's (z, y, x), as z5py and zarr's N5 store read them.
+            return store.T if self.driver == "n5" else store
         except Exception as err:  # tensorstore raises ValueError with long JSON payloads
             raise VolumeError(f"{self.path}: cannot open {self.driver} array ({str(err).splitlines()[0][:200]})") from None
 
@@ -104,6 +109,30 @@ class ZarrVolume(Volume):
         store = self.handle
         index = (0,) * max(self._lead, 0) + (zs, ys, xs) if self._lead >= 0 else (ys, xs)
         return store[index].read()
+
+
+def n5_voxel_size(attrs: dict) -> VoxelSize | None:
+    """Voxel size in nm from an N5 dataset's attributes, or None if they hold none.
+
+    Reads the conventions EM tools write: "pixelResolution" ({"dimensions": [x, y, z],
+    "unit": ...} from n5-viewer/BigDataViewer, or a plain [x, y, z] list), "resolution"
+    ([x, y, z], nm, as Paintera and elf write it) and "transform" (COSEM/OpenOrganelle:
+    named "axes" with "scale" and "units")."""
+    pixel = attrs.get("pixelResolution")
+    if isinstance(pixel, dict) and "dimensions" in pixel:
+        xyz, unit = pixel["dimensions"], pixel.get("unit")
+    elif isinstance(pixel, list):
+        xyz, unit = pixel, None
+    elif isinstance(attrs.get("resolution"), list):
+        xyz, unit = attrs["resolution"], attrs.get("unit")
+    elif isinstance(attrs.get("transform"), dict) and {"axes", "scale"} <= set(attrs["transform"]):
+        t = attrs["transform"]
+        named = {a: float(s) * _unit_to_nm(u) for a, s, u in zip(t["axes"], t["scale"], t.get("units") or [None] * len(t["axes"]))}
+        return VoxelSize(*(named.get(a, 1.0) for a in "zyx"))
+    else:
+        return None
+    xyz = [float(v) for v in xyz][:3] + [1.0] * max(0, 3 - len(xyz))  # 2D: one z-slice
+    return VoxelSize(*(v * _unit_to_nm(unit) for v in reversed(xyz)))
 
 
 def ome_zarr_levels(path: str | Path) -> list[tuple[str, VoxelSize]]:

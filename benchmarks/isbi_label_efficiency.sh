@@ -4,12 +4,13 @@
 #
 # 1. ingest an unlabeled pool: the ISBI 2012 *test* stack (its labels are not public and
 #    never used), the FlyEM FIB-SEM sample and the bioimage.io crops;
-# 2. pretrain an MAE ViT on it (CPU-sized: 6 blocks, width 192, 8 px patches, 128 px tiles);
-# 3. export the backbone;
-# 4. fine-tune on 1..8 labeled slices of the ISBI 2012 *train* stack (slices 0-19), from the
-#    pretrained and from a random-init twin (same slices, same seed, same steps; the random
-#    backbone trains at the full lr), score Dice of the membrane class on the held-out
-#    train slices 20-29, over several seeds.
+# 2. pretrain an MAE and a MoCo v3 ViT on it (CPU-sized: 6 blocks, width 192, 8 px patches,
+#    128 px tiles; MoCo costs ~7x more per step on a CPU, hence fewer steps);
+# 3. export both backbones;
+# 4. fine-tune on 1, 2, 4, 8 and all 20 labeled slices of the ISBI 2012 *train* stack
+#    (slices 0-19), from each pretrained backbone and from their shared random-init twin
+#    (same slices, same seed, same steps; the random backbone trains at the full lr), score
+#    Dice of the membrane class on the held-out train slices 20-29, over several seeds.
 #
 # Every stage resumes: rerunning skips finished sources, continues the pretraining run from
 # its last checkpoint, and skips (arm, budget, seed) rows already in results.csv.
@@ -19,14 +20,15 @@
 set -euo pipefail
 DATA=${DATA:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data}
 WORK=${WORK:-/tmp/ssl_em_isbi}
-STEPS=${STEPS:-5000}            # pretraining steps (batch 32)
+STEPS=${STEPS:-5000}            # MAE pretraining steps (batch 32)
+MOCO_STEPS=${MOCO_STEPS:-1200}  # MoCo v3 pretraining steps (batch 32): about the same CPU time
 FT_STEPS=${FT_STEPS:-200}       # fine-tuning steps per run (batch 4, 128 px tiles)
 UNFREEZE=${UNFREEZE:-50}        # train the head alone this many steps, then the whole network
 HEAD_WIDTH=${HEAD_WIDTH:-64}    # UNETR decoder width (64: about 4x cheaper than 128 on a CPU)
-BUDGETS=${BUDGETS:-1,2,4,8}
+BUDGETS=${BUDGETS:-1,2,4,8,all}
 SEEDS=${SEEDS:-0 1 2 3}         # each seed is one process; JOBS of them run at once
 JOBS=${JOBS:-$(nproc)}
-RECIPE=$(cd "$(dirname "$0")/.." && pwd)/recipes/pretrain/tiny_cpu.yaml
+RECIPES=$(cd "$(dirname "$0")/.." && pwd)/recipes/pretrain
 export WANDB_MODE=${WANDB_MODE:-offline}
 mkdir -p "$WORK"
 
@@ -35,26 +37,30 @@ ssl-em ingest "$DATA/isbi2012/test" --voxel-size 50,4,4 --out "$POOL" --quiet
 ssl-em ingest "$DATA/flyem_fibsem_sample1/grayscale_maps" --voxel-size 10,10,10 --out "$POOL" --quiet
 ssl-em ingest "$DATA"/bioimageio_crops/*.tif --out "$POOL" --quiet
 
-RUN=$WORK/runs/mae_vit6
-resume=false
-[ -f "$RUN/checkpoints/last.ckpt" ] && resume=true
-ssl-em pretrain --config "$RECIPE" --data "$POOL" --run_dir "$RUN" --resume "$resume" \
-  --model.init_args.backbone_kwargs '{patch_size: 8, depth: 6, embed_dim: 192, num_heads: 3}' \
-  --data.tile_size 128 --data.block_size 512 --data.shuffle_buffer 256 --data.samples_per_epoch 1000000 \
-  --trainer.max_steps "$STEPS" --model.init_args.warmup_steps 150 \
-  --model.init_args.image_every_n_steps 500 --checkpoint_every_n_steps 250
-
-CKPT=$WORK/ckpt/isbi_mae_vit6
-ssl-em export "$RUN" --out "$CKPT"
+VIT6='{patch_size: 8, depth: 6, embed_dim: 192, num_heads: 3}'
+pretrain() {  # NAME RECIPE STEPS [overrides...]: resumes from the run's last checkpoint
+  local run=$WORK/runs/$1 recipe=$2 steps=$3 resume=false
+  shift 3
+  [ -f "$run/checkpoints/last.ckpt" ] && resume=true
+  ssl-em pretrain --config "$RECIPES/$recipe" --data "$POOL" --run_dir "$run" --resume "$resume" \
+    --model.init_args.backbone_kwargs "$VIT6" \
+    --data.tile_size 128 --data.block_size 512 --data.shuffle_buffer 256 --data.samples_per_epoch 1000000 \
+    --trainer.max_steps "$steps" --checkpoint_every_n_steps 100 "$@"
+  ssl-em export "$run" --out "$WORK/ckpt/isbi_$1"
+}
+pretrain mae_vit6 tiny_cpu.yaml "$STEPS" --model.init_args.warmup_steps 150 --model.init_args.image_every_n_steps 500
+pretrain moco_vit6 tiny_cpu_moco.yaml "$MOCO_STEPS" --model.init_args.warmup_steps 100 \
+  --model.init_args.hidden_dim 1024 --model.init_args.out_dim 256
+CKPTS="$WORK/ckpt/isbi_mae_vit6 $WORK/ckpt/isbi_moco_vit6"
 
 # One single-threaded process per seed: on a small CPU, N one-thread jobs beat one N-thread
 # job by far. Every process writes its own folder; `report` merges them.
 OUT=$WORK/label_efficiency
-export DATA CKPT OUT FT_STEPS UNFREEZE HEAD_WIDTH BUDGETS
+export DATA CKPTS OUT FT_STEPS UNFREEZE HEAD_WIDTH BUDGETS
 printf '%s\n' $SEEDS | xargs -P "$JOBS" -I{} sh -c 'OMP_NUM_THREADS=1 ssl-em benchmark label-efficiency \
-  --backbones "$CKPT" --images "$DATA/isbi2012/train/image" --labels "$DATA/isbi2012/train/label" \
+  --backbones $CKPTS --images "$DATA/isbi2012/train/image" --labels "$DATA/isbi2012/train/label" \
   --classes membrane,cell --label-values 0,255 --metric dice/membrane --pool 0-19 --val-slices 20-29 \
   --budgets "$BUDGETS" --seeds {} --max-steps "$FT_STEPS" --batch-size 4 --head-width "$HEAD_WIDTH" \
   --unfreeze-at-step "$UNFREEZE" --out "$OUT/seed{}" > "$OUT.seed{}.log" 2>&1'
 ssl-em benchmark report --out "$OUT" --metric dice/membrane --merge "$OUT"/seed* \
-  --title "ISBI 2012 membranes: MAE pretrained vs random init"
+  --title "ISBI 2012 membranes: MAE / MoCo v3 pretrained vs random init"

@@ -26,7 +26,7 @@ def test_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
     import ssl_em.finetune.cli as ft_cli
 
     monkeypatch.setattr(ft_cli, "finetune", fake_finetune)
-    arms = [Arm("mae", "ckpt/mae"), Arm("random", "ckpt/mae", True)]
+    arms = [Arm("mae", "ckpt/mae", twin="random"), Arm("random", "ckpt/mae", True, twin="random")]
     rows = label_efficiency(arms, "img", "lbl", list(range(10)), [10, 11], [1, 2], [0, 1], tmp_path, progress=False)
     assert len(rows) == len(calls) == 8
     assert {c[2] for c in calls} == {False, True}
@@ -49,20 +49,63 @@ def test_unknown_metric_is_a_clear_error(tmp_path, monkeypatch):
         label_efficiency([Arm("a", "b")], "i", "l", [0, 1], [2], [1], [0], tmp_path, metric="dice/membrane", progress=False)
 
 
-def _row(arm, random_init, budget, seed, score):
-    return {"arm": arm, "backbone": "ckpt/mae", "random_init": str(random_init), "budget": str(budget), "seed": str(seed),
+def _row(arm, random_init, budget, seed, score, backbone="ckpt/mae"):
+    return {"arm": arm, "backbone": backbone, "random_init": str(random_init), "twin": "rand", "budget": str(budget), "seed": str(seed),
             "train_slices": "0", "metric": "m", "score": str(score), "seconds": "1", "metrics_json": "{}"}
 
 
 def test_paired_gains_pair_each_seed_with_its_random_twin():
     rows = [_row("mae", False, 1, 0, 0.8), _row("rand", True, 1, 0, 0.7),
             _row("mae", False, 1, 1, 0.6), _row("rand", True, 1, 1, 0.65),
-            _row("mae", False, 2, 0, 0.9)]  # no twin yet: not paired
+            _row("mae", False, 2, 0, 0.9),  # no twin yet: not paired
+            _row("moco", False, 1, 0, 0.75, backbone="ckpt/moco")]  # same architecture: same twin
     gains = paired_gains(rows)
     mean, std, wins, pairs = gains["mae"][1]
     assert (mean, wins, pairs) == (pytest.approx(0.025), 1, 2) and std == pytest.approx(0.075)
     assert 2 not in gains["mae"] and "rand" not in gains
+    assert gains["moco"][1][0] == pytest.approx(0.05)
     assert "+0.025 ± 0.075 (1/2 wins)" in gains_table(gains, "m")
+
+
+def test_backbones_of_one_architecture_share_a_random_twin(tmp_path):
+    import timm
+
+    from ssl_em.export import BackboneMeta, export_backbone
+    from ssl_em.finetune.benchmark import arms_for
+
+    for name, model in (("mae", "test_vit"), ("moco", "test_vit"), ("cnn", "test_resnet")):
+        net = timm.create_model(model, in_chans=1, num_classes=0, pretrained=False)
+        export_backbone(net, tmp_path / name, BackboneMeta(model, model_args={"in_chans": 1}, method=name))
+    arms = arms_for([str(tmp_path / n) for n in ("mae", "moco", "cnn")])
+    assert [(a.name, a.random_init) for a in arms] == [("mae", False), ("moco", False), ("cnn", False),
+                                                       ("random-init (mae arch)", True), ("random-init (cnn arch)", True)]
+    assert [a.twin for a in arms[:3]] == ["random-init (mae arch)", "random-init (mae arch)", "random-init (cnn arch)"]
+
+
+def test_results_from_before_the_twin_column_are_upgraded(tmp_path):
+    """A results.csv written without the `twin` column: merging new rows rewrites it with the
+    current header, and old rows pair with the twin named after their backbone."""
+    import csv
+
+    old_fields = ["arm", "backbone", "random_init", "budget", "seed", "train_slices", "metric", "score", "seconds", "metrics_json"]
+    (tmp_path / "all").mkdir()
+    with open(tmp_path / "all" / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows([_row("mae", False, 1, 0, 0.8), _row("random-init (mae arch)", True, 1, 0, 0.7)])
+    (tmp_path / "new").mkdir()
+    with open(tmp_path / "new" / "results.csv", "w", newline="") as f:
+        from ssl_em.finetune.benchmark import FIELDS
+
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerow(_row("moco", False, 1, 0, 0.9, backbone="ckpt/moco") | {"twin": "random-init (mae arch)"})
+    table = report(tmp_path / "all", "m", merge=[tmp_path / "new"])
+    rows = read_rows(tmp_path / "all" / "results.csv")
+    assert len(rows) == 3 and list(rows[0]) == FIELDS
+    gains = paired_gains(rows)
+    assert gains["mae"][1][0] == pytest.approx(0.1) and gains["moco"][1][0] == pytest.approx(0.2)
+    assert "| moco |" in table
 
 
 def test_report_merges_parallel_folders_once(tmp_path):

@@ -16,6 +16,7 @@ seeds) and a PNG plot of score against labeled slices.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import time
@@ -32,21 +33,25 @@ class Arm:
     name: str
     backbone: str
     random_init: bool = False
+    twin: str = ""  # the random-init arm this arm's scores are paired with
 
 
 def arms_for(backbones: list[str], random_twins: bool = True) -> list[Arm]:
-    """The pretrained arms plus one random-init arm per distinct architecture."""
+    """The pretrained arms plus one random-init arm per distinct architecture; backbones of
+    the same architecture (MAE and MoCo of one ViT, say) share that random-init twin."""
     from ssl_em.export import BackboneMeta
 
-    arms, seen = [], set()
+    pretrained, twins = [], {}
     for b in backbones:
-        arms.append(Arm(Path(b).name, b, False))
         meta_file = Path(b) / "ssl_em.json"
         arch = json.dumps(_arch_key(BackboneMeta.from_dict(json.loads(meta_file.read_text())) if meta_file.is_file() else None, b))
-        if random_twins and arch not in seen:
-            seen.add(arch)
-            arms.append(Arm(f"random-init ({Path(b).name} arch)", b, True))
-    return arms
+        twin = twins.setdefault(arch, Arm(_twin_name(b), b, True, _twin_name(b)))
+        pretrained.append(Arm(Path(b).name, b, False, twin.name))
+    return pretrained + (list(twins.values()) if random_twins else [])
+
+
+def _twin_name(backbone: str) -> str:
+    return f"random-init ({Path(backbone).name} arch)"
 
 
 def _arch_key(meta, fallback: str):
@@ -61,7 +66,7 @@ def choose_slices(pool: list[int], budget: int, seed: int) -> list[int]:
     return sorted(int(z) for z in rng.choice(pool, size=budget, replace=False))
 
 
-FIELDS = ["arm", "backbone", "random_init", "budget", "seed", "train_slices", "metric", "score", "seconds", "metrics_json"]
+FIELDS = ["arm", "backbone", "random_init", "twin", "budget", "seed", "train_slices", "metric", "score", "seconds", "metrics_json"]
 
 
 def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slices: list[int], budgets: list[int], seeds: list[int],
@@ -79,17 +84,14 @@ def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slice
     done = {(r["arm"], int(r["budget"]), int(r["seed"])) for r in rows}
     grid = [(a, b, s) for b in budgets for s in seeds for a in arms]
     todo = [g for g in grid if (g[0].name, g[1], g[2]) not in done]
-    with open(csv_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if not rows:
-            writer.writeheader()
+    with _appender(csv_path, rows) as (f, writer):
         for arm, budget, seed in tqdm(todo, desc="label-efficiency", disable=not progress):
             train = choose_slices(pool, budget, seed)
             t0 = time.time()
             _, metrics = finetune(arm.backbone, images, labels, train, val_slices, task=task, random_init=arm.random_init, seed=seed, **(finetune_kwargs or {}))
             if metric not in metrics:
                 raise KeyError(f"metric {metric!r} not among {sorted(metrics)}")
-            row = {"arm": arm.name, "backbone": arm.backbone, "random_init": arm.random_init, "budget": budget, "seed": seed,
+            row = {"arm": arm.name, "backbone": arm.backbone, "random_init": arm.random_init, "twin": arm.twin, "budget": budget, "seed": seed,
                    "train_slices": " ".join(map(str, train)), "metric": metric, "score": metrics[metric],
                    "seconds": round(time.time() - t0, 1), "metrics_json": json.dumps(metrics)}
             writer.writerow(row)
@@ -99,10 +101,33 @@ def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slice
 
 
 def read_rows(csv_path: Path) -> list[dict]:
+    """Rows as strings; rows written before a column existed get its value filled in."""
     if not Path(csv_path).is_file():
         return []
     with open(csv_path, newline="") as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        if not r.get("twin"):  # older files: one random-init twin per backbone, named after it
+            r["twin"] = _twin_name(r["backbone"])
+    return rows
+
+
+def is_random(row: dict) -> bool:
+    return str(row["random_init"]).lower() in ("true", "1")
+
+
+@contextlib.contextmanager
+def _appender(csv_path: Path, rows: list[dict]):
+    """(file, DictWriter) appending to results.csv; a file with an older header is first
+    rewritten with the current columns, so old and new rows stay one table."""
+    if rows and list(rows[0]) != FIELDS:
+        with open(csv_path, "w", newline="") as f:
+            csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore").writerows([dict(zip(FIELDS, FIELDS))] + rows)
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if not rows:
+            writer.writeheader()
+        yield f, writer
 
 
 def summarize(rows: list[dict]) -> dict[str, dict[int, tuple[float, float, int]]]:
@@ -128,13 +153,13 @@ def paired_gains(rows: list[dict]) -> dict[str, dict[int, tuple[float, float, in
     the same slices with the same seed, so the slice draw cancels out of the difference.
 
     Returns arm -> budget -> (mean gain, std of gain, wins, pairs) against the random-init
-    twin of the same backbone.
+    twin of the backbone's architecture.
     """
-    random = {(r["backbone"], int(r["budget"]), int(r["seed"])): float(r["score"]) for r in rows if r["random_init"] == "True"}
+    random = {(r["arm"], int(r["budget"]), int(r["seed"])): float(r["score"]) for r in rows if is_random(r)}
     gains: dict[str, dict[int, list[float]]] = {}
     for r in rows:
-        twin = random.get((r["backbone"], int(r["budget"]), int(r["seed"])))
-        if r["random_init"] != "True" and twin is not None:
+        twin = random.get((r["twin"], int(r["budget"]), int(r["seed"])))
+        if not is_random(r) and twin is not None:
             gains.setdefault(r["arm"], {}).setdefault(int(r["budget"]), []).append(float(r["score"]) - twin)
     return {a: {b: (float(np.mean(g)), float(np.std(g)), int(sum(x > 0 for x in g)), len(g)) for b, g in sorted(d.items())}
             for a, d in gains.items()}
@@ -185,10 +210,7 @@ def report(out: str | Path, metric: str, title: str = "", merge: list[str | Path
     extra = [r for m in merge for r in read_rows(Path(m) / "results.csv") if (r["arm"], r["budget"], r["seed"]) not in have]
     if extra:
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "results.csv", "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if not rows:
-                writer.writeheader()
+        with _appender(out / "results.csv", rows) as (_, writer):
             writer.writerows(extra)
         rows += extra
     summary = summarize(rows)
@@ -224,7 +246,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     le.add_argument("--labels", required=True)
     le.add_argument("--pool", required=True, help="slices training subsets are drawn from, e.g. 0-19")
     le.add_argument("--val-slices", required=True, help="held-out slices that are scored, e.g. 20-29")
-    le.add_argument("--budgets", default="1,2,4,8", help="numbers of labeled slices (default 1,2,4,8)")
+    le.add_argument("--budgets", default="1,2,4,8", help="numbers of labeled slices; 'all' is the whole pool (default 1,2,4,8)")
     le.add_argument("--seeds", default="0,1,2")
     le.add_argument("--task", default="semantic", choices=["semantic", "instance"])
     le.add_argument("--metric", default="mean_iou", help="column to compare, e.g. mean_iou, dice/membrane, voi")
@@ -255,8 +277,9 @@ def run(args) -> int:
         data_kwargs["label_values"] = [int(v) for v in args.label_values.split(",")]
     kwargs = {"max_steps": args.max_steps, "tile_size": args.tile_size, "batch_size": args.batch_size, "lr": args.lr,
               "unfreeze_at_step": args.unfreeze_at_step, "data_kwargs": data_kwargs, "head": head_of_width(args.head_width)}
-    label_efficiency(arms_for(args.backbones), args.images, args.labels, _ints(args.pool), _ints(args.val_slices),
-                     [int(b) for b in args.budgets.split(",")], [int(s) for s in args.seeds.split(",")], args.out,
+    pool = _ints(args.pool)
+    label_efficiency(arms_for(args.backbones), args.images, args.labels, pool, _ints(args.val_slices),
+                     [len(pool) if b.strip() == "all" else int(b) for b in args.budgets.split(",")], [int(s) for s in args.seeds.split(",")], args.out,
                      metric=args.metric, task=args.task, finetune_kwargs=kwargs)
     print(report(args.out, args.metric))
     print(f"\nwrote {Path(args.out) / 'results.csv'}, table.md, plot.png")

@@ -42,7 +42,29 @@ def cosine_momentum(step: int, total: int, base: float) -> float:
     return 1 - (1 - base) * (math.cos(math.pi * min(step, total) / max(1, total)) + 1) / 2
 
 
-class MoCoV3(PretrainMethod):
+class TwoViewMethod(PretrainMethod):
+    """What the contrastive methods share: a timm backbone, two augmented views of every tile,
+    and a training step that logs the loss and the spread of features and projections (a
+    collapsing run shows both falling towards 0). Subclasses define `forward(x1, x2)`."""
+
+    def __init__(self, backbone: str, img_size: int, backbone_kwargs: dict | None, views: nn.Module | None, **optim) -> None:
+        super().__init__(**optim)
+        self.backbone = build_backbone(backbone, in_chans=1, img_size=img_size, **(backbone_kwargs or {}))
+        self.views = views if views is not None else default_views(img_size)
+
+    def before_step(self) -> dict[str, float]:
+        """Called before each training step; returns extra scalars to log."""
+        return {}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        imgs = batch["image"]  # (B, 1, H, W), normalised
+        extra = self.before_step()
+        out = self(self.views(imgs), self.views(imgs))
+        self.log_step(out["loss"], imgs.shape[0], **extra, embed_std=embedding_std(out["features"]), proj_std=embedding_std(out["projection"]))
+        return out["loss"]
+
+
+class MoCoV3(TwoViewMethod):
     """Query encoder = backbone -> projector -> predictor; key encoder = momentum copies of
     backbone and projector. Symmetric InfoNCE between the two views."""
 
@@ -63,10 +85,8 @@ class MoCoV3(PretrainMethod):
         warmup_steps: int = 1000,
         min_lr_fraction: float = 0.0,
     ) -> None:
-        super().__init__(base_lr=base_lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_fraction=min_lr_fraction)
+        super().__init__(backbone, img_size, backbone_kwargs, views, base_lr=base_lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_fraction=min_lr_fraction)
         self.save_hyperparameters(ignore=["views"])
-        self.backbone = build_backbone(backbone, in_chans=1, img_size=img_size, **(backbone_kwargs or {}))
-        self.views = views if views is not None else default_views(img_size)
         self.temperature, self.base_momentum = temperature, momentum
         F = self.backbone.num_features
         self.projector = mlp(F, hidden_dim, out_dim, proj_layers, last_bn=True)
@@ -93,16 +113,13 @@ class MoCoV3(PretrainMethod):
         loss = (info_nce(q1, k2, self.temperature) + info_nce(q2, k1, self.temperature)) * 2 * self.temperature
         return {"loss": loss, "features": f1, "projection": q1}
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        imgs = batch["image"]  # (B, 1, H, W), normalised
+    def before_step(self) -> dict[str, float]:
         m = cosine_momentum(self.global_step, self.total_steps(), self.base_momentum)
         self.update_momentum(m)
-        out = self(self.views(imgs), self.views(imgs))
-        self.log_step(out["loss"], imgs.shape[0], momentum=m, embed_std=embedding_std(out["features"]), proj_std=embedding_std(out["projection"]))
-        return out["loss"]
+        return {"momentum": m}
 
 
-class SimCLR(PretrainMethod):
+class SimCLR(TwoViewMethod):
     """backbone -> projector for both views; NT-Xent over the 2N views of the global batch."""
 
     def __init__(
@@ -121,10 +138,8 @@ class SimCLR(PretrainMethod):
         warmup_steps: int = 1000,
         min_lr_fraction: float = 0.0,
     ) -> None:
-        super().__init__(base_lr=base_lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_fraction=min_lr_fraction)
+        super().__init__(backbone, img_size, backbone_kwargs, views, base_lr=base_lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_fraction=min_lr_fraction)
         self.save_hyperparameters(ignore=["views"])
-        self.backbone = build_backbone(backbone, in_chans=1, img_size=img_size, **(backbone_kwargs or {}))
-        self.views = views if views is not None else default_views(img_size)
         self.temperature = temperature
         self.projector = mlp(self.backbone.num_features, hidden_dim, out_dim, proj_layers, last_bn=False)
 
@@ -133,9 +148,3 @@ class SimCLR(PretrainMethod):
         f1, f2 = self.backbone(x1), self.backbone(x2)
         z1, z2 = self.projector(f1), self.projector(f2)  # (B, D)
         return {"loss": nt_xent(z1, z2, self.temperature), "features": f1, "projection": z1}
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        imgs = batch["image"]
-        out = self(self.views(imgs), self.views(imgs))
-        self.log_step(out["loss"], imgs.shape[0], embed_std=embedding_std(out["features"]), proj_std=embedding_std(out["projection"]))
-        return out["loss"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -180,3 +182,17 @@ def test_batch_larger_than_the_data_is_refused(tmp_path, synthetic_small):
     dm = EMDataModule(str(path), tile_size=32, batch_size=128, num_workers=0, samples_per_epoch=64)
     with pytest.raises(ValueError, match="batch size"):
         dm.setup()
+
+
+def test_keep_freed_memory_applies_once_on_glibc_and_can_be_turned_off():
+    """The stream's heap setting (ssl_em.data.heap): applied on glibc, a no-op when disabled."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    code = "from ssl_em.data.heap import keep_freed_memory as k; print(k(), k())"
+    for env, want in (("1", "True True"), ("0", "False False")):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "SSL_EM_KEEP_FREED_MEMORY": env}, capture_output=True, text=True, check=True)
+        assert out.stdout.split() == want.split()

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ssl_em.data.archive import Archive
+from ssl_em.data.heap import keep_freed_memory
 from ssl_em.data.normalize import IntensityStats, Normalization
 from ssl_em.data.volume import Volume, VoxelSize
 
@@ -212,8 +213,7 @@ class TileDataset(IterableDataset):
             while len(pending) >= batch_size:
                 batch, pending = pending[:batch_size], pending[batch_size:]
                 image = np.empty((batch_size, 1, *batch[0][0].shape), batch[0][0].dtype)
-                for k, (view, _) in enumerate(batch):
-                    image[k, 0] = view
+                np.stack([view for view, _ in batch], out=image[:, 0])  # one call copies all tiles
                 source = np.fromiter((i for _, i in batch), np.int64, batch_size)
                 yield {"image": torch.from_numpy(image), "source": torch.from_numpy(source)}
 
@@ -223,6 +223,9 @@ class TileDataset(IterableDataset):
 
         The reader's tile count is rounded down to a multiple of `multiple` (the batch size).
         """
+        # Blocks and batches are megabytes allocated and freed at a high rate: keep freed
+        # memory for reuse instead of faulting it back in page by page (ssl_em.data.heap).
+        keep_freed_memory()
         # Each pass is one epoch. Persistent loader workers each hold a copy of the
         # dataset and are iterated once per epoch, so their counters stay in step.
         self.epoch += 1

@@ -88,3 +88,52 @@ def _consecutive(labels: np.ndarray) -> np.ndarray:
     ids, inverse = np.unique(labels, return_inverse=True)
     out = inverse.reshape(labels.shape).astype(np.uint32)
     return out if ids[0] == 0 else out + 1
+
+
+# -- blockwise 3D: segments cut by a block boundary are joined again --------------------------
+
+
+def plane_merges(a: np.ndarray, b: np.ndarray, min_fraction: float = 0.5) -> list[tuple[int, int]]:
+    """Pairs (id in a, id in b) to join across the boundary between two adjacent planes.
+
+    a, b: (H, W) instance ids on either side of a block boundary. A pair is joined when its
+    overlap is more than `min_fraction` of each segment's area in its plane (mutual majority):
+    a neuron cut by the boundary continues almost pixel for pixel, while two neighbours
+    that touch it only share a sliver."""
+    both = (a > 0) & (b > 0)
+    if not both.any():
+        return []
+    pairs, counts = np.unique(np.stack([a[both], b[both]]).astype(np.int64), axis=1, return_counts=True)
+    ids_a, area_a = np.unique(a[a > 0], return_counts=True)
+    ids_b, area_b = np.unique(b[b > 0], return_counts=True)
+    size_a = area_a[np.searchsorted(ids_a, pairs[0])]
+    size_b = area_b[np.searchsorted(ids_b, pairs[1])]
+    keep = (counts > min_fraction * size_a) & (counts > min_fraction * size_b)
+    return [(int(x), int(y)) for x, y in pairs[:, keep].T]
+
+
+def merge_map(pairs: list[tuple[int, int]]) -> dict[int, int]:
+    """Union-find over joined pairs: id -> the smallest id of its group (ids in no pair are
+    left out). Mapping twice gives the same result, so relabelling can be resumed."""
+    parent: dict[int, int] = {}
+
+    def root(x: int) -> int:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for x, y in pairs:
+        rx, ry = root(x), root(y)
+        if rx != ry:
+            parent[max(rx, ry)] = min(rx, ry)
+    return {x: root(x) for x in parent if root(x) != x}
+
+
+def relabel(ids: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    """ids with every key of `mapping` replaced by its value."""
+    if not mapping:
+        return ids
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    return np.array([mapping.get(int(u), int(u)) for u in uniq], ids.dtype)[inverse].reshape(ids.shape)

@@ -15,9 +15,10 @@ re-running the same command skips finished slabs. OUT is OME-Zarr (zarr v2, NGFF
 
 `--planes xy,xz,yz` (near-isotropic volumes) predicts along all three axes and averages.
 Instances: seeded watershed (ssl_em.finetune.instance) slice by slice (`--instances 2d`,
-memory bounded by a slab) or over the whole volume (`--instances 3d`, which holds the
-foreground and boundary maps of the whole volume in memory: blockwise 3D stitching is not
-implemented). OUT holding another prediction (other model, input or settings) is refused
+memory bounded by a slab), or in 3D (`--instances 3d`) block by block: each block
+(`--block`, default 64 x 512 x 512) is segmented with `--halo` voxels of context on every
+side, and segments cut by a block boundary are joined afterwards where the two planes on
+either side overlap by a mutual majority. Memory is bounded by one block plus its halo. OUT holding another prediction (other model, input or settings) is refused
 unless --overwrite.
 
 Several devices (`--devices N`, also across nodes with `--num-nodes`) share the work through
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import shutil
 from collections.abc import Callable
@@ -45,7 +47,7 @@ from torch import nn
 from ssl_em.data.normalize import IntensityStats, Normalization, normalize_numpy
 from ssl_em.data.volume import Volume
 from ssl_em.finetune.data import as_volume, sample_stats
-from ssl_em.finetune.instance import foreground_boundary, segment_slices, watershed_instances
+from ssl_em.finetune.instance import foreground_boundary, merge_map, plane_merges, relabel, segment_slices, watershed_instances
 
 FORMAT = "ssl_em.prediction"
 #: plane -> (axis sliced, output axes of the 2D image in (z, y, x) order)
@@ -117,10 +119,13 @@ class PredictSettings:
     instances: str | None = None  # None, "2d" or "3d"
     seed_threshold: float = 0.5
     min_size: int = 16
+    block: tuple[int, int, int] = (64, 512, 512)  # 3D instances: segmented block by block
+    halo: int = 8  # 3D instances: context voxels around each block
 
     def identity(self) -> dict:
         """What makes two predictions the same (batch size and slab do not change results)."""
-        return {"window": self.window, "overlap": self.overlap, "planes": list(self.planes), "instances": self.instances, "seed_threshold": self.seed_threshold, "min_size": self.min_size}
+        blocks = {"block": list(self.block), "halo": self.halo} if self.instances == "3d" else {}
+        return {"window": self.window, "overlap": self.overlap, "planes": list(self.planes), "instances": self.instances, "seed_threshold": self.seed_threshold, "min_size": self.min_size} | blocks
 
 
 @dataclass(frozen=True)
@@ -303,18 +308,16 @@ def predict_volume(
 
 
 def _instances(pred: Prediction, settings: PredictSettings, progress: bool) -> None:
-    """Watershed on (foreground, boundary); 2d slab by slab with a running id offset, or 3d at once."""
+    """Watershed on (foreground, boundary): 2d slab by slab with a running id offset, or 3d
+    block by block (`_instances_3d`)."""
     from tqdm.auto import tqdm
 
+    if settings.instances == "3d":
+        _instances_3d(pred, settings, progress)
+        return
     probs, ids = pred.array("0"), pred.array("labels/instances/0")
     Z = probs.shape[1]
     kw = {"seed_threshold": settings.seed_threshold, "min_size": settings.min_size}
-    if settings.instances == "3d":
-        if not pred.done("instances"):
-            fg, bd = foreground_boundary(probs[:].astype(np.float32))
-            ids[:] = watershed_instances(fg, bd, **kw)
-            pred.mark("instances", 0)
-        return
     for start in tqdm([z for z in range(0, Z, settings.slab) if z not in pred.done("instances")], desc="instances", disable=not progress):
         zs = slice(start, min(start + settings.slab, Z))
         fg, bd = foreground_boundary(probs[:, zs].astype(np.float32))
@@ -325,6 +328,46 @@ def _instances(pred: Prediction, settings: PredictSettings, progress: bool) -> N
         # with fresh ids (a gap in the numbering), never with ids another slab already has.
         pred.update(instance_offset=offset + int(slab.max()))
         pred.mark("instances", start)
+
+
+def _instances_3d(pred: Prediction, settings: PredictSettings, progress: bool) -> None:
+    """3D watershed per block (with a halo of context), ids made unique by a running offset;
+    then segments cut by block boundaries are joined (`plane_merges` over every boundary
+    plane, `merge_map`), and the blocks relabelled. Every step resumes after a crash."""
+    from tqdm.auto import tqdm
+
+    probs, ids = pred.array("0"), pred.array("labels/instances/0")
+    shape, size, h = probs.shape[1:], settings.block, settings.halo
+    kw = {"seed_threshold": settings.seed_threshold, "min_size": settings.min_size}
+    cores = [tuple(slice(o, min(o + b, n)) for o, b, n in zip(origin, size, shape))
+             for origin in itertools.product(*(range(0, n, b) for n, b in zip(shape, size)))]
+    done = pred.done("instances")
+    for k in tqdm([k for k in range(len(cores)) if k not in done], desc="instances 3d", unit="block", disable=not progress):
+        core = cores[k]
+        outer = tuple(slice(max(0, c.start - h), min(n, c.stop + h)) for c, n in zip(core, shape))
+        fg, bd = foreground_boundary(probs[(slice(None), *outer)].astype(np.float32))
+        seg = watershed_instances(fg, bd, **kw)[tuple(slice(c.start - o.start, c.stop - o.start) for c, o in zip(core, outer))]
+        offset = int(pred.meta.get("instance_offset", 0))
+        ids[core] = np.where(seg > 0, seg + offset, 0)
+        pred.update(instance_offset=offset + int(seg.max()))
+        pred.mark("instances", k)
+    # The joins are computed once and kept, so a resumed relabelling uses the same ones.
+    merges_file = pred.progress / "instance_merges.json"
+    if not merges_file.is_file():
+        pairs = []
+        for axis in range(3):
+            for c in range(size[axis], shape[axis], size[axis]):
+                before, after = [slice(None)] * 3, [slice(None)] * 3
+                before[axis], after[axis] = c - 1, c
+                pairs += plane_merges(ids[tuple(before)], ids[tuple(after)])
+        tmp = merges_file.with_suffix(".tmp")  # written whole, then renamed: never half a file
+        tmp.write_text(json.dumps({str(a): b for a, b in merge_map(pairs).items()}))
+        tmp.replace(merges_file)
+    mapping = {int(a): b for a, b in json.loads(merges_file.read_text()).items()}
+    done = pred.done("join")
+    for k in tqdm([k for k in range(len(cores)) if k not in done], desc="join blocks", unit="block", disable=not progress or not mapping):
+        ids[cores[k]] = relabel(ids[cores[k]], mapping)  # idempotent: a crash midway is harmless
+        pred.mark("join", k)
 
 
 def model_fingerprint(path: str | Path) -> str:
@@ -340,6 +383,16 @@ def model_fingerprint(path: str | Path) -> str:
 # -- command line ---------------------------------------------------------------------------------
 
 
+def _zyx(text: str) -> tuple[int, int, int]:
+    try:
+        zyx = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        zyx = ()
+    if len(zyx) != 3 or min(zyx) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give three positive sizes z,y,x, e.g. 64,512,512")
+    return zyx
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a fine-tuned model folder (from `ssl-em finetune --out`)")
     parser.add_argument("input", help="the volume: any format ssl_em reads (HDF5 as file.h5:/dataset)")
@@ -353,6 +406,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-size", type=int, default=16, help="instance fragments smaller than this are merged into neighbours")
     parser.add_argument("--seed-threshold", type=float, default=0.5,
                         help="watershed seeds: foreground - boundary above this (3D needs more, e.g. 0.9: thin boundaries leak between sections)")
+    parser.add_argument("--block", type=_zyx, default=(64, 512, 512), help="3D instances: z,y,x block segmented at once (memory: one block plus halo)")
+    parser.add_argument("--halo", type=int, default=8, help="3D instances: voxels of context around each block")
     parser.add_argument("--voxel-size", default=None, help="z,y,x nm (overrides the file)")
     parser.add_argument("--accelerator", default="auto", help="cpu, cuda, ... (Lightning's names; default: what is there)")
     parser.add_argument("--devices", default="1", help="devices per node sharing the work (a number, or -1 for all)")
@@ -389,12 +444,17 @@ def run(args) -> int:
         instances=None if instances == "none" else instances,
         min_size=args.min_size,
         seed_threshold=args.seed_threshold,
+        block=args.block,
+        halo=args.halo,
     )
     multiple = net.extractor.spec.input_multiple
     fixed = meta.backbone_meta.model_args.get("img_size") if getattr(net.extractor.backbone, "patch_embed", None) is not None else None
     if window % multiple or fixed not in (None, window):
         need = f"equal to the model's tile size {fixed}" if fixed not in (None, window) else f"a multiple of {multiple}"
         print(f"ssl-em predict: error: --window {window} must be {need} for this model", file=sys.stderr)
+        return 2
+    if settings.halo < 0:
+        print(f"ssl-em predict: error: --halo {args.halo} must be >= 0", file=sys.stderr)
         return 2
     bad = [p for p in settings.planes if p not in PLANES] + ([] if settings.planes[0] == "xy" else ["(xy must come first)"])
     if bad:

@@ -47,6 +47,30 @@ def test_ome_zarr_voxel_size_from_ngff(tmp_path, vol):
     _check(v, vol, (40, 4, 4))
 
 
+def test_bioformats2raw_layout(tmp_path, vol):
+    """Series in groups 0, 1, ... each a 5D (t, c, z, y, x) OME-Zarr image."""
+    import zarr
+
+    from ssl_em.data.archive import ngff_multiscales
+
+    root = zarr.open_group(str(tmp_path / "conv.zarr"), mode="w", zarr_format=2)
+    root.attrs["bioformats2raw.layout"] = 3
+    ms = ngff_multiscales("s0", [VoxelSize(30, 6, 6)])
+    ms["axes"] = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}] + ms["axes"]
+    for d in ms["datasets"]:
+        d["coordinateTransformations"][0]["scale"] = [1.0, 1.0] + d["coordinateTransformations"][0]["scale"]
+    series = root.create_group("0")
+    series.create_array("0", data=vol[None, None], chunks=(1, 1, 1, 32, 32))
+    series.attrs["multiscales"] = [ms]
+    assert detect_format(tmp_path / "conv.zarr").name == "bioformats2raw"
+    _check(open_volume(tmp_path / "conv.zarr"), vol, (30, 6, 6))
+    root.create_group("1").attrs["multiscales"] = [ms]
+    root["1"].create_array("0", data=vol[None, None], chunks=(1, 1, 1, 32, 32))
+    with pytest.raises(VolumeError, match=r"holds 2 series \(0, 1\); open one as .*conv\.zarr:N"):
+        open_volume(tmp_path / "conv.zarr")
+    _check(open_volume(f"{tmp_path / 'conv.zarr'}:1"), vol, (30, 6, 6))
+
+
 @pytest.mark.parametrize("zarr_format", [2, 3])
 def test_plain_zarr_array_and_single_array_group(tmp_path, vol, zarr_format):
     import zarr

@@ -53,6 +53,21 @@ def _is_ome_zarr(p: Path) -> bool:
     return "multiscales" in attrs.get("ome", attrs)
 
 
+def _is_bioformats2raw(p: Path) -> bool:
+    return p.is_dir() and "bioformats2raw.layout" in group_attributes(p)
+
+
+def open_bioformats2raw(path: Path) -> Volume:
+    """A bioformats2raw store (what converting a microscope file gives): one OME-Zarr image
+    per series in groups 0, 1, ... Its only series opens as is; with several, one must be
+    named (`store.zarr:1`), as for a zarr group holding several arrays."""
+    series = sorted((c.name for c in path.iterdir() if c.name.isdigit() and _is_ome_zarr(c)), key=int)
+    if len(series) != 1:
+        problem = "holds no OME-Zarr series" if not series else f"holds {len(series)} series ({', '.join(series[:8])}); open one as {path}:N"
+        raise VolumeError(f"{path}: bioformats2raw store {problem}")
+    return open_ome_zarr(path / series[0])
+
+
 def _is_image_folder(p: Path) -> bool:
     return p.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.iterdir())
 
@@ -63,6 +78,7 @@ def _no_inner(opener: Callable[[Path], Volume]) -> Callable[[Path, str | None], 
 
 FORMATS: tuple[Format, ...] = (
     Format("ome-zarr", _is_ome_zarr, _no_inner(open_ome_zarr)),
+    Format("bioformats2raw", _is_bioformats2raw, _no_inner(open_bioformats2raw)),
     Format("zarr", lambda p: p.is_dir() and _metadata_driver(p) in ("zarr", "zarr3"), _no_inner(ZarrVolume)),
     Format("n5", lambda p: p.is_dir() and _metadata_driver(p) == "n5", _no_inner(ZarrVolume)),
     Format("zarr-group", lambda p: p.is_dir() and is_group(p), _no_inner(open_single_array_group)),

@@ -188,6 +188,23 @@ def test_tiff_2d_is_one_slice_and_garbage_is_an_error(tmp_path, vol):
         open_volume(tmp_path / "garbage.tif")
 
 
+@pytest.mark.parametrize("compression", [None, "zlib"])  # memory-mapped, and decoded page by page
+def test_rgb_tiff_reads_as_luminance(tmp_path, vol, compression):
+    import tifffile
+
+    rgb = np.stack([vol, vol // 2, 255 - vol], axis=-1)  # (z, y, x, 3)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb", compression=compression)
+    want = np.rint(rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
+    _check(open_volume(tmp_path / "rgb.tif"), want)
+    gray_as_rgb = np.repeat(vol[..., None], 3, axis=-1)  # a gray stack some viewer saved as RGB
+    tifffile.imwrite(tmp_path / "gray.tif", gray_as_rgb, photometric="rgb", compression=compression)
+    _check(open_volume(tmp_path / "gray.tif"), vol)
+    (tmp_path / "slices").mkdir()  # a folder of RGB TIFF slices reads the same way
+    for z, plane in enumerate(rgb):
+        tifffile.imwrite(tmp_path / "slices" / f"s{z}.tif", plane, photometric="rgb", compression=compression)
+    _check(open_volume(tmp_path / "slices"), want)
+
+
 # -- folders of 2D images ---------------------------------------------------------------------
 def test_png_folder_natural_order(tmp_path, vol):
     from PIL import Image

@@ -79,7 +79,7 @@ def _header(file: str) -> tuple[tuple[int, int], np.dtype]:
 
             with tifffile.TiffFile(file) as tif:
                 page = tif.pages[0]
-                if page.samplesperpixel > 1 or len(tif.pages) > 1 and len(tif.series[0].shape) > 2:
+                if page.samplesperpixel not in (1, 3, 4) or len(tif.pages) > 1 and len(tif.series[0].shape) > 2:
                     raise VolumeError(f"{file}: not a 2D grayscale image (shape {tif.series[0].shape}); give multi-page TIFFs on their own")
                 return (int(page.shape[0]), int(page.shape[1])), np.dtype(page.dtype)
         from PIL import Image
@@ -100,6 +100,8 @@ def _decode(file: str, shape: tuple[int, int]) -> np.ndarray:
             import tifffile
 
             arr = tifffile.imread(file, key=0)
+            if arr.ndim == 3:  # RGB(A) samples: luminance, in the file's dtype
+                arr = luminance(arr)
         else:
             from PIL import Image
 
@@ -111,6 +113,15 @@ def _decode(file: str, shape: tuple[int, int]) -> np.ndarray:
     if arr.shape != shape:
         raise VolumeError(f"{file}: decoded shape {arr.shape} differs from its header {shape}")
     return arr.astype(np.uint8) if arr.dtype == bool else arr
+
+
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3 or 4) RGB(A) -> (...) ITU-R BT.601 luma in the input's dtype (rounded for integers)."""
+    luma = rgb[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    if rgb.dtype.kind in "ui":
+        info = np.iinfo(rgb.dtype)
+        luma = np.clip(np.rint(luma), info.min, info.max)
+    return luma.astype(rgb.dtype)
 
 
 def _first_line(err: Exception) -> str:

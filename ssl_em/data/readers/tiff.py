@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ssl_em.data.readers.image_stack import luminance
 from ssl_em.data.volume import UNKNOWN_VOXEL_SIZE, Volume, VolumeError, VoxelSize
 
 #: Length units found in ImageJ and OME metadata, in nanometres.
@@ -23,7 +24,8 @@ _UNIT_NM = {
 
 
 class TiffVolume(Volume):
-    """A 2D or 3D grayscale TIFF as a (z, y, x) volume; voxel size from ImageJ/OME metadata."""
+    """A 2D or 3D grayscale (or RGB, read as luminance) TIFF as a (z, y, x) volume; voxel
+    size from ImageJ/OME metadata."""
 
     def __init__(self, path: str | Path) -> None:
         import tifffile
@@ -38,6 +40,7 @@ class TiffVolume(Volume):
                 # The one axis the pages are stacked along (Z, T, I, Q...), or None for 2D.
                 self._z_axis = next((a for a, n in zip(series.axes[:-2], series.shape[:-2]) if a not in "YXS" and n > 1), None)
                 self.dtype = np.dtype(series.dtype)
+                self._samples = int(dict(zip(series.axes, series.shape)).get("S", 1))  # 3/4: RGB(A)
                 # dataoffset is set only for uncompressed data stored in one contiguous run.
                 self._memmappable = series.dataoffset is not None
                 voxel_size = _tiff_voxel_size(tif)
@@ -51,7 +54,7 @@ class TiffVolume(Volume):
         import tifffile
 
         if self._memmappable:
-            return tifffile.memmap(self.path, mode="r").reshape(self.shape)
+            return tifffile.memmap(self.path, mode="r").reshape(self.shape + ((self._samples,) if self._samples > 1 else ()))
         import zarr
 
         return zarr.open_array(tifffile.TiffFile(self.path).aszarr(), mode="r")  # the store keeps the file open
@@ -59,13 +62,18 @@ class TiffVolume(Volume):
     def _read(self, zs, ys, xs) -> np.ndarray:
         handle = self.handle
         if isinstance(handle, np.ndarray):
-            return np.array(handle[zs, ys, xs])  # copy out of the memory map
-        index = tuple(zs if a == self._z_axis else ys if a == "Y" else xs if a == "X" else 0 for a in self._axes)
+            return self._gray(np.array(handle[zs, ys, xs]))  # copy out of the memory map
+        index = tuple(zs if a == self._z_axis else ys if a == "Y" else xs if a == "X" else slice(None) if a == "S" else 0 for a in self._axes)
         try:
-            region = handle[index]
+            region = self._gray(handle[index])
         except Exception as err:
             raise VolumeError(f"{self.path}: cannot decode pages {zs.start}..{zs.stop - 1} ({_first_line(err)})") from None
         return region if self._z_axis else region[None]
+
+    def _gray(self, region: np.ndarray) -> np.ndarray:
+        """(..., S) colour samples -> luminance (a gray stack some viewer saved as RGB, an
+        overlay export), as colour PNGs in image folders; grayscale passes through."""
+        return region if self._samples == 1 else luminance(region)
 
 
 def _zyx_shape(path: str, shape: tuple[int, ...], axes: str) -> tuple[int, int, int]:
@@ -74,8 +82,8 @@ def _zyx_shape(path: str, shape: tuple[int, ...], axes: str) -> tuple[int, int, 
     if not axes.endswith("YX") and not axes.endswith("YXS"):
         raise VolumeError(f"{path}: TIFF axes {axes!r} have no Y, X plane")
     named = dict(zip(axes, shape))
-    if named.get("S", 1) > 1 or named.get("C", 1) > 1:
-        raise VolumeError(f"{path}: TIFF has {max(named.get('S', 1), named.get('C', 1))} channels; ssl_em reads grayscale volumes")
+    if named.get("S", 1) not in (1, 3, 4) or named.get("C", 1) > 1:
+        raise VolumeError(f"{path}: TIFF has {max(named.get('S', 1), named.get('C', 1))} channels; ssl_em reads grayscale (or RGB, as luminance) volumes")
     stacked = [(a, n) for a, n in zip(axes[:-2], shape[:-2]) if a not in "YXS" and n > 1]
     if len(stacked) > 1:
         raise VolumeError(f"{path}: TIFF stacks pages along several axes {axes!r} {shape}; ssl_em reads (z, y, x)")

@@ -18,8 +18,9 @@ Instances: seeded watershed (ssl_em.finetune.instance) slice by slice (`--instan
 memory bounded by a slab), or in 3D (`--instances 3d`) block by block: each block
 (`--block`, default 64 x 512 x 512) is segmented with `--halo` voxels of context on every
 side, and segments cut by a block boundary are joined afterwards where the two planes on
-either side overlap by a mutual majority. Memory is bounded by one block plus its halo. OUT holding another prediction (other model, input or settings) is refused
-unless --overwrite.
+either side overlap by a mutual majority. Memory is bounded by one block plus its halo.
+OUT holding another prediction (other model, input or settings) is refused unless
+--overwrite.
 
 Several devices (`--devices N`, also across nodes with `--num-nodes`) share the work through
 Lightning Fabric's DDP launcher: every process takes every N-th slab. Slabs are aligned with

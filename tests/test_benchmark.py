@@ -124,3 +124,21 @@ def test_report_merges_parallel_folders_once(tmp_path):
     report(tmp_path / "all", "m", merge=[tmp_path / "a", tmp_path / "b"])  # again: nothing doubled
     assert len(read_rows(tmp_path / "all" / "results.csv")) == 4
     assert "0.700 ± 0.100 (n=2)" in table and "(1/2 wins)" in table
+
+
+def test_cli_budget_all_is_the_whole_pool(tmp_path, monkeypatch):
+    import ssl_em.finetune.cli as ft_cli
+    from ssl_em.cli import main
+
+    calls = []
+
+    def fake_finetune(backbone, images, labels, train, val, **kw):
+        calls.append((tuple(train), kw["random_init"]))
+        return None, {"mean_iou": 0.5}
+
+    monkeypatch.setattr(ft_cli, "finetune", fake_finetune)
+    argv = ["benchmark", "label-efficiency", "--backbones", "ckpt/mae", "--images", "i", "--labels", "l", "--pool", "0-3",
+            "--val-slices", "4", "--budgets", "1,all", "--seeds", "0", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert sorted(len(train) for train, _ in calls) == [1, 1, 4, 4] and {r for _, r in calls} == {False, True}
+    assert [r["twin"] for r in read_rows(tmp_path / "results.csv")] == ["random-init (mae arch)"] * 4

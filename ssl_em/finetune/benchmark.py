@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import csv
 import json
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,7 +193,7 @@ def plot(summary: dict, metric: str, path: str | Path, title: str = "") -> None:
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("labeled training slices")
     ax.set_ylabel(metric)
-    ax.set_title(title or "label efficiency")
+    ax.set_title(textwrap.fill(title or "label efficiency", 55), fontsize=10)  # long titles wrap, never clip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

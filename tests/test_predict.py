@@ -237,3 +237,14 @@ def test_blockwise_3d_instances_match_the_whole_volume(tmp_path, monkeypatch):
     monkeypatch.setattr(predict_module, "merge_map", lambda pairs: {})  # the same blocks, never joined
     unjoined, _ = _instances_3d_of(probs, cells.shape, (4, 40, 40), tmp_path / "unjoined.zarr")
     assert instance_scores(unjoined, cells)["voi_split"] > s_blocks["voi_split"] + 1.0
+
+
+def test_default_planes_follow_the_voxel_size(volume):
+    from ssl_em.data.volume import VoxelSize
+    from ssl_em.finetune.predict import default_planes
+
+    assert default_planes(ArrayVolume(volume, VoxelSize(8, 8, 8))) == ("xy", "xz", "yz")  # FIB-SEM
+    assert default_planes(ArrayVolume(volume, VoxelSize(9, 8, 8))) == ("xy", "xz", "yz")
+    assert default_planes(ArrayVolume(volume, VoxelSize(50, 4, 4))) == ("xy",)  # serial sections
+    assert default_planes(ArrayVolume(volume)) == ("xy",)  # unknown voxel size
+    assert default_planes(ArrayVolume(volume[:1], VoxelSize(8, 8, 8))) == ("xy",)  # one slice

@@ -159,6 +159,7 @@ class ArrayVolume(Volume):
         self.shape = tuple(int(s) for s in array.shape)
         self.dtype = array.dtype
         self.voxel_size = VoxelSize.parse(voxel_size)
+        self.voxel_size_known = voxel_size is not UNKNOWN_VOXEL_SIZE
 
     def _open(self) -> np.ndarray:
         return self._array

@@ -13,7 +13,8 @@ re-running the same command skips finished slabs. OUT is OME-Zarr (zarr v2, NGFF
       labels/instances/0      instance ids (z, y, x) uint32    (task "instance")
       planes/{xz,yz}/0        per-plane probabilities when --planes asks for more than xy
 
-`--planes xy,xz,yz` (near-isotropic volumes) predicts along all three axes and averages.
+`--planes xy,xz,yz` predicts along all three axes and averages; the default, `auto`, does so
+when the voxels are near-isotropic (z within 25% of xy) and predicts xy alone otherwise.
 Instances: seeded watershed (ssl_em.finetune.instance) slice by slice (`--instances 2d`,
 memory bounded by a slab), or in 3D (`--instances 3d`) block by block: each block
 (`--block`, default 64 x 512 x 512) is segmented with `--halo` voxels of context on every
@@ -402,7 +403,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", type=int, default=None, help="overlap between windows in px (default: window / 4)")
     parser.add_argument("--slab", type=int, default=8, help="planes per slab: memory and resume granularity")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--planes", default="xy", help="xy, or xy,xz,yz to average orthogonal planes (near-isotropic volumes)")
+    parser.add_argument("--planes", default="auto", help="xy, or xy,xz,yz to average orthogonal planes; auto (default): all three when the voxels are near-isotropic (z within 25%% of xy), else xy")
     parser.add_argument("--instances", choices=["none", "2d", "3d"], default=None, help="instance segmentation (default: 2d for instance models, none otherwise)")
     parser.add_argument("--min-size", type=int, default=16, help="instance fragments smaller than this are merged into neighbours")
     parser.add_argument("--seed-threshold", type=float, default=0.5,
@@ -415,6 +416,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-nodes", type=int, default=1, help="nodes sharing the work (launch one process per node, as for Lightning training)")
     parser.add_argument("--overwrite", action="store_true", help="replace whatever OUT holds")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def default_planes(volume: Volume) -> tuple[str, ...]:
+    """xy, xz and yz for near-isotropic voxels (FIB-SEM: every plane looks like EM, and
+    averaging three views smooths each one's errors), xy alone otherwise or when the voxel
+    size is unknown (serial sections: xz and yz views are smeared along z)."""
+    near = volume.voxel_size_known and volume.voxel_size.is_near_isotropic() and volume.shape[0] > 1
+    return ("xy", "xz", "yz") if near else ("xy",)
 
 
 def launch(accelerator: str, devices: str, num_nodes: int) -> tuple[Shard, torch.device]:
@@ -441,7 +450,7 @@ def run(args) -> int:
         overlap=args.overlap if args.overlap is not None else window // 4,
         slab=args.slab,
         batch_size=args.batch_size,
-        planes=tuple(p.strip() for p in args.planes.split(",")),
+        planes=default_planes(volume) if args.planes == "auto" else tuple(p.strip() for p in args.planes.split(",")),
         instances=None if instances == "none" else instances,
         min_size=args.min_size,
         seed_threshold=args.seed_threshold,

@@ -146,7 +146,7 @@ def _ingest_one(writer: ArchiveWriter, spec, volume: Volume, name: str, curator:
         return result
 
     vs = volume.voxel_size
-    z_too = volume.voxel_size_known and vs.is_near_isotropic() and volume.shape[0] > 1
+    z_too = volume.near_isotropic
     chunks = tuple(chunks) if chunks else (ISOTROPIC_CHUNKS if z_too else ANISOTROPIC_CHUNKS)
     shapes = pyramid_shapes(volume.shape, z_too)
     factors = [(2**i if z_too else 1, 2**i, 2**i) for i in range(len(shapes))]

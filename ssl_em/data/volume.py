@@ -102,6 +102,12 @@ class Volume:
         return self.path
 
     @property
+    def near_isotropic(self) -> bool:
+        """A 3D volume whose known z spacing is within 25% of xy: xz and yz planes look like
+        xy ones (pyramids halve z too; prediction averages the three planes)."""
+        return self.voxel_size_known and self.voxel_size.is_near_isotropic() and self.shape[0] > 1
+
+    @property
     def ndim_effective(self) -> int:
         return 2 if self.shape[0] == 1 else 3
 

@@ -123,7 +123,9 @@ def _appender(csv_path: Path, rows: list[dict]):
     rewritten with the current columns, so old and new rows stay one table."""
     if rows and list(rows[0]) != FIELDS:
         with open(csv_path, "w", newline="") as f:
-            csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore").writerows([dict(zip(FIELDS, FIELDS))] + rows)
+            writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
     with open(csv_path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         if not rows:

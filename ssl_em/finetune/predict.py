@@ -323,13 +323,17 @@ def _instances(pred: Prediction, settings: PredictSettings, progress: bool) -> N
     for start in tqdm([z for z in range(0, Z, settings.slab) if z not in pred.done("instances")], desc="instances", disable=not progress):
         zs = slice(start, min(start + settings.slab, Z))
         fg, bd = foreground_boundary(probs[:, zs].astype(np.float32))
-        slab = segment_slices(fg, bd, **kw)
-        offset = int(pred.meta.get("instance_offset", 0))
-        ids[zs] = np.where(slab > 0, slab + offset, 0)
-        # The offset moves before the slab is marked: a crash in between redoes the slab
-        # with fresh ids (a gap in the numbering), never with ids another slab already has.
-        pred.update(instance_offset=offset + int(slab.max()))
-        pred.mark("instances", start)
+        _store_instances(pred, ids, zs, segment_slices(fg, bd, **kw), start)
+
+
+def _store_instances(pred: Prediction, ids, region, seg: np.ndarray, item: int) -> None:
+    """Write `seg` (ids from 1) into `ids[region]` after the running offset, so ids stay
+    unique across slabs or blocks. The offset moves before the item is marked done: a crash
+    in between redoes it with fresh ids (a gap in the numbering), never with used ones."""
+    offset = int(pred.meta.get("instance_offset", 0))
+    ids[region] = np.where(seg > 0, seg + offset, 0)
+    pred.update(instance_offset=offset + int(seg.max()))
+    pred.mark("instances", item)
 
 
 def _instances_3d(pred: Prediction, settings: PredictSettings, progress: bool) -> None:
@@ -349,10 +353,7 @@ def _instances_3d(pred: Prediction, settings: PredictSettings, progress: bool) -
         outer = tuple(slice(max(0, c.start - h), min(n, c.stop + h)) for c, n in zip(core, shape))
         fg, bd = foreground_boundary(probs[(slice(None), *outer)].astype(np.float32))
         seg = watershed_instances(fg, bd, **kw)[tuple(slice(c.start - o.start, c.stop - o.start) for c, o in zip(core, outer))]
-        offset = int(pred.meta.get("instance_offset", 0))
-        ids[core] = np.where(seg > 0, seg + offset, 0)
-        pred.update(instance_offset=offset + int(seg.max()))
-        pred.mark("instances", k)
+        _store_instances(pred, ids, core, seg, k)
     # The joins are computed once and kept, so a resumed relabelling uses the same ones.
     merges_file = pred.progress / "instance_merges.json"
     if not merges_file.is_file():
@@ -422,8 +423,7 @@ def default_planes(volume: Volume) -> tuple[str, ...]:
     """xy, xz and yz for near-isotropic voxels (FIB-SEM: every plane looks like EM, and
     averaging three views smooths each one's errors), xy alone otherwise or when the voxel
     size is unknown (serial sections: xz and yz views are smeared along z)."""
-    near = volume.voxel_size_known and volume.voxel_size.is_near_isotropic() and volume.shape[0] > 1
-    return ("xy", "xz", "yz") if near else ("xy",)
+    return ("xy", "xz", "yz") if volume.near_isotropic else ("xy",)
 
 
 def launch(accelerator: str, devices: str, num_nodes: int) -> tuple[Shard, torch.device]:

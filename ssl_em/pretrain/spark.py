@@ -1,0 +1,132 @@
+"""Masked image modeling for CNN encoders, after SparK (Tian et al. 2023, "Designing BERT for
+convolutional networks: sparse and hierarchical masked modeling").
+
+A U-Net encoder is what a lab would otherwise train from scratch; this method pretrains that
+encoder for dense prediction. The tile is cut into squares of the encoder's coarsest stride
+(32 px for a ResNet) and `mask_ratio` of them are hidden. The encoder is the unmodified timm
+CNN (`self.backbone`, so export is its own `state_dict`); what makes it "sparse" is a forward
+hook on every convolution that zeroes its output on hidden squares, which is what SparK's
+sparse convolution computes: hidden squares never leak into visible ones, however deep the
+network, so the task cannot be solved by dilating the visible context a little. A light
+U-Net decoder then sees the encoder levels with the hidden positions filled by a learned token
+per level (SparK's densifying), climbs to stride 4 and predicts each 4 x 4 block of pixels
+at once (pixel shuffle): full-resolution decoder convolutions would cost more CPU than the
+encoder itself. The loss is the mean squared error on hidden squares only, against
+per-square standardised pixels.
+
+Simplification against SparK: BatchNorm statistics include the zeroed positions (SparK's
+sparse BatchNorm excludes them); ResNet's max-pool likewise sees the zeros.
+
+Shapes: B batch, C channels (1 for EM), H W tile, s mask square (px), L = (H/s)(W/s) squares.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_em.export import BackboneError, build_backbone
+from ssl_em.finetune.features import feature_info
+from ssl_em.finetune.heads import conv_block
+from ssl_em.pretrain.base import PretrainMethod
+from ssl_em.pretrain.mae import masked_mse, patchify, random_masking
+
+
+class SparK(PretrainMethod):
+    """Sparse masked modeling of any timm CNN that has `forward_intermediates`."""
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        img_size: int = 128,
+        backbone_kwargs: dict | None = None,
+        mask_ratio: float = 0.6,
+        decoder_width: int = 256,
+        norm_pix_loss: bool = True,
+        base_lr: float = 2e-3,
+        weight_decay: float = 0.04,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 1000,
+        min_lr_fraction: float = 0.0,
+    ) -> None:
+        super().__init__(base_lr=base_lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_fraction=min_lr_fraction)
+        self.save_hyperparameters()
+        self.backbone = build_backbone(backbone, in_chans=1, img_size=img_size, **(backbone_kwargs or {}))
+        info = feature_info(self.backbone)
+        self.reductions = [int(i["reduction"]) for i in info]
+        if len(self.reductions) < 2 or sorted(set(self.reductions)) != self.reductions:
+            raise BackboneError(f"SparK needs a CNN whose levels have growing strides; {backbone} has reductions {self.reductions} (use MAE for ViTs)")
+        self.square = max(self.reductions)
+        if img_size % self.square:
+            raise BackboneError(f"img_size {img_size} is not a multiple of {backbone}'s coarsest stride {self.square}")
+        self.mask_ratio, self.norm_pix_loss, self.img_size = mask_ratio, norm_pix_loss, img_size
+        self.in_chans = 1
+        channels = [int(i["num_chs"]) for i in info]
+        self.mask_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, c, 1, 1)) for c in channels)
+        for t in self.mask_tokens:
+            nn.init.trunc_normal_(t, std=0.02)
+        self.decoder = LightDecoder(channels, self.reductions, self.in_chans, decoder_width)
+        self._visible: torch.Tensor | None = None  # (B, 1, H/s, W/s), 1 = visible; set during forward
+        self._hooks = [m.register_forward_hook(self._sparsify) for m in self.backbone.modules() if isinstance(m, nn.Conv2d)]
+
+    def _sparsify(self, module: nn.Module, inputs, out: torch.Tensor) -> torch.Tensor | None:
+        """Zero a convolution's output on hidden squares (SparK's sparse convolution)."""
+        if self._visible is None:
+            return None
+        return out * self._visible_at(out.shape[-2:]).to(out.dtype)
+
+    def _visible_at(self, size) -> torch.Tensor:
+        """The visible-square mask (B, 1, h, w) at a feature map's resolution (nearest)."""
+        return F.interpolate(self._visible, size=tuple(size), mode="nearest")
+
+    def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """imgs: (B, C, H, W) normalised -> {loss, pred (B, C, H, W), mask (B, L), 1 = hidden}."""
+        B, _, H, W = imgs.shape
+        h, w = H // self.square, W // self.square
+        _, mask, _ = random_masking(B, h * w, self.mask_ratio, imgs.device)  # (B, L), 1 = hidden
+        self._visible = (1 - mask).view(B, 1, h, w)
+        try:
+            masked = imgs * self._visible_at((H, W))
+            feats = self.backbone.forward_intermediates(masked, indices=len(self.reductions), intermediates_only=True)
+        finally:
+            visible, self._visible = self._visible, None
+        # Densify: hidden positions of every level take that level's learned token.
+        dense = []
+        for f, token in zip(feats, self.mask_tokens):
+            v = F.interpolate(visible, size=f.shape[-2:], mode="nearest")
+            dense.append(f * v + token * (1 - v))
+        pred = self.decoder(dense)  # (B, C, H, W)
+        loss = masked_mse(patchify(pred, self.square), patchify(imgs, self.square), mask, self.norm_pix_loss)
+        return {"loss": loss, "pred": pred, "mask": mask}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        imgs = batch["image"]  # (B, 1, H, W), normalised
+        out = self(imgs)
+        self.log_step(out["loss"], imgs.shape[0])
+        return out["loss"]
+
+
+class LightDecoder(nn.Module):
+    """U-Net decoder from the coarsest level up to stride `out_stride`, then pixels.
+
+    features[i]: (B, channels[i], H / reductions[i], W / reductions[i]), strides growing.
+    Levels finer than `out_stride` are not used. Returns (B, out_chans, H, W): a 1x1 conv
+    gives out_stride^2 values per position, rearranged into pixels by PixelShuffle.
+    """
+
+    def __init__(self, channels: list[int], reductions: list[int], out_chans: int, width: int = 128, out_stride: int = 4) -> None:
+        super().__init__()
+        levels = [i for i, r in enumerate(reductions) if r >= out_stride]
+        self.levels = levels[::-1]  # deep to shallow
+        widths = [max(16, width >> k) for k in range(len(self.levels))]
+        self.top = conv_block(channels[self.levels[0]], widths[0])
+        self.stages = nn.ModuleList(conv_block(widths[k - 1] + channels[i], widths[k]) for k, i in enumerate(self.levels) if k > 0)
+        self.out = nn.Sequential(nn.Conv2d(widths[-1], out_chans * out_stride**2, 1), nn.PixelShuffle(out_stride))
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x = self.top(features[self.levels[0]])
+        for i, stage in zip(self.levels[1:], self.stages):
+            skip = features[i]
+            x = stage(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="nearest"), skip], 1))
+        return self.out(x)

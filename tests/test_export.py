@@ -109,3 +109,20 @@ def test_export_from_lightning_checkpoint(tmp_path):
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), model(x))
+
+
+def test_half_precision_export_halves_the_file_and_loads_as_float32(exported, tmp_path):
+    """`--dtype float16` (the shipped backbone's storage) : half the bytes, float32 model on
+    load, weights equal to the float16-rounded originals, in ssl_em and in plain timm."""
+    import timm
+
+    model, full = exported
+    half = export_backbone(model, tmp_path / "half", BackboneMeta.from_dict(json.loads((full / "ssl_em.json").read_text())), dtype="float16")
+    ratio = (half / "model.safetensors").stat().st_size / (full / "model.safetensors").stat().st_size
+    assert 0.45 < ratio < 0.55
+    loaded, _ = load_backbone(half)
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert b.dtype == a.dtype, k
+        assert torch.equal(b, a.half().to(a.dtype) if a.is_floating_point() else a), k
+    via_timm = timm.create_model(f"local-dir:{half}", pretrained=True)
+    assert next(via_timm.parameters()).dtype == torch.float32

@@ -15,8 +15,8 @@ import pytest
 import torch
 from pretrain_utils import make_archive
 
-from ssl_em.export import load_backbone, read_checkpoint
-from ssl_em.pretrain.cli import make_cli, run_argv
+from ssl_em.export import BackboneError, load_backbone, read_checkpoint
+from ssl_em.pretrain.cli import init_from_export, make_cli, run_argv
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes" / "pretrain").glob("*.yaml"))
 TINY = str(Path(__file__).resolve().parents[1] / "recipes" / "pretrain" / "tiny_cpu.yaml")
@@ -72,6 +72,14 @@ def test_train_then_export(archive, tmp_path):
     model, meta = load_backbone(tmp_path / "bb")
     assert meta.steps == 4 and meta.method == "ssl_em.pretrain.mae.MAE" and meta.img_size == 64 and meta.patch_size == 8
     assert model(torch.randn(1, 1, 64, 64)).shape == (1, 96)
+
+    # Continued pretraining: --init_from loads the exported backbone strictly before training.
+    cli = make_cli(["--config", TINY, "--data", str(archive), "--run_dir", str(tmp_path / "more")])
+    init_from_export(cli.model, tmp_path / "bb")
+    assert all(torch.equal(a, b) for a, b in zip(cli.model.backbone.state_dict().values(), model.state_dict().values()))
+    other = make_cli(["--config", TINY.replace("tiny_cpu", "tiny_cpu_moco"), "--data", str(archive), "--run_dir", str(tmp_path / "other")])
+    with pytest.raises(BackboneError, match="do not fit"):  # same timm name, other depth
+        init_from_export(other.model, tmp_path / "bb")
 
 
 @pytest.mark.parametrize(

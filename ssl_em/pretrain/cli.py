@@ -10,6 +10,9 @@ mask_ratio 0.6`, `--data.batch_size 32`, `--trainer.max_steps 1000`). On top of 
   plus checkpoints/last.ckpt);
 - `--resume` continues from checkpoints/last.ckpt (step count, optimizer, data epoch), so
   a run killed with kill -9 carries on from its last checkpoint;
+- `--init_from checkpoints/NAME` starts the backbone from an exported one (continued
+  pretraining of a published backbone on a lab's own archive): same architecture, loaded
+  strictly; the method's heads and the optimizer start fresh;
 - mistakes are reported in one line before training: unknown backbone, tile size not a
   multiple of the patch size, nothing left after curation, batch larger than the data,
   a checkpoint of another architecture or method;
@@ -55,6 +58,7 @@ class PretrainCLI(LightningCLI):
         parser.add_argument("--checkpoint_every_n_steps", type=int, default=1000, help="save checkpoints/last.ckpt every N optimizer steps")
         parser.add_argument("--resume", type=bool, default=False, help="continue from <run_dir>/checkpoints/last.ckpt")
         parser.add_argument("--compile", type=bool, default=False, help="torch.compile the method's forward")
+        parser.add_argument("--init_from", type=str | None, default=None, help="start the backbone from an exported backbone folder (continued pretraining)")
         parser.link_arguments("data.tile_size", "model.init_args.img_size")
 
     def before_instantiate_classes(self) -> None:
@@ -134,6 +138,18 @@ def check_resume(model: PretrainMethod, ckpt_path: Path) -> None:
         raise PretrainError(f"{ckpt_path}: its weights do not fit this model ({len(bad)} keys differ, e.g. {bad[:3]}); use another --run_dir")
 
 
+def init_from_export(model: PretrainMethod, folder: str | Path) -> None:
+    """Load an exported backbone's weights into the method's backbone, strictly; the
+    architecture and its arguments must match the recipe's."""
+    from ssl_em.export import load_backbone, load_strict
+
+    loaded, meta = load_backbone(folder)
+    ours = run_metadata(model.backbone, None)
+    if meta.architecture != ours["architecture"]:
+        raise PretrainError(f"{folder}: is a {meta.architecture}, the recipe builds a {ours['architecture']}; pick a recipe with that backbone")
+    load_strict(model.backbone, loaded.state_dict(), str(folder))
+
+
 def make_cli(argv: list[str]) -> PretrainCLI:
     """Parse `argv` and instantiate model, datamodule and trainer; does not train."""
     with warnings.catch_warnings():
@@ -177,7 +193,9 @@ def run_argv(argv: list[str]) -> int:
         check_data(cli.datamodule)
         if cfg.resume and ckpt_path.is_file():
             check_resume(cli.model, ckpt_path)
-    except PretrainError as e:
+        elif cfg.init_from:
+            init_from_export(cli.model, cfg.init_from)
+    except (PretrainError, BackboneError) as e:
         print(f"ssl-em pretrain: error: {e}", file=sys.stderr)
         return 2
     if cfg.resume and not ckpt_path.is_file():

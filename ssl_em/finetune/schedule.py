@@ -61,11 +61,15 @@ class KeepBestWeights(pl.Callback):
         self.best_step: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def score(self, trainer: pl.Trainer) -> float | None:
+        """The monitored value of the validation that just ended (lower is better)."""
         value = trainer.callback_metrics.get(self.monitor)
-        if getattr(trainer, "sanity_checking", False) or value is None:
+        return None if value is None else float(value)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = None if getattr(trainer, "sanity_checking", False) else self.score(trainer)
+        if value is None:
             return
-        value = float(value)
         if self.best_score is None or value < self.best_score:
             self.best_score, self.best_step = value, int(trainer.global_step)
             self.best_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}

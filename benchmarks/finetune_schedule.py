@@ -8,6 +8,7 @@ difference. One JSON line per run: choice flags, budget, seed, Dice, steps, CPU 
 
     OMP_NUM_THREADS=1 python benchmarks/finetune_schedule.py --budgets 1,2 --seeds 0,1
     OMP_NUM_THREADS=1 python benchmarks/finetune_schedule.py --ce-only --uniform --light-aug --constant-lr --no-holdout --max-steps 200
+    python benchmarks/finetune_schedule.py --summarize runs.jsonl   # markdown table of the lines
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import defaultdict
 from pathlib import Path
+
+import numpy as np
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012" / "train"
 
@@ -37,7 +41,11 @@ def main() -> None:
     p.add_argument("--light-aug", action="store_true", help="flips + intensity only (no warp, blur, stripes)")
     p.add_argument("--constant-lr", action="store_true", help="constant lr, no warm-up or cosine decay")
     p.add_argument("--no-holdout", action="store_true", help="keep the last weights (no held-out band)")
+    p.add_argument("--summarize", nargs="+", default=None, help="JSON-lines files of earlier runs: print a table and exit")
     args = p.parse_args()
+    if args.summarize:
+        print(summarize([json.loads(line) for f in args.summarize for line in Path(f).read_text().splitlines() if line.startswith("{")]))
+        return
 
     from ssl_em.finetune.benchmark import choose_slices, head_of_width
     from ssl_em.finetune.cli import finetune
@@ -58,6 +66,23 @@ def main() -> None:
             print(json.dumps({**choices, "encoder": args.encoder, "lr": args.lr, "budget": budget, "seed": seed, "slices": train,
                               "dice": round(m["dice/membrane"], 4), "steps": m["steps"], "best_step": m["best_step"],
                               "cpu_s": round(time.process_time() - t0, 1)}), flush=True)
+
+
+CHOICES = ("ce_only", "uniform", "light_aug", "constant_lr", "no_holdout")
+
+
+def summarize(runs: list[dict]) -> str:
+    """One row per (choices, budget): Dice mean ± std over seeds, each seed's Dice, CPU s."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[(tuple(k for k in CHOICES if r[k]), r["budget"], r["steps"])].append(r)
+    lines = ["| protocol (old choices switched back) | slices | steps | membrane Dice, mean ± std | per seed | CPU s per run |", "|---|---|---|---|---|---|"]
+    for (off, budget, steps), rs in sorted(groups.items(), key=lambda kv: (len(kv[0][0]) != len(CHOICES), kv[0][0], kv[0][1])):
+        d = [r["dice"] for r in sorted(rs, key=lambda r: r["seed"])]
+        name = "old: CE, uniform, light aug, constant lr, last weights" if len(off) == len(CHOICES) else ("new" + (" minus " + ", ".join(off) if off else ""))
+        per_seed = " / ".join(f"{r['dice']:.3f} (seed {r['seed']}, best step {r['best_step']})" for r in sorted(rs, key=lambda r: r["seed"]))
+        lines.append(f"| {name} | {budget} | {steps} | {np.mean(d):.3f} ± {np.std(d):.3f} | {per_seed} | {np.mean([r['cpu_s'] for r in rs]):.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,14 @@
 #    128 px tiles; MoCo costs ~7x more per step on a CPU, hence fewer steps);
 # 3. export both backbones;
 # 4. fine-tune on 1, 2, 4, 8 and all 20 labeled slices of the ISBI 2012 *train* stack
-#    (slices 0-19), from each pretrained backbone and from their shared random-init twin
-#    (same slices, same seed, same steps; the random backbone trains at the full lr), score
+#    (slices 0-19), from each pretrained backbone, from their shared random-init twin (same
+#    slices, seed and schedule; the random backbone trains at the full lr) and from a
+#    ResNet-18 U-Net trained from scratch end to end (what a lab would otherwise use), score
 #    Dice of the membrane class on the held-out train slices 20-29, over several seeds.
+#    The schedule is the benchmark's default (issue 8): steps grow with the labeled pixels
+#    (300 + 400 per megapixel, at most 1000), cross-entropy + Dice, half the tiles centred
+#    on a random class, warm-up + cosine lr, and the weights with the lowest loss on a band
+#    held out of the labeled slices (15% of their rows) are the ones scored.
 #
 # Every stage resumes: rerunning skips finished sources, continues the pretraining run from
 # its last checkpoint, and skips (arm, budget, seed) rows already in results.csv.
@@ -22,7 +27,9 @@ DATA=${DATA:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data}
 WORK=${WORK:-/tmp/ssl_em_isbi}
 STEPS=${STEPS:-5000}            # MAE pretraining steps (batch 32)
 MOCO_STEPS=${MOCO_STEPS:-1000}  # MoCo v3 pretraining steps (batch 32): ~7x the CPU per step of MAE
-FT_STEPS=${FT_STEPS:-200}       # fine-tuning steps per run (batch 4, 128 px tiles)
+FT_STEPS=${FT_STEPS:-}          # fixed fine-tuning steps per run; empty: scaled to the labeled pixels
+UNET_ENCODER=${UNET_ENCODER:-resnet18}  # the U-Net-from-scratch baseline's timm encoder
+UNET_LR=${UNET_LR:-1e-3}
 UNFREEZE=${UNFREEZE:-50}        # train the head alone this many steps, then the whole network
 HEAD_WIDTH=${HEAD_WIDTH:-64}    # UNETR decoder width (64: about 4x cheaper than 128 on a CPU)
 BUDGETS=${BUDGETS:-1,2,4,8,all}
@@ -59,11 +66,12 @@ CKPTS="$WORK/ckpt/isbi_mae_vit6 $WORK/ckpt/isbi_moco_vit6"
 # One single-threaded process per seed: on a small CPU, N one-thread jobs beat one N-thread
 # job by far. Every process writes its own folder; `report` merges them.
 OUT=$WORK/label_efficiency
-export DATA CKPTS OUT FT_STEPS UNFREEZE HEAD_WIDTH BUDGETS
+export DATA CKPTS OUT UNFREEZE HEAD_WIDTH BUDGETS UNET_ENCODER UNET_LR
+export STEPS_FLAG=${FT_STEPS:+--max-steps $FT_STEPS}
 printf '%s\n' $SEEDS | xargs -P "$JOBS" -I{} sh -c 'OMP_NUM_THREADS=1 ssl-em benchmark label-efficiency \
   --backbones $CKPTS --images "$DATA/isbi2012/train/image" --labels "$DATA/isbi2012/train/label" \
   --classes membrane,cell --label-values 0,255 --metric dice/membrane --pool 0-19 --val-slices 20-29 \
-  --budgets "$BUDGETS" --seeds {} --max-steps "$FT_STEPS" --batch-size 4 --head-width "$HEAD_WIDTH" \
-  --unfreeze-at-step "$UNFREEZE" --out "$OUT/seed{}" > "$OUT.seed{}.log" 2>&1'
+  --budgets "$BUDGETS" --seeds {} $STEPS_FLAG --batch-size 4 --head-width "$HEAD_WIDTH" \
+  --unfreeze-at-step "$UNFREEZE" --unet-encoder "$UNET_ENCODER" --unet-lr "$UNET_LR" --out "$OUT/seed{}" > "$OUT.seed{}.log" 2>&1'
 ssl-em benchmark report --out "$OUT" --metric dice/membrane --merge "$OUT"/seed* \
-  --title "ISBI 2012 membranes: MAE / MoCo v3 pretrained vs random init"
+  --title "ISBI 2012 membranes: MAE / MoCo v3 pretrained vs random init and a U-Net from scratch"

@@ -67,7 +67,7 @@ def test_paired_gains_pair_each_seed_with_its_random_twin():
     assert "+0.025 ± 0.075 (1/2 wins)" in gains_table(gains, "m")
 
 
-def test_backbones_of_one_architecture_share_a_random_twin(tmp_path):
+def test_backbones_of_one_architecture_share_a_random_twin_and_the_unet_is_always_there(tmp_path):
     import timm
 
     from ssl_em.export import BackboneMeta, export_backbone
@@ -76,10 +76,65 @@ def test_backbones_of_one_architecture_share_a_random_twin(tmp_path):
     for name, model in (("mae", "test_vit"), ("moco", "test_vit"), ("cnn", "test_resnet")):
         net = timm.create_model(model, in_chans=1, num_classes=0, pretrained=False)
         export_backbone(net, tmp_path / name, BackboneMeta(model, model_args={"in_chans": 1}, method=name))
-    arms = arms_for([str(tmp_path / n) for n in ("mae", "moco", "cnn")])
+    arms = arms_for([str(tmp_path / n) for n in ("mae", "moco", "cnn")], unet_lr=2e-3)
+    unet = "U-Net from scratch (resnet18)"
     assert [(a.name, a.random_init) for a in arms] == [("mae", False), ("moco", False), ("cnn", False),
-                                                       ("random-init (mae arch)", True), ("random-init (cnn arch)", True)]
+                                                       ("random-init (mae arch)", True), ("random-init (cnn arch)", True), (unet, True)]
     assert [a.twin for a in arms[:3]] == ["random-init (mae arch)", "random-init (mae arch)", "random-init (cnn arch)"]
+    assert {a.baseline for a in arms} == {unet} and arms[-1].backbone == "resnet18"
+    assert arms[-1].settings == {"lr": 2e-3, "unfreeze_at_step": 0}  # its own lr, end to end
+
+    # A CNN backbone of the U-Net's own architecture: its twin *is* the U-Net, run once.
+    arms = arms_for([str(tmp_path / n) for n in ("mae", "cnn")], unet_encoder="test_resnet")
+    unet = "U-Net from scratch (test_resnet)"
+    assert [a.name for a in arms] == ["mae", "cnn", "random-init (mae arch)", unet]
+    assert arms[1].twin == arms[1].baseline == unet and arms[-1].twin == arms[-1].baseline == unet
+
+
+def test_unet_arm_runs_every_budget_plus_the_ceiling_and_pairs_by_seed(tmp_path, monkeypatch):
+    import ssl_em.finetune.cli as ft_cli
+    from ssl_em.finetune.benchmark import arms_for
+
+    calls = []
+
+    def fake_finetune(backbone, images, labels, train, val, task, random_init, seed, **kw):
+        calls.append((backbone, len(train), seed, kw.get("lr"), kw.get("unfreeze_at_step")))
+        return None, {"mean_iou": 0.1 * len(train) + 0.01 * seed + (0.2 if not random_init else 0.1 if backbone == "resnet18" else 0.0)}
+
+    monkeypatch.setattr(ft_cli, "finetune", fake_finetune)
+    arms = arms_for(["ckpt/mae"], unet_lr=5e-3)
+    rows = label_efficiency(arms, "i", "l", list(range(6)), [6], [1, 2], [0, 1], tmp_path, finetune_kwargs={"lr": 1e-4, "unfreeze_at_step": 50}, progress=False)
+    unet_calls = sorted((n, s) for b, n, s, lr, u in calls if b == "resnet18" and (lr, u) == (5e-3, 0))
+    assert unet_calls == [(1, 0), (1, 1), (2, 0), (2, 1), (6, 0), (6, 1)]  # budgets, then the whole pool: the ceiling
+    assert len(rows) == 2 * 2 * 3 + 2 and all(lr == 1e-4 for b, n, s, lr, u in calls if b != "resnet18")
+    over_unet, over_twin = paired_gains(rows, "baseline"), paired_gains(rows, "twin")
+    assert over_unet["ckpt/mae".split("/")[-1]][1][:4] == (pytest.approx(0.1), pytest.approx(0.0), 2, 2)
+    assert over_unet["random-init (mae arch)"][2][0] == pytest.approx(-0.1) and 6 not in over_unet["mae"]
+    assert over_twin["mae"][2][0] == pytest.approx(0.2) and "U-Net from scratch (resnet18)" not in over_unet
+    table = report(tmp_path, "mean_iou")
+    assert "| ceiling: U-Net from scratch (resnet18), all 6 labeled slices | 0.705 ± 0.005 (n=2) |" in table
+    assert "gain over random init" in table and "gain over U-Net from scratch (resnet18)" in table
+
+
+def test_gains_over_both_baselines_match_a_hand_computed_example():
+    """mae vs its twin and vs the U-Net at budget 1, seeds 0 and 1:
+    mae 0.80 / 0.60, twin 0.70 / 0.65, U-Net 0.75 / 0.50 (0.90 / 0.86 with all 4 slices).
+    Over the twin: +0.10, -0.05 -> +0.025 ± 0.075, 1/2 wins. Over the U-Net: +0.05, +0.10
+    -> +0.075 ± 0.025, 2/2 wins; the twin over the U-Net: -0.05, +0.15 -> +0.050 ± 0.100."""
+    from ssl_em.finetune.benchmark import ceiling
+
+    u = "U-Net from scratch (resnet18)"
+    rows = [_row("mae", False, 1, 0, 0.80) | {"baseline": u}, _row("rand", True, 1, 0, 0.70) | {"baseline": u},
+            _row(u, True, 1, 0, 0.75) | {"twin": u, "baseline": u},
+            _row("mae", False, 1, 1, 0.60) | {"baseline": u}, _row("rand", True, 1, 1, 0.65) | {"baseline": u},
+            _row(u, True, 1, 1, 0.50) | {"twin": u, "baseline": u},
+            _row(u, True, 4, 0, 0.90) | {"twin": u, "baseline": u}, _row(u, True, 4, 1, 0.86) | {"twin": u, "baseline": u}]
+    twin, unet = paired_gains(rows, "twin"), paired_gains(rows, "baseline")
+    assert twin["mae"][1] == (pytest.approx(0.025), pytest.approx(0.075), 1, 2) and set(twin) == {"mae"}
+    assert unet["mae"][1] == (pytest.approx(0.075), pytest.approx(0.025), 2, 2)
+    assert unet["rand"][1] == (pytest.approx(0.05), pytest.approx(0.1), 1, 2) and u not in unet
+    assert ceiling(rows)[:2] == (u, 4) and ceiling(rows)[2][:2] == (pytest.approx(0.88), pytest.approx(0.02))
+    assert "+0.075 ± 0.025 (2/2 wins)" in gains_table(unet, "m", u)
 
 
 def test_results_from_before_the_twin_column_are_upgraded(tmp_path):
@@ -140,5 +195,7 @@ def test_cli_budget_all_is_the_whole_pool(tmp_path, monkeypatch):
     argv = ["benchmark", "label-efficiency", "--backbones", "ckpt/mae", "--images", "i", "--labels", "l", "--pool", "0-3",
             "--val-slices", "4", "--budgets", "1,all", "--seeds", "0", "--out", str(tmp_path)]
     assert main(argv) == 0
-    assert sorted(len(train) for train, _ in calls) == [1, 1, 4, 4] and {r for _, r in calls} == {False, True}
-    assert [r["twin"] for r in read_rows(tmp_path / "results.csv")] == ["random-init (mae arch)"] * 4
+    assert sorted(len(train) for train, _ in calls) == [1, 1, 1, 4, 4, 4] and {r for _, r in calls} == {False, True}
+    unet = "U-Net from scratch (resnet18)"
+    assert [(r["arm"], r["twin"]) for r in read_rows(tmp_path / "results.csv")][:3] == [
+        ("mae", "random-init (mae arch)"), ("random-init (mae arch)", "random-init (mae arch)"), (unet, unet)]

@@ -102,7 +102,7 @@ def test_frozen_backbone_then_unfrozen(em):
 
 def test_layer_decay_groups():
     m = SegmentationModule("test_vit", SMALL_UNETR, num_classes=2, tile_size=32, unfreeze_at_step=0, layer_decay=0.5, lr=1.0, backbone_lr_scale=1.0)
-    lrs = sorted({g["lr"] for g in m.configure_optimizers().param_groups})
+    lrs = sorted({g["lr"] for g in m.configure_optimizers()["optimizer"].param_groups})
     assert lrs[-1] == 1.0 and lrs[0] < 0.1  # head at lr, lowest backbone layers decayed
 
 
@@ -226,5 +226,5 @@ def test_random_init_backbone_trains_at_full_lr_by_default():
     top = {}
     for random_init in (False, True):
         m = SegmentationModule("test_vit", SMALL_UNETR, num_classes=2, tile_size=32, unfreeze_at_step=0, lr=1.0, random_init=random_init)
-        top[random_init] = max(g["lr"] for g in m.configure_optimizers().param_groups[1:])  # [0] is the head
+        top[random_init] = max(g["lr"] for g in m.configure_optimizers()["optimizer"].param_groups[1:])  # [0] is the head
     assert top == {False: pytest.approx(0.1), True: pytest.approx(1.0)}

@@ -228,3 +228,46 @@ def em_view(size: int, crop_scale: tuple[float, float] = (0.25, 1.0), blur: floa
         GaussianNoise(p=noise),
         Stripes(p=0.1),
     )
+
+
+class RandomWarp(nn.Module):
+    """Small affine plus elastic deformation of an image and its label map together.
+
+    Tissue in EM is soft: sections stretch, shear and wrinkle a little, so labels must follow
+    the same warp. Per sample (with chance p): rotation within ±`rotate` degrees, scale
+    within 1 ± `scale`, shear within ±`shear`, plus a smooth random displacement field
+    (`elastic` pixels at most, on a coarse `grid` x `grid` lattice upsampled bicubically).
+    The image is resampled bilinearly with reflection at the borders, the labels by
+    nearest neighbour; label pixels that come from outside the tile become `ignore_index`.
+
+    image: (B, C, H, W) float; target: (B, H, W) int64. Returns both, same shapes.
+    """
+
+    def __init__(self, rotate: float = 15.0, scale: float = 0.1, shear: float = 0.05, elastic: float = 4.0, grid: int = 4,
+                 p: float = 0.5, ignore_index: int = -1) -> None:  # fmt: skip
+        super().__init__()
+        self.rotate, self.scale, self.shear, self.elastic, self.grid, self.p, self.ignore_index = rotate, scale, shear, elastic, grid, p, ignore_index
+
+    def forward(self, image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, _, H, W = image.shape
+        dev, dt = image.device, image.dtype
+        u = lambda: torch.rand(B, device=dev, dtype=dt) * 2 - 1  # noqa: E731
+        a = u() * math.radians(self.rotate)
+        s = 1 + u() * self.scale
+        sh = u() * self.shear
+        theta = torch.zeros(B, 2, 3, device=dev, dtype=dt)
+        theta[:, 0, 0], theta[:, 0, 1] = torch.cos(a) / s, -torch.sin(a) / s + sh
+        theta[:, 1, 0], theta[:, 1, 1] = torch.sin(a) / s, torch.cos(a) / s
+        grid = F.affine_grid(theta, (B, 1, H, W), align_corners=False)  # (B, H, W, 2) in [-1, 1]
+        if self.elastic > 0:
+            coarse = torch.randn(B, 2, self.grid, self.grid, device=dev, dtype=dt)
+            coarse = coarse / coarse.abs().amax((1, 2, 3), keepdim=True).clamp(min=1e-6)  # at most 1, then scaled to pixels
+            field = F.interpolate(coarse, size=(H, W), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+            grid = grid + field * self.elastic * 2 / torch.tensor([W, H], device=dev, dtype=dt)
+        act = _chance(image, self.p)
+        identity = F.affine_grid(torch.eye(2, 3, device=dev, dtype=dt).expand(B, 2, 3), (B, 1, H, W), align_corners=False)
+        grid = torch.where(act[:, None, None, None], grid, identity)
+        warped = F.grid_sample(image, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        t = F.grid_sample(target.to(dt)[:, None], grid, mode="nearest", padding_mode="border", align_corners=False)[:, 0].round().long()
+        inside = (grid.abs() <= 1).all(-1)  # (B, H, W): sampled from within the tile
+        return warped, torch.where(inside, t, torch.full_like(t, self.ignore_index))

@@ -1,11 +1,16 @@
 """`ssl-em benchmark label-efficiency`: does pretraining pay off, and at how many labels?
 
-For each backbone (and, always, a randomly initialised twin of each architecture), each
-label budget (number of labeled training slices) and each seed, it fine-tunes with
-`ssl_em.finetune.cli.finetune`, scores the held-out slices, and appends one CSV row. The
-CSV is the record: a re-run skips the (arm, budget, seed) rows already in it, so an
-interrupted benchmark resumes. At the end it writes a markdown table (mean ± std over
-seeds) and a PNG plot of score against labeled slices.
+Arms: each backbone; always a randomly initialised twin of each architecture; and always
+the baseline a lab would otherwise use, a CNN U-Net trained from scratch end to end (a timm
+encoder, `resnet18` by default, with ssl_em's UNetHead, at its own lr). When a backbone is
+a CNN of the U-Net's own architecture, its twin and the U-Net are one model, run once and
+named "U-Net from scratch (<encoder>)". For each arm, label budget (number of labeled
+training slices) and seed, it fine-tunes with `ssl_em.finetune.cli.finetune`, scores the
+held-out slices, and appends one CSV row; the U-Net also runs with the whole pool, the
+"all labels" ceiling every table shows. The CSV is the record: a re-run skips the (arm,
+budget, seed) rows already in it, so an interrupted benchmark resumes. At the end it
+writes table.md (mean ± std over seeds; gains over the twin and over the U-Net, paired by
+seed) and plot.png (score against labeled slices, the ceiling as a dotted line).
 
     ssl-em benchmark label-efficiency --backbones checkpoints/A checkpoints/B \\
         --images isbi2012/train/image --labels isbi2012/train/label \\
@@ -21,7 +26,7 @@ import csv
 import json
 import textwrap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,26 +34,44 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Arm:
-    """One line of the comparison: a backbone, pretrained or randomly initialised."""
+    """One line of the comparison: a backbone, pretrained or randomly initialised.
+
+    twin, baseline: the arms this arm's scores are paired with (an arm that *is* the twin
+    or the baseline names itself). settings: `finetune` keyword arguments that differ for
+    this arm (the U-Net's own lr, trained end to end from the first step).
+    """
 
     name: str
     backbone: str
     random_init: bool = False
-    twin: str = ""  # the random-init arm this arm's scores are paired with
+    twin: str = ""
+    baseline: str = ""
+    settings: dict = field(default_factory=dict, compare=False, hash=False)
 
 
-def arms_for(backbones: list[str], random_twins: bool = True) -> list[Arm]:
-    """The pretrained arms plus one random-init arm per distinct architecture; backbones of
-    the same architecture (MAE and MoCo of one ViT, say) share that random-init twin."""
+def unet_name(encoder: str) -> str:
+    return f"U-Net from scratch ({encoder})"
+
+
+def arms_for(backbones: list[str], random_twins: bool = True, unet_encoder: str | None = "resnet18", unet_lr: float = 1e-3) -> list[Arm]:
+    """The pretrained arms, one random-init arm per distinct architecture (backbones of one
+    architecture, MAE and MoCo of one ViT say, share it), then the U-Net from scratch
+    (`unet_encoder` None leaves it out). A backbone whose architecture is the U-Net's
+    encoder (timm name, in_chans 1, no other model arguments) has the U-Net as its twin."""
     from ssl_em.export import BackboneMeta
 
+    unet = Arm(unet_name(unet_encoder), unet_encoder, True, unet_name(unet_encoder), unet_name(unet_encoder), {"lr": unet_lr, "unfreeze_at_step": 0}) if unet_encoder else None
     pretrained, twins = [], {}
     for b in backbones:
         meta_file = Path(b) / "ssl_em.json"
-        arch = json.dumps(_arch_key(BackboneMeta.from_dict(json.loads(meta_file.read_text())) if meta_file.is_file() else None, b))
-        twin = twins.setdefault(arch, Arm(_twin_name(b), b, True, _twin_name(b)))
-        pretrained.append(Arm(Path(b).name, b, False, twin.name))
-    return pretrained + (list(twins.values()) if random_twins else [])
+        meta = BackboneMeta.from_dict(json.loads(meta_file.read_text())) if meta_file.is_file() else None
+        arch = json.dumps(_arch_key(meta, b))
+        if unet is not None and arch == json.dumps(_arch_key(None, unet_encoder)):
+            twin = unet
+        else:
+            twin = twins.setdefault(arch, Arm(_twin_name(b), b, True, _twin_name(b), unet.name if unet else ""))
+        pretrained.append(Arm(Path(b).name, b, False, twin.name, unet.name if unet else ""))
+    return pretrained + (list(twins.values()) if random_twins else []) + ([unet] if unet else [])
 
 
 def _twin_name(backbone: str) -> str:
@@ -56,7 +79,12 @@ def _twin_name(backbone: str) -> str:
 
 
 def _arch_key(meta, fallback: str):
-    return [meta.architecture, meta.model_args] if meta is not None else fallback
+    """What makes two backbones the same architecture; a timm name (no metadata) is that
+    architecture with in_chans 1 and timm's defaults, as `resolve_backbone` builds it."""
+    if meta is None:
+        return [fallback, {}] if not Path(fallback).exists() else fallback
+    args = {k: v for k, v in meta.model_args.items() if k not in ("in_chans", "img_size") or (k == "in_chans" and v != 1)}
+    return [meta.architecture, args]
 
 
 def choose_slices(pool: list[int], budget: int, seed: int) -> list[int]:
@@ -67,13 +95,16 @@ def choose_slices(pool: list[int], budget: int, seed: int) -> list[int]:
     return sorted(int(z) for z in rng.choice(pool, size=budget, replace=False))
 
 
-FIELDS = ["arm", "backbone", "random_init", "twin", "budget", "seed", "train_slices", "metric", "score", "seconds", "metrics_json"]
+FIELDS = ["arm", "backbone", "random_init", "twin", "baseline", "budget", "seed", "train_slices", "metric", "score", "seconds", "metrics_json"]
 
 
 def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slices: list[int], budgets: list[int], seeds: list[int],
                      out: str | Path, metric: str = "mean_iou", task: str = "semantic", finetune_kwargs: dict | None = None,
-                     progress: bool = True) -> list[dict]:
-    """Run (or resume) the grid; returns all CSV rows. Rows are appended as each run ends."""
+                     progress: bool = True, ceiling: bool = True) -> list[dict]:
+    """Run (or resume) the grid; returns all CSV rows. Rows are appended as each run ends.
+
+    ceiling: the baseline arm (the U-Net, whose `baseline` is itself) also runs with every
+    slice of the pool, whatever the budgets, for the "all labels" ceiling row."""
     from tqdm import tqdm
 
     from ssl_em.finetune.cli import finetune
@@ -84,15 +115,17 @@ def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slice
     rows = read_rows(csv_path)
     done = {(r["arm"], int(r["budget"]), int(r["seed"])) for r in rows}
     grid = [(a, b, s) for b in budgets for s in seeds for a in arms]
+    if ceiling and len(pool) not in budgets:
+        grid += [(a, len(pool), s) for s in seeds for a in arms if a.baseline == a.name]
     todo = [g for g in grid if (g[0].name, g[1], g[2]) not in done]
     with _appender(csv_path, rows) as (f, writer):
         for arm, budget, seed in tqdm(todo, desc="label-efficiency", disable=not progress):
             train = choose_slices(pool, budget, seed)
             t0 = time.time()
-            _, metrics = finetune(arm.backbone, images, labels, train, val_slices, task=task, random_init=arm.random_init, seed=seed, **(finetune_kwargs or {}))
+            _, metrics = finetune(arm.backbone, images, labels, train, val_slices, task=task, random_init=arm.random_init, seed=seed, **{**(finetune_kwargs or {}), **arm.settings})
             if metric not in metrics:
                 raise KeyError(f"metric {metric!r} not among {sorted(metrics)}")
-            row = {"arm": arm.name, "backbone": arm.backbone, "random_init": arm.random_init, "twin": arm.twin, "budget": budget, "seed": seed,
+            row = {"arm": arm.name, "backbone": arm.backbone, "random_init": arm.random_init, "twin": arm.twin, "baseline": arm.baseline, "budget": budget, "seed": seed,
                    "train_slices": " ".join(map(str, train)), "metric": metric, "score": metrics[metric],
                    "seconds": round(time.time() - t0, 1), "metrics_json": json.dumps(metrics)}
             writer.writerow(row)
@@ -110,6 +143,8 @@ def read_rows(csv_path: Path) -> list[dict]:
     for r in rows:
         if not r.get("twin"):  # older files: one random-init twin per backbone, named after it
             r["twin"] = _twin_name(r["backbone"])
+        r.setdefault("baseline", "")  # older files: no U-Net baseline
+        r["baseline"] = r["baseline"] or ""
     return rows
 
 
@@ -141,36 +176,58 @@ def summarize(rows: list[dict]) -> dict[str, dict[int, tuple[float, float, int]]
     return {a: {b: (float(np.mean(v)), float(np.std(v)), len(v)) for b, v in sorted(d.items())} for a, d in table.items()}
 
 
-def markdown_table(summary: dict, metric: str) -> str:
+def ceiling(rows: list[dict]) -> tuple[str, int, tuple[float, float, int]] | None:
+    """(arm, budget, (mean, std, n)) of the baseline arm (the U-Net, the arm that is its own
+    baseline) at its largest budget, the whole pool: the "all labels" ceiling. None
+    without baseline rows."""
+    base = [r for r in rows if r.get("baseline") and r["baseline"] == r["arm"]]
+    if not base:
+        return None
+    arm = base[0]["arm"]
+    top = max(int(r["budget"]) for r in base if r["arm"] == arm)
+    return arm, top, summarize([r for r in base if r["arm"] == arm and int(r["budget"]) == top])[arm][top]
+
+
+def _ceiling_label(c) -> str:
+    return f"ceiling: {c[0]}, all {c[1]} labeled slices"
+
+
+def markdown_table(summary: dict, metric: str, top: tuple | None = None) -> str:
+    """Scores, one row per arm; `top` (see `ceiling`) adds the ceiling as the last row,
+    its score in every column."""
     budgets = sorted({b for d in summary.values() for b in d})
     head = f"| backbone \\ labeled slices ({metric}, mean ± std over seeds) | " + " | ".join(str(b) for b in budgets) + " |"
     lines = [head, "|---|" + "---|" * len(budgets)]
     for arm, d in summary.items():
         cells = [f"{d[b][0]:.3f} ± {d[b][1]:.3f} (n={d[b][2]})" if b in d else "-" for b in budgets]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    if top is not None:
+        m, sd, n = top[2]
+        lines.append(f"| {_ceiling_label(top)} | " + " | ".join(f"{m:.3f} ± {sd:.3f} (n={n})" for _ in budgets) + " |")
     return "\n".join(lines)
 
 
-def paired_gains(rows: list[dict]) -> dict[str, dict[int, tuple[float, float, int, int]]]:
-    """Pretrained minus random init, paired by (budget, seed): both arms of a pair trained on
-    the same slices with the same seed, so the slice draw cancels out of the difference.
+def paired_gains(rows: list[dict], against: str = "twin") -> dict[str, dict[int, tuple[float, float, int, int]]]:
+    """Each arm minus the arm named in its `against` column ("twin": the random-init twin;
+    "baseline": the U-Net from scratch), paired by (budget, seed): both arms of a pair
+    trained on the same slices with the same seed, so the slice draw cancels out of the
+    difference. Arms that are their own twin or baseline are not compared with themselves.
 
-    Returns arm -> budget -> (mean gain, std of gain, wins, pairs) against the random-init
-    twin of the backbone's architecture.
+    Returns arm -> budget -> (mean gain, std of gain, wins, pairs).
     """
-    random = {(r["arm"], int(r["budget"]), int(r["seed"])): float(r["score"]) for r in rows if is_random(r)}
+    score = {(r["arm"], int(r["budget"]), int(r["seed"])): float(r["score"]) for r in rows}
     gains: dict[str, dict[int, list[float]]] = {}
     for r in rows:
-        twin = random.get((r["twin"], int(r["budget"]), int(r["seed"])))
-        if not is_random(r) and twin is not None:
-            gains.setdefault(r["arm"], {}).setdefault(int(r["budget"]), []).append(float(r["score"]) - twin)
+        ref = score.get((r.get(against) or "", int(r["budget"]), int(r["seed"])))
+        if ref is not None and r[against] != r["arm"]:
+            gains.setdefault(r["arm"], {}).setdefault(int(r["budget"]), []).append(float(r["score"]) - ref)
     return {a: {b: (float(np.mean(g)), float(np.std(g)), int(sum(x > 0 for x in g)), len(g)) for b, g in sorted(d.items())}
             for a, d in gains.items()}
 
 
-def gains_table(gains: dict, metric: str) -> str:
+def gains_table(gains: dict, metric: str, over: str = "random init") -> str:
     budgets = sorted({b for d in gains.values() for b in d})
-    lines = [f"| gain over random init ({metric}, paired by seed) | " + " | ".join(str(b) for b in budgets) + " |",
+    lines = [f"| gain over {over} ({metric}, paired by seed) | " + " | ".join(str(b) for b in budgets) + " |",
              "|---|" + "---|" * len(budgets)]
     for arm, d in gains.items():
         cells = [f"{d[b][0]:+.3f} ± {d[b][1]:.3f} ({d[b][2]}/{d[b][3]} wins)" if b in d else "-" for b in budgets]
@@ -178,7 +235,9 @@ def gains_table(gains: dict, metric: str) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict, metric: str, path: str | Path, title: str = "") -> None:
+def plot(summary: dict, metric: str, path: str | Path, title: str = "", top: tuple | None = None) -> None:
+    """Score against labeled slices for every arm (twins dashed, the U-Net baseline in
+    black), the all-labels ceiling (`top`, see `ceiling`) as a dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,7 +248,10 @@ def plot(summary: dict, metric: str, path: str | Path, title: str = "") -> None:
         b = sorted(d)
         m = np.array([d[x][0] for x in b])
         s = np.array([d[x][1] for x in b])
-        ax.errorbar(b, m, yerr=s, marker="o", capsize=3, label=arm, linestyle="--" if "random" in arm else "-")
+        style = {"color": "black"} if top is not None and arm == top[0] else {"linestyle": "--" if "random" in arm else "-"}
+        ax.errorbar(b, m, yerr=s, marker="o", capsize=3, label=arm, **style)
+    if top is not None:
+        ax.axhline(top[2][0], color="black", linestyle=":", linewidth=1, label=_ceiling_label(top))
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({x for d in summary.values() for x in d}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -204,9 +266,10 @@ def plot(summary: dict, metric: str, path: str | Path, title: str = "") -> None:
 
 
 def report(out: str | Path, metric: str, title: str = "", merge: list[str | Path] = ()) -> str:
-    """Write table.md (scores, then paired gains) and plot.png from results.csv; returns
-    the tables. `merge`: other benchmark folders (e.g. seeds run in parallel processes)
-    whose rows are appended to out/results.csv first, skipping rows it already has."""
+    """Write table.md (scores with the ceiling row, then gains over the random-init twin and
+    over the U-Net from scratch, paired by seed) and plot.png from results.csv; returns the
+    tables. `merge`: other benchmark folders (e.g. seeds run in parallel processes) whose
+    rows are appended to out/results.csv first, skipping rows it already has."""
     out = Path(out)
     rows = read_rows(out / "results.csv")
     have = {(r["arm"], r["budget"], r["seed"]) for r in rows}
@@ -217,12 +280,17 @@ def report(out: str | Path, metric: str, title: str = "", merge: list[str | Path
             writer.writerows(extra)
         rows += extra
     summary = summarize(rows)
-    table = markdown_table(summary, metric)
-    gains = paired_gains(rows)
-    if gains:
-        table += "\n\n" + gains_table(gains, metric)
+    top = ceiling(rows)
+    tables = [markdown_table(summary, metric, top)]
+    for against, over in (("twin", "random init"), ("baseline", top[0] if top else "the U-Net")):
+        gains = paired_gains(rows, against)
+        if gains:
+            tables.append(gains_table(gains, metric, over))
+    if top is not None:
+        tables.append(f"{_ceiling_label(top)}: {top[2][0]:.3f} ± {top[2][1]:.3f} (n={top[2][2]})")
+    table = "\n\n".join(tables)
     (out / "table.md").write_text(table + "\n")
-    plot(summary, metric, out / "plot.png", title)
+    plot(summary, metric, out / "plot.png", title, top)
     return table
 
 
@@ -243,8 +311,8 @@ def head_of_width(width: int):
 
 def configure(parser: argparse.ArgumentParser) -> None:
     kinds = parser.add_subparsers(dest="kind", required=True)
-    le = kinds.add_parser("label-efficiency", help="fine-tune pretrained and random-init backbones over label budgets and seeds")
-    le.add_argument("--backbones", nargs="+", required=True, help="exported backbone folders (a random-init twin of each architecture is added)")
+    le = kinds.add_parser("label-efficiency", help="fine-tune pretrained and random-init backbones, and a U-Net from scratch, over label budgets and seeds")
+    le.add_argument("--backbones", nargs="+", required=True, help="exported backbone folders (a random-init twin of each architecture and a U-Net from scratch are added)")
     le.add_argument("--images", required=True)
     le.add_argument("--labels", required=True)
     le.add_argument("--pool", required=True, help="slices training subsets are drawn from, e.g. 0-19")
@@ -255,7 +323,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     le.add_argument("--metric", default="mean_iou", help="column to compare, e.g. mean_iou, dice/membrane, voi")
     le.add_argument("--classes", default=None, help="class names, e.g. membrane,cell")
     le.add_argument("--label-values", default=None, help="label value of each class, e.g. 0,255")
-    le.add_argument("--max-steps", type=int, default=300)
+    le.add_argument("--max-steps", type=int, default=None, help="fixed steps per run (default: scaled to the labeled pixels, see --min-steps)")
+    le.add_argument("--min-steps", type=int, default=None, help="steps = clip(min + per-mpx x labeled megapixels, min, cap); default 300")
+    le.add_argument("--steps-per-mpx", type=float, default=None, help="default 400 (a 512 x 512 slice is 0.26 megapixels)")
+    le.add_argument("--step-cap", type=int, default=None, help="default 1000")
+    le.add_argument("--holdout", type=float, default=0.15, help="fraction of each labeled slice held out to keep the best weights (0: keep the last)")
+    le.add_argument("--class-balance", type=float, default=0.5, help="chance a training tile is centred on a pixel of a random class")
+    le.add_argument("--dice-weight", type=float, default=1.0, help="loss = cross-entropy + this x soft Dice")
+    le.add_argument("--unet-encoder", default="resnet18", help="timm encoder of the U-Net-from-scratch baseline (always run)")
+    le.add_argument("--unet-lr", type=float, default=1e-3, help="lr of the U-Net baseline, trained end to end")
     le.add_argument("--tile-size", type=int, default=128)
     le.add_argument("--batch-size", type=int, default=8)
     le.add_argument("--lr", type=float, default=1e-3)
@@ -278,10 +354,15 @@ def run(args) -> int:
         data_kwargs["classes"] = args.classes.split(",")
     if args.label_values:
         data_kwargs["label_values"] = [int(v) for v in args.label_values.split(",")]
-    kwargs = {"max_steps": args.max_steps, "tile_size": args.tile_size, "batch_size": args.batch_size, "lr": args.lr,
+    data_kwargs["class_balance"] = args.class_balance
+    from ssl_em.finetune.schedule import StepSchedule
+
+    chosen = {"min_steps": args.min_steps, "steps_per_mpx": args.steps_per_mpx, "max_steps": args.step_cap}
+    kwargs = {"max_steps": args.max_steps, "steps": StepSchedule(**{k: v for k, v in chosen.items() if v is not None}), "holdout": args.holdout,
+              "dice_weight": args.dice_weight, "tile_size": args.tile_size, "batch_size": args.batch_size, "lr": args.lr,
               "unfreeze_at_step": args.unfreeze_at_step, "data_kwargs": data_kwargs, "head": head_of_width(args.head_width)}
     pool = _ints(args.pool)
-    label_efficiency(arms_for(args.backbones), args.images, args.labels, pool, _ints(args.val_slices),
+    label_efficiency(arms_for(args.backbones, unet_encoder=args.unet_encoder, unet_lr=args.unet_lr), args.images, args.labels, pool, _ints(args.val_slices),
                      [len(pool) if b.strip() == "all" else int(b) for b in args.budgets.split(",")], [int(s) for s in args.seeds.split(",")], args.out,
                      metric=args.metric, task=args.task, finetune_kwargs=kwargs)
     print(report(args.out, args.metric))

@@ -31,6 +31,7 @@ from ssl_em.finetune.instance import foreground_boundary, watershed_instances
 from ssl_em.finetune.metrics import instance_scores, semantic_scores
 from ssl_em.finetune.module import SegmentationModule
 from ssl_em.finetune.predict import predict_plane
+from ssl_em.finetune.schedule import KeepBestWeights, StepSchedule
 
 
 def score_val_slices(model: SegmentationModule, dm: LabeledSlicesDataModule, overlap: int | None = None) -> dict:
@@ -65,7 +66,7 @@ def finetune(
     val_slices: str | list[int] | None,
     task: str = "semantic",
     random_init: bool = False,
-    max_steps: int = 200,
+    max_steps: int | None = None,
     seed: int = 0,
     head: Callable | None = None,
     tile_size: int = 128,
@@ -75,6 +76,9 @@ def finetune(
     out: str | Path | None = None,
     accelerator: str = "auto",
     data_kwargs: dict | None = None,
+    steps: StepSchedule = StepSchedule(),
+    holdout: float = 0.15,
+    validations: int = 10,
     **module_kwargs,
 ) -> tuple[SegmentationModule, dict]:
     """Fine-tune on `train_slices`, score on `val_slices`; returns (module, metrics dict).
@@ -85,17 +89,32 @@ def finetune(
     frozen, N unfreezes it after N steps. data_kwargs go to LabeledSlicesDataModule (classes,
     label_values, ignore_value, zero_is_boundary...), module_kwargs to SegmentationModule
     (dice_weight, layer_decay, backbone_lr_scale, feature_indices...). With `out`, the model
-    is exported there. Metrics: see `score_val_slices`.
+    is exported there. Metrics: see `score_val_slices`, plus "steps" (trained) and
+    "best_step" (where the kept weights come from).
+
+    The schedule (`ssl_em.finetune.schedule`): max_steps None takes `steps(labeled pixels)`,
+    so more labels train longer; `holdout` > 0 cuts that fraction of every training slice's
+    rows off as a model-selection band, the loss on it is measured `validations` times
+    over the run, and the weights with the lowest one are kept, scored and exported.
+    holdout 0 keeps the last weights.
     """
     pl.seed_everything(seed, workers=True)
-    dm = LabeledSlicesDataModule(images, labels, train_slices, val_slices, task=task, tile_size=tile_size, batch_size=batch_size, tiles_per_epoch=batch_size * 16, **(data_kwargs or {}))
+    data_kwargs = {"holdout": holdout, **(data_kwargs or {})}
+    dm = LabeledSlicesDataModule(images, labels, train_slices, val_slices, task=task, tile_size=tile_size, batch_size=batch_size, tiles_per_epoch=batch_size * 16, **data_kwargs)
+    if max_steps is None:
+        max_steps = steps(dm.labeled_pixels)
     model = SegmentationModule(backbone, head or default_head, num_classes=dm.num_classes, classes=dm.classes, task=task, random_init=random_init, tile_size=tile_size, lr=lr, unfreeze_at_step=unfreeze_at_step, **module_kwargs)
+    keep = KeepBestWeights("val/loss")
+    select = dm.holdout > 0 and max_steps > 0
     trainer = pl.Trainer(
         max_steps=max_steps, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, precision="bf16-mixed" if torch.cuda.is_available() and accelerator != "cpu" else "32-true",
+        enable_model_summary=False, num_sanity_val_steps=0, precision="bf16-mixed" if torch.cuda.is_available() and accelerator != "cpu" else "32-true",
+        callbacks=[keep] if select else [], limit_val_batches=None if select else 0,
+        val_check_interval=max(1, max_steps // validations) if select else None, check_val_every_n_epoch=None if select else 1,
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)
     metrics = score_val_slices(model, dm)
+    metrics.update(steps=int(max_steps), best_step=int(keep.best_step if keep.best_step is not None else trainer.global_step))
     if out is not None:
         model.export(out, tile_size, metrics, dm.label_values)
     return model, metrics

@@ -3,7 +3,8 @@
 A subcommand module exposes `configure(parser)` (adds its arguments) and `run(args)`
 (returns an exit code). Modules are imported only when their subcommand runs, so
 `ssl-em --help` stays fast. Subcommands built on LightningCLI (pretrain, finetune)
-instead expose `run_argv(argv)` and receive their arguments untouched.
+instead expose `run_argv(argv)` and receive their arguments untouched; their `--help` is
+a short page from `ssl_em.cli_flags`, and `--help-all` is LightningCLI's full help.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "benchmark": ("ssl_em.finetune.benchmark", "label-efficiency benchmark: pretrained vs random init"),
 }
 
+#: LightningCLI commands whose short help (ssl_em.cli_flags) prints without importing them.
+SHORT_HELP = ("pretrain", "finetune")
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -38,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help() if not argv or argv[0] in ("-h", "--help") else parser.error(f"unknown command {argv[0]!r}")
         return 0
     name, rest = argv[0], argv[1:]
+    if name in SHORT_HELP and any(a in ("-h", "--help") for a in rest):
+        from ssl_em.cli_flags import help_text  # no torch, no Lightning: help prints at once
+
+        print(help_text(name), end="")
+        return 0
     module = importlib.import_module(COMMANDS[name][0])
     if hasattr(module, "run_argv"):
         return int(module.run_argv(rest) or 0)

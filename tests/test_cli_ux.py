@@ -145,3 +145,15 @@ def test_finetune_prints_plan_step_progress_and_no_chatter(synthetic_small, tmp_
     for chatter in ("Tip", "litlogger", "module(s) in eval mode", "on_after_batch_transfer", "LightningCLI's args", "LeafSpec"):
         assert chatter not in out, chatter
     assert "nothing written (give --out DIR" in out
+
+
+def test_demo_keeps_to_free_cores_and_does_not_call_noise_a_gain():
+    from ssl_em.demo import threads_for_load, verdict
+
+    assert threads_for_load(2, 0.1) == 2 and threads_for_load(2, 1.6) == 1 and threads_for_load(2, 9.0) == 1
+    assert threads_for_load(16, 3.0) == 13
+    one_seed = verdict({"mae": {2: (0.002, 0.0, 1, 1)}}, "mean IoU")[0]
+    assert "within noise" in one_seed and " a gain" not in one_seed
+    assert "cannot tell" in verdict({"mae": {2: (0.05, 0.0, 1, 1)}}, "mean IoU")[0]
+    assert "gain beyond" in verdict({"mae": {2: (0.05, 0.01, 4, 4)}}, "mean IoU")[0]
+    assert "within seed-to-seed noise" in verdict({"mae": {2: (0.02, 0.04, 2, 4)}}, "mean IoU")[0]

@@ -73,9 +73,8 @@ FIELDS = ["arm", "backbone", "random_init", "twin", "budget", "seed", "train_sli
 def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slices: list[int], budgets: list[int], seeds: list[int],
                      out: str | Path, metric: str = "mean_iou", task: str = "semantic", finetune_kwargs: dict | None = None,
                      progress: bool = True) -> list[dict]:
-    """Run (or resume) the grid; returns all CSV rows. Rows are appended as each run ends."""
-    from tqdm import tqdm
-
+    """Run (or resume) the grid; returns all CSV rows. Rows are appended as each run ends.
+    progress: one line per cell (which, its score, time left for the rest) and a step bar."""
     from ssl_em.finetune.cli import finetune
 
     out = Path(out)
@@ -86,10 +85,13 @@ def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slice
     grid = [(a, b, s) for b in budgets for s in seeds for a in arms]
     todo = [g for g in grid if (g[0].name, g[1], g[2]) not in done]
     with _appender(csv_path, rows) as (f, writer):
-        for arm, budget, seed in tqdm(todo, desc="label-efficiency", disable=not progress):
+        started = time.time()
+        for i, (arm, budget, seed) in enumerate(todo):
             train = choose_slices(pool, budget, seed)
+            if progress:
+                print(f"[cell {i + 1}/{len(todo)}] {arm.name}, {budget} labeled slice(s) {train}, seed {seed}", flush=True)
             t0 = time.time()
-            _, metrics = finetune(arm.backbone, images, labels, train, val_slices, task=task, random_init=arm.random_init, seed=seed, **(finetune_kwargs or {}))
+            _, metrics = finetune(arm.backbone, images, labels, train, val_slices, task=task, random_init=arm.random_init, seed=seed, progress=progress, **(finetune_kwargs or {}))
             if metric not in metrics:
                 raise KeyError(f"metric {metric!r} not among {sorted(metrics)}")
             row = {"arm": arm.name, "backbone": arm.backbone, "random_init": arm.random_init, "twin": arm.twin, "budget": budget, "seed": seed,
@@ -98,7 +100,14 @@ def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slice
             writer.writerow(row)
             f.flush()  # a crash loses at most the run in progress
             rows.append({k: str(v) for k, v in row.items()})
+            if progress:
+                left = (time.time() - started) / (i + 1) * (len(todo) - i - 1)
+                print(f"[cell {i + 1}/{len(todo)}] {metric} {row['score']:.3f} in {row['seconds']:.0f} s" + (f"; about {_duration(left)} left for {len(todo) - i - 1} more" if i + 1 < len(todo) else ""), flush=True)
     return rows
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def read_rows(csv_path: Path) -> list[dict]:
@@ -270,6 +279,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from ssl_em.console import quiet
+
     if args.kind == "report":
         print(report(args.out, args.metric, args.title, merge=args.merge))
         return 0
@@ -281,9 +292,11 @@ def run(args) -> int:
     kwargs = {"max_steps": args.max_steps, "tile_size": args.tile_size, "batch_size": args.batch_size, "lr": args.lr,
               "unfreeze_at_step": args.unfreeze_at_step, "data_kwargs": data_kwargs, "head": head_of_width(args.head_width)}
     pool = _ints(args.pool)
-    label_efficiency(arms_for(args.backbones), args.images, args.labels, pool, _ints(args.val_slices),
-                     [len(pool) if b.strip() == "all" else int(b) for b in args.budgets.split(",")], [int(s) for s in args.seeds.split(",")], args.out,
-                     metric=args.metric, task=args.task, finetune_kwargs=kwargs)
+    print(f"ssl-em benchmark: results go to {Path(args.out) / 'results.csv'} (a rerun skips the cells already there)", flush=True)
+    with quiet():
+        label_efficiency(arms_for(args.backbones), args.images, args.labels, pool, _ints(args.val_slices),
+                         [len(pool) if b.strip() == "all" else int(b) for b in args.budgets.split(",")], [int(s) for s in args.seeds.split(",")], args.out,
+                         metric=args.metric, task=args.task, finetune_kwargs=kwargs)
     print(report(args.out, args.metric))
     print(f"\nwrote {Path(args.out) / 'results.csv'}, table.md, plot.png")
     return 0

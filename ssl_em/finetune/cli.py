@@ -79,6 +79,7 @@ def finetune(
     out: str | Path | None = None,
     accelerator: str = "auto",
     data_kwargs: dict | None = None,
+    progress: bool = False,
     **module_kwargs,
 ) -> tuple[SegmentationModule, dict]:
     """Fine-tune on `train_slices`, score on `val_slices`; returns (module, metrics dict).
@@ -89,14 +90,15 @@ def finetune(
     frozen, N unfreezes it after N steps. data_kwargs go to LabeledSlicesDataModule (classes,
     label_values, ignore_value, zero_is_boundary...), module_kwargs to SegmentationModule
     (dice_weight, layer_decay, backbone_lr_scale, feature_indices...). With `out`, the model
-    is exported there. Metrics: see `score_val_slices`.
+    is exported there. progress: a bar of steps out of max_steps with an ETA. Metrics: see
+    `score_val_slices`.
     """
     pl.seed_everything(seed, workers=True)
     dm = LabeledSlicesDataModule(images, labels, train_slices, val_slices, task=task, tile_size=tile_size, batch_size=batch_size, tiles_per_epoch=batch_size * 16, **(data_kwargs or {}))
     model = SegmentationModule(backbone, head or default_head, num_classes=dm.num_classes, classes=dm.classes, task=task, random_init=random_init, tile_size=tile_size, lr=lr, unfreeze_at_step=unfreeze_at_step, **module_kwargs)
     trainer = pl.Trainer(
-        max_steps=max_steps, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, precision="bf16-mixed" if torch.cuda.is_available() and accelerator != "cpu" else "32-true",
+        max_steps=max_steps, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=progress,
+        callbacks=run_callbacks(progress, model_summary=False), enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, precision="bf16-mixed" if torch.cuda.is_available() and accelerator != "cpu" else "32-true",
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)
     metrics = score_val_slices(model, dm)

@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import sys
 import warnings
 
 from pytorch_lightning.callbacks import ModelSummary, TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 from pytorch_lightning.utilities.model_summary.model_summary import _format_summary_table
 
 log = logging.getLogger("pytorch_lightning.callbacks.model_summary")
@@ -41,9 +43,9 @@ EXPECTED = (
     # A step-bounded run over a streamed epoch has no meaningful epoch count.
     r"The number of training batches \(\d+\) is smaller than the logging interval",
 )
-#: Lightning's advertising, and its note that our own summary replaced its default, logged
-#: at INFO on rank 0.
-TIPS = re.compile(r"💡 Tip|litlogger|litmodels|Trainer already configured with model summary callbacks")
+#: Lightning's advertising, its note that our own summary replaced its default, and lines
+#: about hardware a microscopy lab does not have (TPU, HPU), logged at INFO on rank 0. "GPU available: ..." stays: it says where the run computes.
+TIPS = re.compile(r"💡 Tip|litlogger|litmodels|Trainer already configured with model summary callbacks|^(TPU|HPU) available")
 
 
 class _DropTips(logging.Filter):
@@ -80,14 +82,12 @@ class StepProgressBar(TQDMProgressBar):
     """One bar for the whole run: optimizer steps out of `trainer.max_steps`, with ETA."""
 
     def on_train_start(self, trainer, pl_module) -> None:
-        bar = self.init_train_tqdm()
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        bar.reset(total=total)
         # initial: tqdm measures the rate (and so the ETA) from the steps of this run only.
-        bar.n = bar.initial = min(trainer.global_step, total or trainer.global_step)
-        bar.set_description("steps")
-        bar.refresh()
-        self.train_progress_bar = bar
+        self.train_progress_bar = Tqdm(
+            desc="steps", total=total, initial=min(trainer.global_step, total or trainer.global_step), position=2 * self.process_position,
+            disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT,
+        )
 
     def on_train_epoch_start(self, trainer, *_) -> None:
         pass  # one bar for the run, not one per epoch

@@ -157,3 +157,24 @@ def test_demo_keeps_to_free_cores_and_does_not_call_noise_a_gain():
     assert "cannot tell" in verdict({"mae": {2: (0.05, 0.0, 1, 1)}}, "mean IoU")[0]
     assert "gain beyond" in verdict({"mae": {2: (0.05, 0.01, 4, 4)}}, "mean IoU")[0]
     assert "within seed-to-seed noise" in verdict({"mae": {2: (0.02, 0.04, 2, 4)}}, "mean IoU")[0]
+
+
+def test_contact_sheet_common_scale_legend_and_whole_captions(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ssl_em.data.sheets import tile_sheet, wrap
+
+    full, edge = np.full((64, 64), 200, np.uint8), np.full((16, 64), 200, np.uint8)  # an edge tile: 16 rows inside
+    plain = tile_sheet([full, edge], None, 2, tmp_path / "a.png", cell=32)
+    sheet = np.asarray(Image.open(plain).convert("L"))
+    x0 = 32 + 2 * 3  # second cell
+    rows_drawn = (sheet[:, x0 + 3 : x0 + 35] == 200).any(1).sum()
+    assert rows_drawn == 8  # 16 px at the common 0.5 scale, not magnified to fill the cell
+    caption = "kept z12 a-rather-long-image-name-from-the-microscope"
+    lines = wrap(caption, 32 * 2)
+    assert "".join(lines).replace(" ", "") == caption.replace(" ", "") and len(lines) > 1  # wrapped, nothing cut
+    framed = tile_sheet([full, edge], [caption, "pad"], 2, tmp_path / "b.png", cell=32, title="what this is", legend=[("kept", (0, 255, 0)), ("padding", (0, 0, 255))])
+    image = np.asarray(Image.open(framed).convert("RGB"))
+    legend_row = image[: image.shape[0] - (32 + 2 * 3 + 2 * 14)]  # above the one row of tiles (tile, frame, 2 caption lines)
+    assert ((legend_row == (0, 255, 0)).all(-1)).any() and ((legend_row == (0, 0, 255)).all(-1)).any()  # swatches in the image

@@ -105,6 +105,8 @@ def check_data(datamodule: EMDataModule) -> None:
         probe.setup("fit")
     except (NoTilesError, FileNotFoundError, ValueError) as e:
         raise PretrainError(f"data {datamodule.data!r}: {e}") from e
+    for name, why in probe.dataset.left_out:  # nothing dropped silently
+        print(f"ssl-em pretrain: left out image {name}: {why}", file=sys.stderr)
 
 
 def check_resume(model: PretrainMethod, ckpt_path: Path) -> None:

@@ -178,3 +178,16 @@ def test_contact_sheet_common_scale_legend_and_whole_captions(tmp_path):
     image = np.asarray(Image.open(framed).convert("RGB"))
     legend_row = image[: image.shape[0] - (32 + 2 * 3 + 2 * 14)]  # above the one row of tiles (tile, frame, 2 caption lines)
     assert ((legend_row == (0, 255, 0)).all(-1)).any() and ((legend_row == (0, 0, 255)).all(-1)).any()  # swatches in the image
+
+
+def test_label_efficiency_plot_names_the_metric_and_keeps_small_differences_small(tmp_path):
+    from ssl_em.finetune.benchmark import MIN_Y_SPAN, metric_label, plot, y_limits
+
+    assert metric_label("dice/membrane") == "Dice, membrane" and metric_label("mean_iou") == "mean IoU"
+    lo, hi = y_limits([0.700], [0.702])  # a 0.002 difference is not a cliff
+    assert hi - lo >= MIN_Y_SPAN and lo < 0.700 and hi > 0.702
+    assert y_limits([0.98], [1.0]) == (pytest.approx(0.89), 1.0)  # a bounded score stays inside [0, 1]
+    assert y_limits([0.0], [0.5])[0] == 0.0
+    summary = {"mae": {1: (0.701, 0.001, 2), 2: (0.702, 0.001, 2)}, "random-init (mae arch)": {1: (0.700, 0.001, 2), 2: (0.700, 0.001, 2)}}
+    plot(summary, "dice/membrane", tmp_path / "p.png", "ISBI")
+    assert (tmp_path / "p.png").stat().st_size > 1000

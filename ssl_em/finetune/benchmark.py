@@ -187,24 +187,61 @@ def gains_table(gains: dict, metric: str) -> str:
     return "\n".join(lines)
 
 
+#: The smallest y-range the plot shows: score differences far below it stay visibly small
+#: instead of being stretched over the whole axis.
+MIN_Y_SPAN = 0.1
+
+
+def metric_label(metric: str) -> str:
+    """`dice/membrane` -> "Dice, membrane"; `mean_iou` -> "mean IoU"."""
+    names = {"iou": "IoU", "dice": "Dice", "mean_iou": "mean IoU", "mean_dice": "mean Dice", "accuracy": "pixel accuracy", "ap50": "AP50",
+             "ap75": "AP75", "map": "mAP", "f1_50": "F1 at IoU 0.5", "voi": "VOI", "adapted_rand_error": "adapted Rand error"}
+    base, _, cls = metric.partition("/")
+    return f"{names.get(base, base)}, {cls}" if cls else names.get(base, base)
+
+
+def y_limits(lows: list[float], highs: list[float], span: float = MIN_Y_SPAN, bounded: bool = True) -> tuple[float, float]:
+    """Axis limits covering the data (mean ± std) with a margin, at least `span` wide, and
+    inside [0, 1] for a bounded score."""
+    lo, hi = min(lows), max(highs)
+    mid, width = (lo + hi) / 2, max(hi - lo, span) * 1.1
+    lo, hi = mid - width / 2, mid + width / 2
+    if bounded:  # slide the window inside [0, 1] without shrinking it
+        if lo < 0:
+            lo, hi = 0.0, min(1.0, hi - lo)
+        if hi > 1:
+            lo, hi = max(0.0, lo - (hi - 1.0)), 1.0
+    return lo, hi
+
+
 def plot(summary: dict, metric: str, path: str | Path, title: str = "") -> None:
+    """Score against labeled slices, one line per arm (random-init arms dashed), mean ± std
+    over seeds; the y-axis names the metric and spans at least MIN_Y_SPAN."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    lows, highs, n_seeds = [], [], set()
     for arm, d in summary.items():
         b = sorted(d)
         m = np.array([d[x][0] for x in b])
         s = np.array([d[x][1] for x in b])
+        n_seeds |= {d[x][2] for x in b}
+        lows.append(float((m - s).min()))
+        highs.append(float((m + s).max()))
         ax.errorbar(b, m, yerr=s, marker="o", capsize=3, label=arm, linestyle="--" if "random" in arm else "-")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({x for d in summary.values() for x in d}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("labeled training slices")
-    ax.set_ylabel(metric)
-    ax.set_title(textwrap.fill(title or "label efficiency", 55), fontsize=10)  # long titles wrap, never clip
+    seeds = f"{min(n_seeds)}" if len(n_seeds) == 1 else f"{min(n_seeds)}-{max(n_seeds)}"
+    ax.set_ylabel(f"{metric_label(metric)} on held-out slices\n(mean ± std over {seeds} seed{'s' if max(n_seeds) > 1 else ''})")
+    lower_is_better = metric.split("/")[0] in ("voi", "voi_split", "voi_merge", "adapted_rand_error")
+    if lows:
+        ax.set_ylim(*y_limits(lows, highs, bounded=not metric.startswith("voi")))
+    ax.set_title(textwrap.fill((title or "label efficiency") + (" (lower is better)" if lower_is_better else ""), 60), fontsize=10)  # long titles wrap, never clip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

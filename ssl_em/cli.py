@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("ssl_em.synthetic", "write the built-in synthetic EM volume and its labels"),
     "pretrain": ("ssl_em.pretrain.cli", "self-supervised pretraining (LightningCLI)"),
     "export": ("ssl_em.export", "export a backbone as a timm-loadable checkpoint"),
-    "finetune": ("ssl_em.finetune.cli", "fine-tune a segmentation head on few labels (LightningCLI)"),
+    "finetune": ("ssl_em.finetune.cli", "fine-tune a backbone and a segmentation head on a few labeled slices (LightningCLI)"),
     "predict": ("ssl_em.finetune.predict", "sliding-window inference over a whole volume"),
     "evaluate": ("ssl_em.finetune.evaluate", "score a prediction against ground truth"),
     "benchmark": ("ssl_em.finetune.benchmark", "label-efficiency benchmark: pretrained vs random init"),

@@ -90,12 +90,12 @@ def prepare(argv: list[str], shortcuts: list[Shortcut]) -> tuple[list[str], bool
     return config_first(expand(argv, shortcuts)), verbose
 
 
-def describe_data_flag(parser, text: str) -> None:
+def describe_data_flag(parser, text: str, metavar: str = "ARCHIVE") -> None:
     """jsonargparse describes a LightningCLI's `--data` as "Path to a configuration file";
     say what it takes for this command instead (a jsonargparse parser, after the data group)."""
     action = parser._option_string_actions.get("--data")
     if action is not None:
-        action.help, action.metavar = text, "ARCHIVE"
+        action.help, action.metavar = text, metavar
 
 
 def wants_short_help(argv: list[str]) -> bool:

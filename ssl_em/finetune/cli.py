@@ -119,7 +119,7 @@ class FinetuneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--out", type=str | None, default=None, help="folder to export the fine-tuned model to")
         parser.set_defaults(CLI_DEFAULTS)
-        cli_flags.describe_data_flag(parser, "images, labels and slices as a YAML file (or use --images, --labels...)")
+        cli_flags.describe_data_flag(parser, "images, labels and slices as a YAML file (or use --images, --labels...)", "YAML")
         parser.link_arguments("data.tile_size", "model.tile_size")
         parser.link_arguments("data.task", "model.task")
         parser.link_arguments("data", "model.num_classes", compute_fn=lambda d: d.num_classes, apply_on="instantiate")

@@ -3,7 +3,8 @@
 A subcommand module exposes `configure(parser)` (adds its arguments) and `run(args)`
 (returns an exit code). Modules are imported only when their subcommand runs, so
 `ssl-em --help` stays fast. Subcommands built on LightningCLI (pretrain, finetune)
-instead expose `run_argv(argv)` and receive their arguments untouched.
+instead expose `run_argv(argv)` and receive their arguments untouched; their `--help` is
+a short page from `ssl_em.cli_flags`, and `--help-all` is LightningCLI's full help.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("ssl_em.synthetic", "write the built-in synthetic EM volume and its labels"),
     "pretrain": ("ssl_em.pretrain.cli", "self-supervised pretraining (LightningCLI)"),
     "export": ("ssl_em.export", "export a backbone as a timm-loadable checkpoint"),
-    "finetune": ("ssl_em.finetune.cli", "fine-tune a segmentation head on few labels (LightningCLI)"),
+    "finetune": ("ssl_em.finetune.cli", "fine-tune a backbone and a segmentation head on a few labeled slices (LightningCLI)"),
     "predict": ("ssl_em.finetune.predict", "sliding-window inference over a whole volume"),
     "evaluate": ("ssl_em.finetune.evaluate", "score a prediction against ground truth"),
     "benchmark": ("ssl_em.finetune.benchmark", "label-efficiency benchmark: pretrained vs random init"),
 }
+
+#: LightningCLI commands whose short help (ssl_em.cli_flags) prints without importing them.
+SHORT_HELP = ("pretrain", "finetune")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help() if not argv or argv[0] in ("-h", "--help") else parser.error(f"unknown command {argv[0]!r}")
         return 0
     name, rest = argv[0], argv[1:]
+    if name in SHORT_HELP and any(a in ("-h", "--help") for a in rest):
+        from ssl_em.cli_flags import help_text  # no torch, no Lightning: help prints at once
+
+        print(help_text(name), end="")
+        return 0
     module = importlib.import_module(COMMANDS[name][0])
     if hasattr(module, "run_argv"):
         return int(module.run_argv(rest) or 0)

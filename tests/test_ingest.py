@@ -127,24 +127,38 @@ def test_bad_sources_fail_alone(tmp_path, em, capsys):
     garbage.write_bytes(os.urandom(2000))
     empty = tmp_path / "empty"
     empty.mkdir()
-    mixed = _write_pngs(tmp_path / "mixed", em[:2])
-    from PIL import Image
-
-    Image.fromarray(em[0, :100]).save(mixed / "2.png")
     constant = _write_tif(tmp_path / "constant.tif", np.full((2, 64, 64), 7, np.uint8))
 
-    bad = [trunc, garbage, empty, mixed, constant]
+    bad = [trunc, garbage, empty, constant]
     code = cli.main(["ingest", str(good), *map(str, bad), "--out", str(tmp_path / "a.zarr"), "--quiet", "--tile-size", "128"])
     assert code == 1
-    err = capsys.readouterr().err.splitlines()
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
     expected = [f"{trunc / '1.png'}: unreadable or truncated image", f"{garbage}: not a readable TIFF", f"{empty}: folder holds no images",
-                f"{mixed / '2.png'}: image is 100x256 uint8 but 0.png is 256x256", f"{constant}: constant volume"]
-    assert len(err) == len(expected)
+                f"{constant}: constant volume"]
+    assert len(err) == len(expected)  # each failure said once
     for line, start in zip(err, expected):
         assert line.startswith(f"error: {start}"), line
+    assert "4 failed" in captured.out and "unreadable" not in captured.out  # listed, not repeated
     archive = Archive(tmp_path / "a.zarr")
     assert [im.name for im in archive.images] == ["good"] and archive.incomplete == []
     np.testing.assert_array_equal(archive["good"].levels[0].read(), em[:2])
+
+
+def test_folder_of_images_of_different_sizes_is_a_set_of_2d_images(tmp_path, em, capsys):
+    """CEM500K-style patches: one archive image per file, and a note that says so."""
+    from PIL import Image
+
+    folder = _write_pngs(tmp_path / "patches", em[:2])
+    Image.fromarray(em[2, :100, :80]).save(folder / "2.png")
+    summary = ingest([folder], tmp_path / "a.zarr", progress=False, tile_size=64)
+    assert not summary.failed
+    assert [r.name for r in summary.results] == ["patches-0", "patches-1", "patches-2"]
+    assert [r.shape for r in summary.results] == [(1, 256, 256), (1, 256, 256), (1, 100, 80)]
+    np.testing.assert_array_equal(Archive(tmp_path / "a.zarr")["patches-2"].levels[0].read()[0], em[2, :100, :80])
+    assert "differ in size (100x80, 256x256); each is ingested as its own 2D image" in capsys.readouterr().err
+    same = _write_pngs(tmp_path / "stack", em[:3])  # one size: still one z-stack
+    assert [r.shape for r in ingest([same], tmp_path / "a.zarr", progress=False, tile_size=64).results] == [(3, 256, 256)]
 
 
 def test_names_are_sanitised_and_unique(tmp_path, em):

@@ -66,6 +66,7 @@ def test_train_then_export(archive, tmp_path):
     assert ckpt["global_step"] == 4
     assert ckpt["ssl_em"]["recipe"] == TINY and ckpt["ssl_em"]["data_fingerprint"]
     assert list((run).rglob("reconstructions/*.png"))
+    assert list((run).rglob("reconstructions/step00000004.png"))  # a grid at the final step
     from ssl_em.cli import main
 
     assert main(["export", str(run), "--out", str(tmp_path / "bb")]) == 0

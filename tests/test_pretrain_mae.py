@@ -72,6 +72,9 @@ def test_reconstruction_grid():
     out = m(x)
     grid = m.reconstruction_grid(x, out["pred"], out["mask"])
     assert grid.ndim == 3 and grid.min() >= 0 and grid.max() <= 1
+    header = grid[0, :14]  # a white strip with dark text above the three columns
+    thirds = header.chunk(3, dim=1)
+    assert all((part < 0.5).any() for part in thirds) and header.float().mean() > 0.7
 
 
 def test_loss_decreases_on_fixed_batch():

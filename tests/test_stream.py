@@ -14,8 +14,9 @@ from ssl_em.data.stream import EMDataModule, NoTilesError, StreamSource, TileDat
 from ssl_em.data.volume import ArrayVolume, VoxelSize
 
 
-def write_archive(path, images: dict[str, np.ndarray], voxel=(8, 8, 8), flags: dict[str, np.ndarray] | None = None, tile=64):
-    """A minimal archive written with the archive writer (one level per image)."""
+def write_archive(path, images: dict[str, np.ndarray], voxel=(8, 8, 8), flags: dict[str, np.ndarray] | None = None, tile=64, unknown=()):
+    """A minimal archive written with the archive writer (one level per image); images
+    named in `unknown` have no known voxel size."""
     w = ArchiveWriter(path)
     for name, img in images.items():
         cur_shape = (img.shape[0], -(-img.shape[1] // tile), -(-img.shape[2] // tile))
@@ -23,7 +24,7 @@ def write_archive(path, images: dict[str, np.ndarray], voxel=(8, 8, 8), flags: d
         arr[:] = img
         if flags and name in flags:
             w.curation_array(name)[:] = flags[name]
-        w.finish(name, {"shape": list(img.shape), "stats": IntensityStats.compute(img).to_dict(), "curation": {"tile_size": tile, "counts": {}}})
+        w.finish(name, {"shape": list(img.shape), "stats": IntensityStats.compute(img).to_dict(), "curation": {"tile_size": tile, "counts": {}}, "voxel_size_known": name not in unknown})
     return path
 
 
@@ -86,8 +87,39 @@ def test_everything_flagged_is_a_clear_error(tmp_path):
 
 def test_too_small_images_are_a_clear_error():
     src = StreamSource.from_volume(ArrayVolume(np.ones((1, 20, 20), np.uint8) * np.arange(20, dtype=np.uint8)))
-    with pytest.raises(NoTilesError, match="large enough"):
+    with pytest.raises(NoTilesError, match="too small for 32 px tiles"):
         TileDataset([src], tile_size=32)
+
+
+def test_images_left_out_are_named_with_the_reason():
+    """Nothing dropped silently: an image of unknown voxel size cannot be resampled to a
+    pixel size, and one too small for the tile is named too."""
+    rng = np.random.default_rng(0)
+    known = StreamSource.from_volume(ArrayVolume(rng.integers(0, 255, (1, 200, 200), dtype=np.uint8), voxel_size=(40, 4, 4)))
+    unknown = StreamSource.from_volume(ArrayVolume(rng.integers(0, 255, (1, 200, 200), dtype=np.uint8)))
+    small = StreamSource.from_volume(ArrayVolume(rng.integers(0, 255, (1, 40, 40), dtype=np.uint8), voxel_size=(40, 4, 4)))
+    known.name, unknown.name, small.name = "known", "unknown", "small"
+    ds = TileDataset([known, unknown, small], tile_size=32, pixel_size_nm=8)
+    assert [s.name for s in ds.sources] == ["known"]
+    reasons = dict(ds.left_out)
+    assert "voxel size unknown" in reasons["unknown"] and "too small for 32 px tiles" in reasons["small"]
+    assert TileDataset([known, unknown], tile_size=32).left_out == []  # native pixels: both usable
+
+
+def test_sample_sheet_names_what_was_left_out_and_shows_balance(tmp_path, synthetic_small, capsys):
+    from PIL import Image
+
+    from ssl_em.cli import main
+
+    img = synthetic_small.image[:2]
+    path = write_archive(tmp_path / "a.zarr", {"a": img, "b": img[:, :64, :64], "mystery": img}, unknown={"mystery"})
+    assert main(["sample", str(path), "--out", str(tmp_path / "s.png"), "--pixel-size", "8", "--tile-size", "32", "--n", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "the stream draws from 2 of the 3 images, 1 left out" in out
+    assert "left out 1 image(s), voxel size unknown" in out and "mystery" in out
+    shares = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["a"], ["b"])}
+    assert set(shares) == {"a", "b"} and sum(int(v[1]) for v in shares.values()) == 8  # share of a run, tiles on the sheet
+    assert Image.open(tmp_path / "s.png").size[1] > 8 // 8 * 32  # a title above the tiles
 
 
 def test_pixel_size_picks_a_level_and_resamples():

@@ -9,8 +9,11 @@ column may run past the volume's edge). Each tile gets `TileFlag` bits:
   tissue (ISBI ssTEM, FlyEM FIB-SEM, CREMI) scores 0.4-0.9; blank resin with noise 0.01-0.05.
 - SATURATED: most pixels at the dtype's min or max (for float data: the volume's).
 - PADDING: constant fill (most pixels equal to both their right and lower neighbours, which
-  natural EM with its noise almost never is), or a tile that lies more than half outside
-  the volume along y or x.
+  natural EM with its noise almost never is).
+
+Flags come from content only, never from position: an edge tile that runs past the volume
+is judged on its in-volume pixels (reflected to fill the tile for the contrast and hash
+measures), so a small volume's edges full of tissue reach pretraining like the rest.
 - DUPLICATE: the tile's 64-bit dHash is within `dhash_max_distance` bits of an earlier
   kept tile, as in CEM500K. The tile at the same (y, x) position in nearby slices is not
   compared: in a 3D volume it is the natural continuation, not a copy (in FlyEM's 10 nm
@@ -37,8 +40,6 @@ class Curator:
     contrast_pool: mean-pooling factor before measuring contrast (averages noise away).
     saturated_fraction: SATURATED when at least this fraction sits at the min or max.
     flat_fraction: PADDING when at least this fraction equals its right and lower neighbours.
-    min_edge_fraction: PADDING when less than this fraction of the tile lies inside the
-        volume along y or x (relative to min(tile_size, volume side) for small volumes).
     dhash_max_distance: DUPLICATE at or below this Hamming distance (CEM500K used 12).
     z_continuity: same-position tiles closer in z than this fraction of the tile's
         in-plane extent (in nm) are not compared for duplicates.
@@ -51,7 +52,6 @@ class Curator:
     contrast_pool: int = 4
     saturated_fraction: float = 0.5
     flat_fraction: float = 0.5
-    min_edge_fraction: float = 0.5
     dhash_max_distance: int = 12
     z_continuity: float = 0.25
     max_reference: int = 200_000
@@ -120,12 +120,7 @@ class VolumeCuration:
     def _padding(self, tiles, valid_y, valid_x) -> np.ndarray:
         flat = np.zeros(tiles.shape, bool)
         flat[..., :-1, :-1] = (tiles[..., :-1, :-1] == tiles[..., :-1, 1:]) & (tiles[..., :-1, :-1] == tiles[..., 1:, :-1])
-        constant = _valid_mean(flat, valid_y, valid_x) >= self.c.flat_fraction
-        t = self.c.tile_size
-        need_y = self.c.min_edge_fraction * min(t, self.shape[1])
-        need_x = self.c.min_edge_fraction * min(t, self.shape[2])
-        outside = (valid_y[:, None] < need_y) | (valid_x[None, :] < need_x)  # (ty, tx)
-        return constant | outside[None]
+        return _valid_mean(flat, valid_y, valid_x) >= self.c.flat_fraction
 
 
 def _as_tiles(block: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -26,6 +26,7 @@ import numpy as np
 from ssl_em.data.archive import ArchiveWriter, TileFlag
 from ssl_em.data.curation import Curator, sample_value_range
 from ssl_em.data.normalize import IntensityStats
+from ssl_em.data.readers.image_stack import split_folder
 from ssl_em.data.readers.open import detect_format, open_volume, source_fingerprint, split_spec
 from ssl_em.data.volume import Volume, VolumeError, VoxelSize
 
@@ -109,20 +110,40 @@ def ingest(
     curator = curator or Curator(tile_size=tile_size)
     writer = ArchiveWriter(out)
     results, used_names = [], set()
-    for spec in sources:
+    for spec, base in expand_sources(sources):
         start = time.perf_counter()
         try:
             volume = open_volume(spec, voxel_size)
-            name = _unique_name(writer, spec, used_names)
+            name = _unique_name(writer, spec, used_names, base)
             used_names.add(name)
             result = _ingest_one(writer, spec, volume, name, curator, chunks, workers, memory_mb << 20, progress, voxel_size is not None)
         except (VolumeError, OSError, ValueError) as err:
             message = str(err) if str(err).startswith(str(spec)) or isinstance(err, VolumeError) else f"{spec}: {err}"
-            print(f"error: {message.splitlines()[0]}", file=sys.stderr)
+            print(f"error: {message.splitlines()[0]}", file=sys.stderr)  # once, as it happens
             result = SourceResult(str(spec), "failed", error=message)
         result.seconds = time.perf_counter() - start
         results.append(result)
     return IngestSummary(Path(out), results)
+
+
+def expand_sources(sources: list[str | Path]) -> list[tuple[str | Path, str | None]]:
+    """(spec, archive name or None for the default) per image to ingest. A folder of 2D
+    images that differ in size or dtype becomes one 2D image per file, named
+    `<folder>-<file>`, and a note says so; every other source passes as is."""
+    out: list[tuple[str | Path, str | None]] = []
+    for spec in sources:
+        try:
+            files = split_folder(spec)
+        except VolumeError:
+            files = None  # an unreadable file: opening the folder reports it
+        if files is None:
+            out.append((spec, None))
+            continue
+        sizes = sorted({f"{h}x{w}" for h, w in files.values()})
+        print(f"note: {spec}: its {len(files)} images differ in size ({', '.join(sizes[:4])}{', ...' if len(sizes) > 4 else ''}); "
+              "each is ingested as its own 2D image", file=sys.stderr)
+        out += [(str(f), f"{image_name(spec)}-{image_name(f)}") for f in files]
+    return out
 
 
 def _is_current(existing: dict | None, fingerprint: str, curator: Curator, volume: Volume, voxel_size_given: bool) -> bool:
@@ -322,9 +343,10 @@ def image_name(spec: str | Path) -> str:
     return name or "image"
 
 
-def _unique_name(writer: ArchiveWriter, spec, used: set[str]) -> str:
-    """The first of name, name-2, name-3... not taken in this run nor by another source's image."""
-    base, source = image_name(spec), _resolved(spec)
+def _unique_name(writer: ArchiveWriter, spec, used: set[str], base: str | None = None) -> str:
+    """The first of name, name-2, name-3... not taken in this run nor by another source's
+    image; name: `base`, or `image_name(spec)`."""
+    base, source = base or image_name(spec), _resolved(spec)
     for i in range(1, 10_000):
         name = base if i == 1 else f"{base}-{i}"
         existing = writer.status(name)
@@ -364,7 +386,8 @@ def _progress(name: str, total: int, enabled: bool):
 
 # -- command line ---------------------------------------------------------------------
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sources", nargs="+", metavar="SRC", help="files, image folders, zarr/N5/OME-Zarr stores, or file.h5:/dataset")
+    parser.add_argument("sources", nargs="+", metavar="SRC", help="files, image folders (a z-stack when all images share one size; "
+                        "one 2D image per file otherwise), zarr/N5/OME-Zarr stores, or file.h5:/dataset")
     parser.add_argument("--out", required=True, help="archive to create or extend (ARCHIVE.zarr)")
     parser.add_argument("--voxel-size", default=None, help="Z,Y,X in nm (or one number), overriding the files' metadata")
     parser.add_argument("--tile-size", type=int, default=256, help="curation tile edge in pixels (default 256)")
@@ -387,6 +410,6 @@ def run(args: argparse.Namespace) -> int:
     console.print(summary.table())
     console.print(f"{len(summary.results) - len(summary.failed)} of {len(summary.results)} sources in {args.out} "
                   f"({time.perf_counter() - start:.1f} s)")
-    for r in summary.failed:
-        console.print(f"[red]failed[/red] {r.error}", highlight=False)
+    if summary.failed:  # each reason was printed once, as it happened
+        console.print(f"[red]{len(summary.failed)} failed[/red]: {', '.join(_short(r.source) for r in summary.failed)} (errors above)", highlight=False)
     return 1 if summary.failed else 0

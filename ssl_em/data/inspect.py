@@ -75,7 +75,7 @@ def sample_tiles(archive: Archive, n: int, seed: int = 0) -> tuple[list[np.ndarr
         raw = im.levels[0].read(slice(z, z + 1), slice(ty * t, (ty + 1) * t), slice(tx * t, (tx + 1) * t))[0]
         s = im.stats
         tiles.append((np.clip((raw.astype(np.float32) - s.lo) / max(s.hi - s.lo, 1e-12), 0, 1) * 255).astype(np.uint8))
-        labels.append(f"{reason(bits)} {im.name[:12]} z{z}")
+        labels.append(f"{reason(bits)} z{z} {im.name}")
         colours.append(COLOURS[TileFlag(bits & -bits)] if bits else COLOURS[0])
     return tiles, labels, colours
 
@@ -105,7 +105,10 @@ def run(args: argparse.Namespace) -> int:
         if not tiles:
             console.print("no tiles to show")
             return 0
-        path = tile_sheet(tiles, labels, args.columns, args.sheet, borders=colours, cell=128)
-        legend = ", ".join(f"{SHORT.get(k, 'kept')}={'#%02x%02x%02x' % c}" for k, c in COLOURS.items())
-        console.print(f"contact sheet: {path} ({len(tiles)} tiles; frames: {legend})", highlight=False)
+        names = {0: "kept", TileFlag.LOW_INFORMATION: "low information", TileFlag.SATURATED: "saturated", TileFlag.PADDING: "padding", TileFlag.DUPLICATE: "duplicate"}
+        title = (f"{archive.path.name}: {len(tiles)} random level-0 curation tiles, half kept, half flagged where there are enough; "
+                 f"frame colour = first flag; caption = flags, z, image")
+        path = tile_sheet(tiles, labels, args.columns, args.sheet, borders=colours, cell=128, title=title,
+                          legend=[(names[k], c) for k, c in COLOURS.items()])
+        console.print(f"contact sheet: {path} ({len(tiles)} tiles; legend in the image)", highlight=False)
     return 0

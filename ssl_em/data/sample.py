@@ -42,6 +42,12 @@ def sample_tiles(dm: EMDataModule, n: int, augment: bool = False) -> tuple[torch
     return x, batch["source"]
 
 
+def balance(dm: EMDataModule, src: torch.Tensor) -> list[tuple[str, float, int]]:
+    """(image, the stream's share of tiles, tiles on this sheet) per image drawn from."""
+    counts = np.bincount(src.numpy(), minlength=len(dm.dataset.sources))
+    return [(s.name, float(w), int(c)) for s, w, c in zip(dm.dataset.sources, dm.dataset.weights, counts)]
+
+
 def run(args) -> int:
     from ssl_em.data.sheets import tile_sheet
 
@@ -50,9 +56,27 @@ def run(args) -> int:
     dm = EMDataModule(data, tile_size=args.tile_size, pixel_size_nm=args.pixel_size, batch_size=1, num_workers=0,
                       samples_per_epoch=max(args.n, 1), shuffle_buffer=min(256, args.n), seed=args.seed)
     x, src = sample_tiles(dm, args.n, args.augment)
-    names = [s.name for s in dm.dataset.sources]
+    ds = dm.dataset
+    names = [s.name for s in ds.sources]
     # Map standardised values back to a display range: mean +- 2.5 std.
     tiles = [np.clip((t[0].numpy() * 0.2 + 0.5) * 255, 0, 255).astype(np.uint8) for t in x]
-    tile_sheet(tiles, [names[int(s)][:18] for s in src], args.columns, args.out)
-    print(f"wrote {len(tiles)} tiles from {len(set(src.tolist()))} of {len(names)} images to {args.out}")
+    rows = balance(dm, src)
+    total = len(ds.sources) + len(ds.left_out)
+    shown = sum(c > 0 for _, _, c in rows)
+    pixels = f"{args.pixel_size:g} nm/px" if args.pixel_size else "native pixels"
+    title = (f"{len(tiles)} tiles as the pretraining stream yields them ({args.tile_size} px, {pixels}{', augmented' if args.augment else ''}) "
+             f"from {shown} of {len(ds.sources)} images drawn from" + (f" ({len(ds.left_out)} of {total} left out)" if ds.left_out else "")
+             + ". The stream reads tiles in blocks, so a short sample comes from few images; shares over a run:\n"
+             + "; ".join(f"{n} {w:.0%} ({c} here)" for n, w, c in sorted(rows, key=lambda r: -r[1])[:12]) + ("; ..." if len(rows) > 12 else ""))
+    tile_sheet(tiles, [names[int(s)] for s in src], args.columns, args.out, title=title)
+    print(f"wrote {len(tiles)} tiles from {shown} image(s) to {args.out}; the stream draws from {len(ds.sources)} of the {total} images"
+          + (f", {len(ds.left_out)} left out (below)" if ds.left_out else ""))
+    print(f"{'image':32s} {'share of a run':>14s} {'tiles here':>10s}")
+    for n, w, c in sorted(rows, key=lambda r: -r[1]):
+        print(f"{n[:32]:32s} {w:14.1%} {c:10d}")
+    by_reason: dict[str, list[str]] = {}
+    for n, why in ds.left_out:
+        by_reason.setdefault(why, []).append(n)
+    for why, left in by_reason.items():
+        print(f"left out {len(left)} image(s), {why}: {', '.join(left[:8])}{', ...' if len(left) > 8 else ''}")
     return 0

@@ -43,6 +43,7 @@ class StreamSource:
     stats: IntensityStats
     curation: np.ndarray | None = None  # (z, ty, tx) TileFlag bits at level 0, or None
     curation_tile: int = 256
+    voxel_size_known: bool = True  # False: voxel_sizes are a placeholder, no pixel size to resample from
 
     @classmethod
     def from_archive(cls, path, threads: int | None = None) -> list["StreamSource"]:
@@ -52,7 +53,7 @@ class StreamSource:
             levels = im.levels
             for lv in levels:
                 lv.threads = threads
-            out.append(cls(im.name, levels, im.voxel_sizes, im.stats, im.curation, im.curation_tile))
+            out.append(cls(im.name, levels, im.voxel_sizes, im.stats, im.curation, im.curation_tile, bool(im.meta.get("voxel_size_known", True))))
         return out
 
     @classmethod
@@ -61,7 +62,7 @@ class StreamSource:
         rng = np.random.default_rng(seed)
         zs = rng.choice(volume.shape[0], size=min(sample_slices, volume.shape[0]), replace=False)
         sample = np.concatenate([volume.read(int(z)).ravel() for z in zs])
-        return cls(volume.name, [volume], [volume.voxel_size], IntensityStats.compute(sample))
+        return cls(volume.name, [volume], [volume.voxel_size], IntensityStats.compute(sample), voxel_size_known=volume.voxel_size_known)
 
 
 @dataclass
@@ -159,13 +160,23 @@ class TileDataset(IterableDataset):
         self.tile_size, self.depth, self.samples_per_epoch = tile_size, depth, samples_per_epoch
         self.prefetch, self.shuffle_buffer, self.seed, self.use_curation = prefetch, shuffle_buffer, seed, use_curation
         self.sources, self.plans = [], []
+        #: (image name, why it is not drawn from): nothing is dropped without a reason.
+        self.left_out: list[tuple[str, str]] = []
         for src in sources:
+            if pixel_size_nm and not src.voxel_size_known:
+                self.left_out.append((src.name, f"voxel size unknown, so it cannot be resampled to {pixel_size_nm:g} nm/px (ingest it with --voxel-size)"))
+                continue
             plan = plan_source(src, tile_size, depth, pixel_size_nm, block_size, isotropy_tolerance)
-            if plan is not None:
-                self.sources.append(src)
-                self.plans.append(plan)
+            if plan is None:
+                (z, y, x), v = src.levels[0].shape, src.voxel_sizes[0]
+                self.left_out.append((src.name, f"too small for {tile_size} px tiles at {pixel_size_nm or 'native'} nm/px, depth {depth} "
+                                                f"(it is {z} x {y} x {x} voxels of {(v.y + v.x) / 2:g} nm)"))
+                continue
+            self.sources.append(src)
+            self.plans.append(plan)
         if not self.sources:
-            raise NoTilesError(f"no image is large enough for {tile_size}px tiles at {pixel_size_nm or 'native'} nm/px (depth {depth})")
+            why = "; ".join(f"{n}: {r}" for n, r in self.left_out[:3]) + (f"; and {len(self.left_out) - 3} more" if len(self.left_out) > 3 else "")
+            raise NoTilesError(f"no image can give {tile_size}px tiles at {pixel_size_nm or 'native'} nm/px (depth {depth}): {why}")
         if use_curation and all(s.curation is not None and not (s.curation == 0).any() for s in self.sources):
             raise NoTilesError("every tile of every image was flagged by curation: nothing is left to train on")
         sizes = np.array([float(np.prod(s.levels[p.level].shape)) for s, p in zip(self.sources, self.plans)])

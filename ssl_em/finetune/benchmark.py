@@ -104,9 +104,8 @@ def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slice
     """Run (or resume) the grid; returns all CSV rows. Rows are appended as each run ends.
 
     ceiling: the baseline arm (the U-Net, whose `baseline` is itself) also runs with every
-    slice of the pool, whatever the budgets, for the "all labels" ceiling row."""
-    from tqdm import tqdm
-
+    slice of the pool, whatever the budgets, for the "all labels" ceiling row.
+    progress: one line per cell (which, its score, time left for the rest) and a step bar."""
     from ssl_em.finetune.cli import finetune
 
     out = Path(out)
@@ -119,10 +118,13 @@ def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slice
         grid += [(a, len(pool), s) for s in seeds for a in arms if a.baseline == a.name]
     todo = [g for g in grid if (g[0].name, g[1], g[2]) not in done]
     with _appender(csv_path, rows) as (f, writer):
-        for arm, budget, seed in tqdm(todo, desc="label-efficiency", disable=not progress):
+        started = time.time()
+        for i, (arm, budget, seed) in enumerate(todo):
             train = choose_slices(pool, budget, seed)
+            if progress:
+                print(f"[cell {i + 1}/{len(todo)}] {arm.name}, {budget} labeled slice(s) {train}, seed {seed}", flush=True)
             t0 = time.time()
-            _, metrics = finetune(arm.backbone, images, labels, train, val_slices, task=task, random_init=arm.random_init, seed=seed, **{**(finetune_kwargs or {}), **arm.settings})
+            _, metrics = finetune(arm.backbone, images, labels, train, val_slices, task=task, random_init=arm.random_init, seed=seed, progress=progress, **{**(finetune_kwargs or {}), **arm.settings})
             if metric not in metrics:
                 raise KeyError(f"metric {metric!r} not among {sorted(metrics)}")
             row = {"arm": arm.name, "backbone": arm.backbone, "random_init": arm.random_init, "twin": arm.twin, "baseline": arm.baseline, "budget": budget, "seed": seed,
@@ -131,7 +133,14 @@ def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slice
             writer.writerow(row)
             f.flush()  # a crash loses at most the run in progress
             rows.append({k: str(v) for k, v in row.items()})
+            if progress:
+                left = (time.time() - started) / (i + 1) * (len(todo) - i - 1)
+                print(f"[cell {i + 1}/{len(todo)}] {metric} {row['score']:.3f} in {row['seconds']:.0f} s" + (f"; about {_duration(left)} left for {len(todo) - i - 1} more" if i + 1 < len(todo) else ""), flush=True)
     return rows
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def read_rows(csv_path: Path) -> list[dict]:
@@ -235,29 +244,67 @@ def gains_table(gains: dict, metric: str, over: str = "random init") -> str:
     return "\n".join(lines)
 
 
+#: The smallest y-range the plot shows: score differences far below it stay visibly small
+#: instead of being stretched over the whole axis.
+MIN_Y_SPAN = 0.1
+
+
+def metric_label(metric: str) -> str:
+    """`dice/membrane` -> "Dice, membrane"; `mean_iou` -> "mean IoU"."""
+    names = {"iou": "IoU", "dice": "Dice", "mean_iou": "mean IoU", "mean_dice": "mean Dice", "accuracy": "pixel accuracy", "ap50": "AP50",
+             "ap75": "AP75", "map": "mAP", "f1_50": "F1 at IoU 0.5", "voi": "VOI", "adapted_rand_error": "adapted Rand error"}
+    base, _, cls = metric.partition("/")
+    return f"{names.get(base, base)}, {cls}" if cls else names.get(base, base)
+
+
+def y_limits(lows: list[float], highs: list[float], span: float = MIN_Y_SPAN, bounded: bool = True) -> tuple[float, float]:
+    """Axis limits covering the data (mean ± std) with a margin, at least `span` wide, and
+    inside [0, 1] for a bounded score."""
+    lo, hi = min(lows), max(highs)
+    mid, width = (lo + hi) / 2, max(hi - lo, span) * 1.1
+    lo, hi = mid - width / 2, mid + width / 2
+    if bounded:  # slide the window inside [0, 1] without shrinking it
+        if lo < 0:
+            lo, hi = 0.0, min(1.0, hi - lo)
+        if hi > 1:
+            lo, hi = max(0.0, lo - (hi - 1.0)), 1.0
+    return lo, hi
+
+
 def plot(summary: dict, metric: str, path: str | Path, title: str = "", top: tuple | None = None) -> None:
     """Score against labeled slices for every arm (twins dashed, the U-Net baseline in
-    black), the all-labels ceiling (`top`, see `ceiling`) as a dotted line."""
+    black), mean ± std over seeds, the all-labels ceiling (`top`, see `ceiling`) as a dotted
+    line; the y-axis names the metric and spans at least MIN_Y_SPAN."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    lows, highs, n_seeds = [], [], set()
     for arm, d in summary.items():
         b = sorted(d)
         m = np.array([d[x][0] for x in b])
         s = np.array([d[x][1] for x in b])
+        n_seeds |= {d[x][2] for x in b}
+        lows.append(float((m - s).min()))
+        highs.append(float((m + s).max()))
         style = {"color": "black"} if top is not None and arm == top[0] else {"linestyle": "--" if "random" in arm else "-"}
         ax.errorbar(b, m, yerr=s, marker="o", capsize=3, label=arm, **style)
     if top is not None:
         ax.axhline(top[2][0], color="black", linestyle=":", linewidth=1, label=_ceiling_label(top))
+        lows.append(top[2][0])
+        highs.append(top[2][0])
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({x for d in summary.values() for x in d}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("labeled training slices")
-    ax.set_ylabel(metric)
-    ax.set_title(textwrap.fill(title or "label efficiency", 55), fontsize=10)  # long titles wrap, never clip
+    seeds = f"{min(n_seeds)}" if len(n_seeds) == 1 else f"{min(n_seeds)}-{max(n_seeds)}"
+    ax.set_ylabel(f"{metric_label(metric)} on held-out slices\n(mean ± std over {seeds} seed{'s' if max(n_seeds) > 1 else ''})")
+    lower_is_better = metric.split("/")[0] in ("voi", "voi_split", "voi_merge", "adapted_rand_error")
+    if lows:
+        ax.set_ylim(*y_limits(lows, highs, bounded=not metric.startswith("voi")))
+    ax.set_title(textwrap.fill((title or "label efficiency") + (" (lower is better)" if lower_is_better else ""), 60), fontsize=10)  # long titles wrap, never clip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -346,6 +393,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from ssl_em.console import quiet
+
     if args.kind == "report":
         print(report(args.out, args.metric, args.title, merge=args.merge))
         return 0
@@ -362,9 +411,11 @@ def run(args) -> int:
               "dice_weight": args.dice_weight, "tile_size": args.tile_size, "batch_size": args.batch_size, "lr": args.lr,
               "unfreeze_at_step": args.unfreeze_at_step, "data_kwargs": data_kwargs, "head": head_of_width(args.head_width)}
     pool = _ints(args.pool)
-    label_efficiency(arms_for(args.backbones, unet_encoder=args.unet_encoder, unet_lr=args.unet_lr), args.images, args.labels, pool, _ints(args.val_slices),
-                     [len(pool) if b.strip() == "all" else int(b) for b in args.budgets.split(",")], [int(s) for s in args.seeds.split(",")], args.out,
-                     metric=args.metric, task=args.task, finetune_kwargs=kwargs)
+    print(f"ssl-em benchmark: results go to {Path(args.out) / 'results.csv'} (a rerun skips the cells already there)", flush=True)
+    with quiet():
+        label_efficiency(arms_for(args.backbones, unet_encoder=args.unet_encoder, unet_lr=args.unet_lr), args.images, args.labels, pool, _ints(args.val_slices),
+                         [len(pool) if b.strip() == "all" else int(b) for b in args.budgets.split(",")], [int(s) for s in args.seeds.split(",")], args.out,
+                         metric=args.metric, task=args.task, finetune_kwargs=kwargs)
     print(report(args.out, args.metric))
     print(f"\nwrote {Path(args.out) / 'results.csv'}, table.md, plot.png")
     return 0

@@ -1,12 +1,14 @@
-"""`ssl-em finetune`: fine-tune a segmentation head on a few labeled slices, then export.
+"""`ssl-em finetune`: fine-tune a backbone and a segmentation head on a few labeled slices, then export.
 
-    ssl-em finetune --backbone checkpoints/NAME --images IMG --labels LBL --task semantic \\
-        [--train-slices 0,1] [--val-slices 20-29] [--random-init] [--out DIR] \\
-        [--config recipes/finetune/semantic_vit.yaml] [--max-steps N] [--seed S]
+    ssl-em finetune --backbone checkpoints/NAME --images IMG --labels LBL --classes A,B
+        --train-slices 0,1 --val-slices 20-29 --out DIR [--config RECIPE.yaml] [--max-steps N]
 
-LightningCLI over `SegmentationModule` and `LabeledSlicesDataModule`; the short flags map
-onto its config (`--backbone` is `--model.backbone`, `--images` is `--data.images`, ...)
-and any other setting is open as usual (`--model.lr 3e-4`, `--data.tile_size 256`).
+LightningCLI over `SegmentationModule` and `LabeledSlicesDataModule`; the short flags
+(`ssl_em.cli_flags.FINETUNE`, which `--help` prints) map onto its config (`--backbone` is
+`--model.backbone`, `--images` is `--data.images`, ...) and any other setting is open as
+usual (`--model.lr 3e-4`, `--data.tile_size 256`); `--config` is applied first, whatever
+its position. Without a recipe (`CLI_DEFAULTS`): the default head alone for 100 steps, then
+the whole network, 1000 steps; a line printed before training says what is frozen and when.
 The data's classes and tile size feed the model. At the end the model is scored on the
 validation slices (whole slices, sliding window) and exported to `--out`.
 
@@ -25,6 +27,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LightningCLI
 
+from ssl_em import cli_flags
+from ssl_em.console import quiet, run_callbacks
 from ssl_em.finetune.data import IGNORE, LabeledSlicesDataModule
 from ssl_em.finetune.heads import default_head
 from ssl_em.finetune.instance import foreground_boundary, watershed_instances
@@ -79,6 +83,7 @@ def finetune(
     steps: StepSchedule = StepSchedule(),
     holdout: float = 0.15,
     validations: int = 10,
+    progress: bool = False,
     **module_kwargs,
 ) -> tuple[SegmentationModule, dict]:
     """Fine-tune on `train_slices`, score on `val_slices`; returns (module, metrics dict).
@@ -97,6 +102,7 @@ def finetune(
     rows off as a model-selection band, the loss on it is measured `validations` times
     over the run, and the weights with the lowest one are kept, scored and exported.
     holdout 0 keeps the last weights.
+    progress: a bar of steps out of max_steps with an ETA.
     """
     pl.seed_everything(seed, workers=True)
     data_kwargs = {"holdout": holdout, **(data_kwargs or {})}
@@ -107,9 +113,9 @@ def finetune(
     keep = KeepBestWeights("val/loss")
     select = dm.holdout > 0 and max_steps > 0
     trainer = pl.Trainer(
-        max_steps=max_steps, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_steps=max_steps, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=progress,
         enable_model_summary=False, num_sanity_val_steps=0, precision="bf16-mixed" if torch.cuda.is_available() and accelerator != "cpu" else "32-true",
-        callbacks=[keep] if select else [], limit_val_batches=None if select else 0,
+        callbacks=run_callbacks(progress, model_summary=False) + ([keep] if select else []), limit_val_batches=None if select else 0,
         val_check_interval=max(1, max_steps // validations) if select else None, check_val_every_n_epoch=None if select else 1,
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)
@@ -120,75 +126,86 @@ def finetune(
     return model, metrics
 
 
+#: What `ssl-em finetune` does without a recipe: "fine-tune this backbone on my labels", i.e.
+#: the default head (UNETR for ViTs, U-Net for CNNs) alone for a short warm-up, so random
+#: head gradients do not wreck the pretrained features, then the whole network (backbone at
+#: 0.1 x lr); validation every 100 steps (tiles_per_epoch / batch_size steps per epoch).
+CLI_DEFAULTS = {"model.head": default_head, "model.unfreeze_at_step": 100, "data.tiles_per_epoch": 800}
+MAX_STEPS = 1000
+
+
 class FinetuneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--out", type=str | None, default=None, help="folder to export the fine-tuned model to")
+        parser.set_defaults(CLI_DEFAULTS)
+        cli_flags.describe_data_flag(parser, "images, labels and slices as a YAML file (or use --images, --labels...)", "YAML")
         parser.link_arguments("data.tile_size", "model.tile_size")
         parser.link_arguments("data.task", "model.task")
         parser.link_arguments("data", "model.num_classes", compute_fn=lambda d: d.num_classes, apply_on="instantiate")
         parser.link_arguments("data", "model.classes", compute_fn=lambda d: d.classes, apply_on="instantiate")
 
-
-#: short flag -> LightningCLI key; flags without a value become "true".
-SHORTCUTS = {
-    "--backbone": "--model.backbone",
-    "--random-init": "--model.random_init",
-    "--images": "--data.images",
-    "--labels": "--data.labels",
-    "--task": "--data.task",
-    "--train-slices": "--data.train_slices",
-    "--val-slices": "--data.val_slices",
-    "--tile-size": "--data.tile_size",
-    "--max-steps": "--trainer.max_steps",
-    "--seed": "--seed_everything",
-}
-FLAGS = {"--random-init"}
+    def instantiate_trainer(self, **kwargs):
+        t = self.config.trainer
+        given = kwargs.get("callbacks") or []
+        kwargs["callbacks"] = list(given) + run_callbacks(t.get("enable_progress_bar") is not False, t.get("enable_model_summary") is not False)
+        return super().instantiate_trainer(**kwargs)
 
 
-def _shortcuts(argv: list[str]) -> list[str]:
-    out, i = [], 0
-    while i < len(argv):
-        flag, eq, value = argv[i].partition("=")
-        key = SHORTCUTS.get(flag)
-        if key is None:
-            out.append(argv[i])
-        elif eq:
-            out.append(f"{key}={value}")
-        elif flag in FLAGS and (i + 1 >= len(argv) or argv[i + 1].lower() not in ("true", "false")):
-            out += [key, "true"]
-        else:
-            out += [key, argv[i + 1]]
-            i += 1
-        i += 1
-    return out
+def freeze_plan(model: SegmentationModule, max_steps: int) -> str:
+    """One line: what trains, and for how long."""
+    h, n = model.hparams, max_steps
+    scale = h.backbone_lr_scale if h.backbone_lr_scale is not None else (1.0 if h.random_init else 0.1)
+    whole = f"the whole network (backbone lr x{scale:g}{f', layer decay {h.layer_decay:g}' if h.layer_decay != 1 else ''})"
+    if h.unfreeze_at_step is None:
+        return f"backbone frozen for all {n} steps; only the head trains (a probe of the backbone's features)"
+    if h.unfreeze_at_step <= 0:
+        return f"{whole} trains for all {n} steps"
+    if h.unfreeze_at_step >= n:
+        return f"backbone frozen for all {n} steps (unfreeze_at_step {h.unfreeze_at_step} >= max_steps); only the head trains"
+    return f"head alone for steps 0-{h.unfreeze_at_step - 1} (backbone frozen), then {whole} for steps {h.unfreeze_at_step}-{n - 1}"
 
 
 def build_cli(argv: list[str]) -> FinetuneCLI:
-    return FinetuneCLI(
-        SegmentationModule,
-        LabeledSlicesDataModule,
-        run=False,
-        args=_shortcuts(argv),
-        seed_everything_default=0,
-        save_config_callback=None,
-        trainer_defaults={"max_steps": 500, "logger": False, "enable_checkpointing": False, "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"},
-        parser_kwargs={"prog": "ssl-em finetune", "description": __doc__.split("\n\n`finetune")[0]},
-    )
+    """Parse `argv` (short flags, any order: see ssl_em.cli_flags) and build model, data and trainer."""
+    args, verbose = cli_flags.prepare(argv, cli_flags.FINETUNE)
+    with quiet(verbose):
+        return FinetuneCLI(
+            SegmentationModule,
+            LabeledSlicesDataModule,
+            run=False,
+            args=args,
+            seed_everything_default=0,
+            save_config_callback=None,
+            trainer_defaults={"max_steps": MAX_STEPS, "logger": False, "enable_checkpointing": False, "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"},
+            parser_kwargs={"prog": "ssl-em finetune", "description": __doc__.split("\n\n")[0]},
+        )
 
 
 def run_argv(argv: list[str]) -> int:
+    if cli_flags.wants_short_help(argv):
+        return cli_flags.print_short_help(cli_flags.help_text("finetune"))
+    verbose = cli_flags.VERBOSE in argv
     try:
         cli = build_cli(argv)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        dm = cli.datamodule
+        print(f"ssl-em finetune: {freeze_plan(cli.model, cli.trainer.max_steps)}", flush=True)
+        if dm.task == "semantic" and dm.classes == [str(v) for v in dm.label_values]:
+            print(f"ssl-em finetune: classes named by their label values {dm.classes}; --classes A,B names them", flush=True)
+        with quiet(verbose):
+            cli.trainer.fit(cli.model, datamodule=dm)
     except ValueError as e:  # BackboneError, LabelError, VolumeError: one line says what is wrong
         print(f"ssl-em finetune: error: {e}", file=sys.stderr)
         return 2
     metrics = score_val_slices(cli.model, cli.datamodule)
+    if metrics:
+        print(f"scores on the validation slices {cli.datamodule.val_slices}:")
     for k, v in metrics.items():
         print(f"{k:24s} {v:.4f}")
     if cli.config.out:
         out = cli.model.export(cli.config.out, cli.datamodule.tile_size, metrics, cli.datamodule.label_values)
         print(f"exported {out} (ssl-em predict {out} INPUT --out OUT.zarr)")
+    else:
+        print("ssl-em finetune: nothing written (give --out DIR to export the model for ssl-em predict)")
     return 0
 
 

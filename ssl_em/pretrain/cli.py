@@ -4,7 +4,10 @@ LightningCLI over any PretrainMethod (the recipe picks it by `model.class_path`)
 `EMDataModule`. Every setting can be overridden on the command line (`--model.init_args.
 mask_ratio 0.6`, `--data.batch_size 32`, `--trainer.max_steps 1000`). On top of Lightning:
 
-- `--data PATH` is short for `--data.data PATH`; the tile size feeds the model's img_size;
+- short flags (`--data PATH` for `--data.data PATH`, `--max-steps`, `--resume`...: the table
+  `ssl_em.cli_flags.PRETRAIN`, which `--help` prints; `--help-all` lists every key);
+  `--config` is applied first and every other flag after it, whatever the order typed;
+- the tile size feeds the model's img_size;
 - a run lives in one folder, `--run_dir` (default runs/<recipe name>): logs, config.yaml,
   checkpoints/ (every `--checkpoint_every_n_steps`, written to a temporary file and renamed,
   plus checkpoints/last.ckpt);
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -33,6 +35,8 @@ from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
+from ssl_em import cli_flags
+from ssl_em.console import quiet, run_callbacks
 from ssl_em.data.stream import EMDataModule, NoTilesError
 from ssl_em.export import BackboneError, read_checkpoint
 from ssl_em.pretrain.base import PretrainMethod, run_metadata
@@ -60,6 +64,7 @@ class PretrainCLI(LightningCLI):
         parser.add_argument("--compile", type=bool, default=False, help="torch.compile the method's forward")
         parser.add_argument("--init_from", type=str | None, default=None, help="start the backbone from an exported backbone folder (continued pretraining)")
         parser.link_arguments("data.tile_size", "model.init_args.img_size")
+        cli_flags.describe_data_flag(parser, "an ssl_em archive (ARCHIVE.zarr), raw volumes, or a YAML file of data settings")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config
@@ -90,27 +95,10 @@ class PretrainCLI(LightningCLI):
             save_top_k=1,  # no metric to rank by: keeps the newest, besides last.ckpt
             enable_version_counter=False,  # a resumed run overwrites last.ckpt, not last-v1.ckpt
         )
-        kwargs["callbacks"] = (given if isinstance(given, list) else [given]) + [checkpoints, RecordRecipe(self.recipe)]
+        given = given if isinstance(given, list) else [given]
+        shown = run_callbacks(cfg.trainer.get("enable_progress_bar") is not False, cfg.trainer.get("enable_model_summary") is not False)
+        kwargs["callbacks"] = given + [checkpoints, RecordRecipe(self.recipe)] + shown
         return super().instantiate_trainer(**kwargs)
-
-
-def _shortcuts(argv: list[str]) -> list[str]:
-    """`--data X` -> `--data.data X` unless X is a config file for the data group;
-    bare `--resume` / `--compile` -> `--resume true` / `--compile true`."""
-    out, i = [], 0
-    while i < len(argv):
-        a, nxt = argv[i], argv[i + 1] if i + 1 < len(argv) else None
-        if a == "--data" and nxt is not None and not nxt.endswith((".yaml", ".yml", ".json")):
-            out += ["--data.data", nxt]
-            i += 1
-        elif a.startswith("--data=") and not a.endswith((".yaml", ".yml", ".json")):
-            out.append("--data.data=" + a.split("=", 1)[1])
-        elif a in ("--resume", "--compile") and (nxt is None or nxt.lower() not in ("true", "false")):
-            out += [a, "true"]
-        else:
-            out.append(a)
-        i += 1
-    return out
 
 
 def check_data(datamodule: EMDataModule) -> None:
@@ -121,6 +109,8 @@ def check_data(datamodule: EMDataModule) -> None:
         probe.setup("fit")
     except (NoTilesError, FileNotFoundError, ValueError) as e:
         raise PretrainError(f"data {datamodule.data!r}: {e}") from e
+    for name, why in probe.dataset.left_out:  # nothing dropped silently
+        print(f"ssl-em pretrain: left out image {name}: {why}", file=sys.stderr)
 
 
 def check_resume(model: PretrainMethod, ckpt_path: Path) -> None:
@@ -151,16 +141,16 @@ def init_from_export(model: PretrainMethod, folder: str | Path) -> None:
 
 
 def make_cli(argv: list[str]) -> PretrainCLI:
-    """Parse `argv` and instantiate model, datamodule and trainer; does not train."""
-    with warnings.catch_warnings():
-        # `ssl-em` hands us its argv minus the subcommand, which LightningCLI would flag.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    """Parse `argv` (short flags, any order: see ssl_em.cli_flags) and instantiate model,
+    datamodule and trainer; does not train."""
+    args, verbose = cli_flags.prepare(argv, cli_flags.PRETRAIN)
+    with quiet(verbose):
         return PretrainCLI(
             PretrainMethod,
             EMDataModule,
             subclass_mode_model=True,
             run=False,
-            args=_shortcuts(argv),
+            args=args,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
@@ -179,6 +169,9 @@ def _find(e: BaseException | None, kind: type) -> BaseException | None:
 
 
 def run_argv(argv: list[str]) -> int:
+    if cli_flags.wants_short_help(argv):
+        return cli_flags.print_short_help(cli_flags.help_text("pretrain"))
+    verbose = cli_flags.VERBOSE in argv
     try:
         cli = make_cli(argv)
     except ValueError as e:  # jsonargparse wraps errors raised while instantiating the classes
@@ -202,7 +195,12 @@ def run_argv(argv: list[str]) -> int:
         print(f"ssl-em pretrain: nothing to resume in {ckpt_path.parent}; starting from scratch", file=sys.stderr)
     if cfg.compile:
         cli.model.compile()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt_path) if cfg.resume and ckpt_path.is_file() else None)
+    resume = cfg.resume and ckpt_path.is_file()
+    print(f"ssl-em pretrain: {cfg.trainer.max_steps} steps{' (resuming)' if resume else ''}; run folder {cfg.run_dir} "
+          f"(checkpoints/last.ckpt every {cfg.checkpoint_every_n_steps} steps, config.yaml, logs); then: ssl-em export {cfg.run_dir} --out checkpoints/NAME", flush=True)
+    with quiet(verbose):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt_path) if resume else None)
+    print(f"ssl-em pretrain: finished at step {cli.trainer.global_step}; checkpoints in {ckpt_path.parent}")
     return 0
 
 

@@ -12,8 +12,10 @@ Dd decoder width, P prefix tokens (cls + registers) of the backbone.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from einops import rearrange
 from timm.layers import trunc_normal_
@@ -139,9 +141,18 @@ class MAE(PretrainMethod):
         imgs = batch["image"]  # (B, 1, H, W), normalised
         out = self(imgs)
         self.log_step(out["loss"], imgs.shape[0])
-        if self.image_every_n_steps and self.global_step % self.image_every_n_steps == 0:
-            self.log_reconstruction(imgs, out["pred"].detach(), out["mask"])
+        if self.image_every_n_steps:
+            # Kept (8 tiles, detached) so the run's last step gets a grid too, in on_train_end.
+            self._last_batch = (imgs[:8].detach(), out["pred"][:8].detach(), out["mask"][:8].detach())
+            if self.global_step % self.image_every_n_steps == 0:
+                self.log_reconstruction(*self._last_batch)
         return out["loss"]
+
+    def on_train_end(self) -> None:
+        """A reconstruction grid at the final step, whatever image_every_n_steps is."""
+        last = getattr(self, "_last_batch", None)
+        if last is not None and (self.global_step - 1) % self.image_every_n_steps != 0:  # not just drawn
+            self.log_reconstruction(*last)
 
     # -- visualisation --------------------------------------------------------------------
 
@@ -161,7 +172,8 @@ class MAE(PretrainMethod):
         recon = unpatchify(target * (1 - m) + pred * m, self.patch_size, h, c)
         rows = torch.stack([imgs, masked, recon], dim=1).flatten(0, 1)  # (3n, C, H, W)
         lo, hi = imgs.amin(), imgs.amax()
-        return make_grid(((rows - lo) / (hi - lo + 1e-6)).clamp(0, 1), nrow=3, padding=2, pad_value=1.0)
+        grid = make_grid(((rows - lo) / (hi - lo + 1e-6)).clamp(0, 1), nrow=3, padding=2, pad_value=1.0)
+        return with_column_headers(grid, RECONSTRUCTION_COLUMNS, imgs.shape[-1] + 2)
 
     @torch.no_grad()
     def log_reconstruction(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> None:
@@ -169,7 +181,7 @@ class MAE(PretrainMethod):
         if not self.trainer.is_global_zero:
             return
         grid = self.reconstruction_grid(imgs, pred, mask).cpu()
-        caption = f"step {self.global_step}: input | masked | reconstruction"
+        caption = f"step {self.global_step}: " + " | ".join(RECONSTRUCTION_COLUMNS)
         logger = self.logger
         if hasattr(logger, "log_image"):
             logger.log_image("train/reconstruction", images=[grid], caption=[caption], step=self.global_step)
@@ -180,3 +192,26 @@ class MAE(PretrainMethod):
         out = Path(getattr(logger, "log_dir", None) or self.trainer.default_root_dir) / "reconstructions"
         out.mkdir(parents=True, exist_ok=True)
         save_image(grid, out / f"step{self.global_step:08d}.png")
+
+
+#: Column headers of the reconstruction grid, left to right.
+RECONSTRUCTION_COLUMNS = ("input", "masked input", "reconstruction")
+
+
+def with_column_headers(grid: torch.Tensor, headers: tuple[str, ...], column_px: int, height: int = 14) -> torch.Tensor:
+    """grid: (C, H, W) in [0, 1] -> (C, height + k H, k W), each header written above its
+    column (dark text on white, Pillow's default font), so a saved PNG says what each column
+    is. Columns too narrow for their header are enlarged k-fold (nearest neighbour) first."""
+    import torch.nn.functional as F
+    from PIL import Image, ImageDraw
+
+    k = max(1, math.ceil((6 * max(map(len, headers)) + 6) / column_px))
+    if k > 1:
+        grid, column_px = F.interpolate(grid[None], scale_factor=k, mode="nearest")[0], column_px * k
+    C, H, W = grid.shape
+    strip = Image.new("L", (W, height), 255)
+    draw = ImageDraw.Draw(strip)
+    for col, text in enumerate(headers):
+        draw.text((col * column_px + 3, 1), text, fill=0)
+    head = torch.from_numpy(np.asarray(strip, np.float32) / 255.0).expand(C, height, W)
+    return torch.cat([head.to(grid), grid], dim=1)

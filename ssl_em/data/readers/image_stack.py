@@ -1,5 +1,9 @@
 """A folder of 2D images (PNG, TIFF, JPEG), one per z-slice, or a single 2D image file.
 
+A folder means a z-stack when all its images share one shape and dtype. A folder of
+images of different sizes (CEM500K's patches, crops from many sessions) is a set of
+separate 2D images instead: `split_folder` says so, and ingest opens each file on its own.
+
 Slices are ordered by a natural sort of their file names (`2.png` before `10.png`), the
 order acquisition software numbers them in. Every file's header is checked when the
 volume is opened, so a slice of the wrong size is reported up front, by name, instead of
@@ -69,6 +73,19 @@ class ImageStackVolume(Volume):
         for i, z in enumerate(range(zs.start, zs.stop)):
             out[i] = _decode(self.files[z], self.shape[1:])[ys, xs]
         return out
+
+
+def split_folder(folder: str | Path) -> dict[Path, tuple[int, int]] | None:
+    """{file: (height, width)} of the folder's images when they differ in shape or dtype
+    (each one a 2D image of its own); None when they form one z-stack (or the folder is
+    not an image folder)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    headers = {f: _header(str(f)) for f in image_files(folder)}
+    if len(set(headers.values())) < 2:
+        return None
+    return {f: shape for f, (shape, _) in headers.items()}
 
 
 def _header(file: str) -> tuple[tuple[int, int], np.dtype]:

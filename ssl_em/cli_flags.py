@@ -1,0 +1,189 @@
+"""Short flags, argument order and short help for the LightningCLI commands (pretrain, finetune).
+
+LightningCLI takes every setting by its full key (`--trainer.max_steps`); users type the
+few that matter (`--max-steps`). Each command lists its short flags as `Shortcut`s here,
+and that one table drives both the translation (`expand`) and the short help (`short_help`).
+This module imports nothing heavy, so `ssl-em pretrain --help` prints without loading torch
+or Lightning.
+
+Order: jsonargparse applies arguments left to right, so a `--config` given after a flag
+would silently override it. `config_first` moves every `--config` to the front: recipes
+first, then each explicit flag, whatever order they were typed in.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+CONFIG_FLAGS = ("--config", "-c")
+#: Full LightningCLI help, every key of every class (hundreds of lines).
+HELP_ALL = "--help-all"
+HELP = ("-h", "--help")
+#: Show Lightning's tips and expected warnings too (they are hidden by default).
+VERBOSE = "--verbose"
+
+
+@dataclass(frozen=True)
+class Shortcut:
+    """`flag` stands for `key`. switch: takes no value (becomes `key true`); listing: a
+    comma-separated value becomes a YAML list; config_suffixes: a value ending so is left to
+    jsonargparse (`--data settings.yaml` is a config file for the data group)."""
+
+    flag: str
+    key: str
+    help: str
+    metavar: str = ""
+    switch: bool = False
+    listing: bool = False
+    config_suffixes: tuple[str, ...] = ()
+
+
+def config_first(argv: list[str]) -> list[str]:
+    """Move every `--config X` / `--config=X` / `-c X` to the front, keeping their order."""
+    configs, rest, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in CONFIG_FLAGS and i + 1 < len(argv):
+            configs += [a, argv[i + 1]]
+            i += 2
+            continue
+        (configs if a.startswith("--config=") else rest).append(a)
+        i += 1
+    return configs + rest
+
+
+def expand(argv: list[str], shortcuts: list[Shortcut]) -> list[str]:
+    """Translate short flags into LightningCLI keys; everything else passes unchanged."""
+    table = {s.flag: s for s in shortcuts}
+    out, i = [], 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        s = table.get(flag)
+        if s is None:
+            out.append(argv[i])
+            i += 1
+            continue
+        if s.switch and not eq and (i + 1 >= len(argv) or argv[i + 1].lower() not in ("true", "false")):
+            value, i = "true", i + 1
+        elif not eq:
+            if i + 1 >= len(argv):
+                out.append(argv[i])  # jsonargparse says what is missing
+                break
+            value, i = argv[i + 1], i + 2
+        else:
+            i += 1
+        if s.config_suffixes and value.endswith(s.config_suffixes):
+            out += [flag, value]
+        elif s.listing and not value.startswith("["):
+            out += [s.key, "[" + ",".join(v.strip() for v in value.split(",")) + "]"]
+        else:
+            out += [s.key, value]
+    return out
+
+
+def prepare(argv: list[str], shortcuts: list[Shortcut]) -> tuple[list[str], bool]:
+    """(argv for LightningCLI, verbose): short flags expanded, configs first, `--help-all`
+    turned into LightningCLI's `--help`, `--verbose` taken out."""
+    verbose = VERBOSE in argv
+    argv = ["--help" if a == HELP_ALL else a for a in argv if a != VERBOSE]
+    return config_first(expand(argv, shortcuts)), verbose
+
+
+def describe_data_flag(parser, text: str, metavar: str = "ARCHIVE") -> None:
+    """jsonargparse describes a LightningCLI's `--data` as "Path to a configuration file";
+    say what it takes for this command instead (a jsonargparse parser, after the data group)."""
+    action = parser._option_string_actions.get("--data")
+    if action is not None:
+        action.help, action.metavar = text, metavar
+
+
+def wants_short_help(argv: list[str]) -> bool:
+    return any(a in HELP for a in argv)
+
+
+def short_help(prog: str, summary: str, shortcuts: list[Shortcut], examples: str, more: str = "") -> str:
+    """The help a user reads first: what the command does, its short flags, examples."""
+    width = max([len(f"{s.flag} {s.metavar}".strip()) for s in shortcuts] + [len("--config RECIPE.yaml")]) + 2
+    lines = [f"usage: {prog} [--config RECIPE.yaml] [options]", "", summary, "", "options:"]
+    for s in shortcuts:
+        lines.append(f"  {f'{s.flag} {s.metavar}'.strip():{width}}{s.help}")
+    lines += [
+        f"  {'--config RECIPE.yaml':{width}}a recipe (recipes/); applied first, then every other flag, whatever the order",
+        f"  {'--KEY VALUE':{width}}any setting by its full key, e.g. --trainer.max_steps 1000 (see --help-all)",
+        f"  {'--print_config':{width}}print the resolved settings as YAML and exit",
+        f"  {VERBOSE:{width}}also show Lightning's tips and expected warnings",
+        f"  {HELP_ALL:{width}}every setting of every class (long)",
+    ]
+    if more:
+        lines += ["", more.strip()]
+    lines += ["", "examples:", examples.rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def print_short_help(text: str) -> int:
+    sys.stdout.write(text)
+    return 0
+
+
+PRETRAIN = [
+    Shortcut("--data", "--data.data", "an ssl_em archive (ARCHIVE.zarr from `ssl-em ingest`) or raw volumes", "ARCHIVE.zarr", config_suffixes=(".yaml", ".yml", ".json")),
+    Shortcut("--max-steps", "--trainer.max_steps", "optimizer steps to train for (the recipe's otherwise)", "N"),
+    Shortcut("--batch-size", "--data.batch_size", "tiles per step and device", "N"),
+    Shortcut("--tile-size", "--data.tile_size", "tile edge in pixels", "PX"),
+    Shortcut("--pixel-size", "--data.pixel_size_nm", "nm per pixel to resample every source to (default: native)", "NM"),
+    Shortcut("--run_dir", "--run_dir", "the run's folder: checkpoints, config, logs (default runs/<recipe name>)", "DIR"),
+    Shortcut("--resume", "--resume", "continue from <run_dir>/checkpoints/last.ckpt", switch=True),
+    Shortcut("--compile", "--compile", "torch.compile the method's forward", switch=True),
+    Shortcut("--devices", "--trainer.devices", "GPUs (or CPU processes) to use", "N"),
+]
+
+PRETRAIN_EXAMPLES = """\
+  ssl-em pretrain --config recipes/pretrain/mae_vit_s16.yaml --data archive.zarr --max-steps 100000
+  ssl-em pretrain --config recipes/pretrain/mae_vit_s16.yaml --data archive.zarr --resume   # after a crash
+  ssl-em pretrain --config recipes/pretrain/tiny_cpu.yaml --data archive.zarr --max-steps 50  # minutes on a CPU
+  ssl-em pretrain --config recipes/pretrain/mae_vit_s16.yaml --data archive.zarr --model.init_args.mask_ratio 0.6"""
+
+PRETRAIN_SUMMARY = """\
+Self-supervised pretraining of a timm backbone on tiles streamed from an archive. The recipe
+(recipes/pretrain/*.yaml) picks the method (MAE, MoCo v3, SimCLR) and the backbone. Then
+`ssl-em export <run_dir> --out checkpoints/NAME` writes the backbone for fine-tuning."""
+
+FINETUNE = [
+    Shortcut("--backbone", "--model.backbone", "an exported backbone folder (ssl-em export) or a timm name", "DIR"),
+    Shortcut("--images", "--data.images", "the image volume: TIFF, folder of 2D images, zarr, HDF5 (file.h5:/raw)...", "PATH"),
+    Shortcut("--labels", "--data.labels", "the label volume, same shape as --images", "PATH"),
+    Shortcut("--task", "--data.task", "semantic (class per pixel) or instance (cells, neurons)", "TASK"),
+    Shortcut("--train-slices", "--data.train_slices", "labeled z-slices to train on, e.g. 0,1 or 0-3", "Z"),
+    Shortcut("--val-slices", "--data.val_slices", "held-out z-slices to score, e.g. 20-29", "Z"),
+    Shortcut("--classes", "--data.classes", "class names in label-value order, e.g. membrane,cell", "A,B", listing=True),
+    Shortcut("--label-values", "--data.label_values", "the label value of each class, e.g. 0,255", "V,W", listing=True),
+    Shortcut("--max-steps", "--trainer.max_steps", "optimizer steps (default 1000)", "N"),
+    Shortcut("--unfreeze-at-step", "--model.unfreeze_at_step", "train the head alone this long, then the whole network (default 100; null: keep frozen)", "N"),
+    Shortcut("--tile-size", "--data.tile_size", "training tile edge in pixels", "PX"),
+    Shortcut("--batch-size", "--data.batch_size", "tiles per step", "N"),
+    Shortcut("--lr", "--model.lr", "head learning rate (the backbone's is 0.1x for a pretrained one)", "LR"),
+    Shortcut("--random-init", "--model.random_init", "same architecture with random weights (the baseline)", switch=True),
+    Shortcut("--seed", "--seed_everything", "random seed", "S"),
+    Shortcut("--out", "--out", "folder to export the fine-tuned model to (for ssl-em predict)", "DIR"),
+]
+
+FINETUNE_EXAMPLES = """\
+  ssl-em finetune --backbone checkpoints/my_lab_mae --images img.tif --labels lbl.tif \\
+      --classes membrane,cell --label-values 0,255 --train-slices 0,1 --val-slices 20-29 --out models/membranes
+  ssl-em finetune ... --random-init                                   # the same network, random weights
+  ssl-em finetune ... --config recipes/finetune/linear_probe.yaml     # frozen backbone, linear head"""
+
+FINETUNE_SUMMARY = """\
+Fine-tune a pretrained backbone and a segmentation head on a few labeled slices, score the
+held-out slices, and export the model for `ssl-em predict`. Without --config the head
+(UNETR for ViTs, U-Net for CNNs) trains alone for 100 steps, then the whole network."""
+
+SHORT_HELP = {
+    "pretrain": ("ssl-em pretrain", PRETRAIN_SUMMARY, PRETRAIN, PRETRAIN_EXAMPLES),
+    "finetune": ("ssl-em finetune", FINETUNE_SUMMARY, FINETUNE, FINETUNE_EXAMPLES),
+}
+
+
+def help_text(command: str) -> str:
+    return short_help(*SHORT_HELP[command])

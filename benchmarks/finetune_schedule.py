@@ -69,6 +69,7 @@ def main() -> None:
 
 
 CHOICES = ("ce_only", "uniform", "light_aug", "constant_lr", "no_holdout")
+LABELS = {"ce_only": "no Dice", "uniform": "uniform tiles", "light_aug": "light aug", "constant_lr": "constant lr", "no_holdout": "last weights"}
 
 
 def summarize(runs: list[dict]) -> str:
@@ -79,7 +80,7 @@ def summarize(runs: list[dict]) -> str:
     lines = ["| protocol (old choices switched back) | slices | steps | membrane Dice, mean ± std | per seed | CPU s per run |", "|---|---|---|---|---|---|"]
     for (off, budget, steps), rs in sorted(groups.items(), key=lambda kv: (len(kv[0][0]) != len(CHOICES), kv[0][0], kv[0][1])):
         d = [r["dice"] for r in sorted(rs, key=lambda r: r["seed"])]
-        name = "old: CE, uniform, light aug, constant lr, last weights" if len(off) == len(CHOICES) else ("new" + (" minus " + ", ".join(off) if off else ""))
+        name = "old: CE, uniform, light aug, constant lr, last weights" if len(off) == len(CHOICES) else ("new" + (" but " + ", ".join(LABELS[k] for k in off) if off else ""))
         per_seed = " / ".join(f"{r['dice']:.3f} (seed {r['seed']}, best step {r['best_step']})" for r in sorted(rs, key=lambda r: r["seed"]))
         lines.append(f"| {name} | {budget} | {steps} | {np.mean(d):.3f} ± {np.std(d):.3f} | {per_seed} | {np.mean([r['cpu_s'] for r in rs]):.0f} |")
     return "\n".join(lines)

@@ -24,11 +24,12 @@ from typing import Literal, Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from ssl_em.data.normalize import IntensityStats
 from ssl_em.data.volume import ArrayVolume, Volume
 from ssl_em.finetune.instance import INSTANCE_CLASSES, instance_targets
+from ssl_em.seeding import derive_seed, process_rank, process_world, run_seed
 
 IGNORE = -1
 
@@ -85,22 +86,40 @@ def semantic_targets(raw: np.ndarray, label_values: Sequence[int], ignore_value:
     return np.array([lut[int(v)] for v in values], np.int64)[inverse].reshape(raw.shape)
 
 
-class TrainTiles(Dataset):
-    """`length` random tiles from the training slices; a tile with no labeled pixel is redrawn
-    (at most `retries` times). Randomness is torch's, so seed_everything(workers=True) fixes it."""
+class TrainTiles(IterableDataset):
+    """About `length` random tiles per epoch over all ranks: each rank yields ceil(length /
+    ranks), split between its loader workers, so every rank has the same number of batches.
+    Each (epoch, rank, worker) draws from its own generator seeded from (seed, epoch, rank,
+    worker); seed None = the run's seed (`seed_everything`). A tile with no labeled pixel is
+    redrawn (at most `retries` times)."""
 
-    def __init__(self, images: np.ndarray, targets: np.ndarray, tile: int, length: int, retries: int = 10) -> None:
+    def __init__(self, images: np.ndarray, targets: np.ndarray, tile: int, length: int, retries: int = 10, seed: int | None = None) -> None:
+        super().__init__()
         self.images, self.targets = _pad_to(images, targets, tile)
-        self.tile, self.length, self.retries = tile, length, retries
+        self.tile, self.length, self.retries, self.seed = tile, length, retries, seed
+        # Counted by each copy (the main process's, or a persistent worker's): one pass = one epoch.
+        self.epoch = 0
 
     def __len__(self) -> int:
-        return self.length
+        """Tiles per rank."""
+        return -(-self.length // process_world())
 
-    def __getitem__(self, i: int) -> dict:
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        base, extra = divmod(len(self), workers)
+        seed = self.seed if self.seed is not None else run_seed()
+        g = torch.Generator().manual_seed(derive_seed(seed, self.epoch, process_rank(), worker))
+        self.epoch += 1
+        for _ in range(base + (worker < extra)):
+            yield self.draw(g)
+
+    def draw(self, g: torch.Generator) -> dict:
+        """One random tile {"image": (1, T, T), "target": (T, T)} drawn with `g`."""
         n, H, W = self.targets.shape
         for _ in range(self.retries + 1):
-            z = int(torch.randint(n, ()))
-            y, x = int(torch.randint(H - self.tile + 1, ())), int(torch.randint(W - self.tile + 1, ()))
+            z = int(torch.randint(n, (), generator=g))
+            y, x = int(torch.randint(H - self.tile + 1, (), generator=g)), int(torch.randint(W - self.tile + 1, (), generator=g))
             target = self.targets[z, y : y + self.tile, x : x + self.tile]
             if (target != IGNORE).any():
                 break

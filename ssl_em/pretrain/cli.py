@@ -33,6 +33,7 @@ from pytorch_lightning.cli import LightningCLI
 from ssl_em.data.stream import EMDataModule, NoTilesError
 from ssl_em.export import BackboneError, read_checkpoint
 from ssl_em.pretrain.base import PretrainMethod, run_metadata
+from ssl_em.seeding import seed_process
 
 
 class PretrainError(ValueError):
@@ -47,6 +48,15 @@ class RecordRecipe(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint.setdefault("ssl_em", {})["recipe"] = self.recipe
+
+
+class SeedPerRank(Callback):
+    """LightningCLI seeds every rank with the same `seed_everything`, which keeps the initial
+    weights equal; once the processes are up, each rank's global RNG (dropout, drop-path) is
+    re-seeded from (seed, rank). Masks and views draw from `ssl_em.seeding.Generators`."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        seed_process()
 
 
 class PretrainCLI(LightningCLI):
@@ -86,7 +96,7 @@ class PretrainCLI(LightningCLI):
             save_top_k=1,  # no metric to rank by: keeps the newest, besides last.ckpt
             enable_version_counter=False,  # a resumed run overwrites last.ckpt, not last-v1.ckpt
         )
-        kwargs["callbacks"] = (given if isinstance(given, list) else [given]) + [checkpoints, RecordRecipe(self.recipe)]
+        kwargs["callbacks"] = (given if isinstance(given, list) else [given]) + [checkpoints, RecordRecipe(self.recipe), SeedPerRank()]
         return super().instantiate_trainer(**kwargs)
 
 

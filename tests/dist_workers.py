@@ -55,3 +55,18 @@ def equal_batches(rank: int, world: int, kw: dict) -> None:
         dist.all_reduce(t)
         counts.append((n, len(loader), int(t)))
     torch.save(counts, Path(kw["out"]) / f"batches{rank}.pt")
+
+
+# -- Lightning callbacks the CLI runs take with --trainer.callbacks (tests/ on PYTHONPATH) --
+from pytorch_lightning import Callback  # noqa: E402
+
+
+class AllReduceAtEpochEnd(Callback):
+    """A collective at every epoch's end, as epoch-level metrics do: if one rank had a batch
+    more than another, the ranks would wait here for each other forever."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        t = torch.tensor([float(trainer.fit_loop.epoch_loop.batch_progress.current.completed)])
+        if dist.is_initialized():
+            dist.all_reduce(t)
+        pl_module.log("batches_all_ranks", t.item(), rank_zero_only=True)

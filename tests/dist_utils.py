@@ -33,12 +33,13 @@ def launch(target: str, world: int, tmp_path: Path, timeout: float = 60, env: di
     """Start `world` processes running `target`; returns their stderr. Fails on a non-zero
     exit or when any is still running after `timeout` seconds (all are killed)."""
     kw = {"store": str(tmp_path / f"store-{target.replace(':', '-')}"), "out": str(tmp_path), **kw}
-    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]), **(env or {})}
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511", "NODE_RANK": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]), **(env or {})}
     procs = []
     for r in range(world):
         code = _BOOT.format(tests=str(TESTS), target=target, rank=r, world=world, kw=json.dumps(kw))
-        # RANK / WORLD_SIZE as a launcher would set them (ssl_em.seeding falls back on them).
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env={**base, "RANK": str(r), "WORLD_SIZE": str(world)},
+        # What torchrun sets: ssl_em.seeding falls back on RANK / WORLD_SIZE, and Lightning
+        # takes LOCAL_RANK as a sign that the processes were started for it.
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env={**base, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world)},
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     errs = []
     try:

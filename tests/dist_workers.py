@@ -57,6 +57,55 @@ def equal_batches(rank: int, world: int, kw: dict) -> None:
     torch.save(counts, Path(kw["out"]) / f"batches{rank}.pt")
 
 
+def _ddp_trainer(**kw):
+    """A Lightning DDP trainer joining the process group dist_utils started (LOCAL_RANK is
+    set, so Lightning takes the processes as launched externally, as under torchrun)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.strategies import DDPStrategy
+
+    return pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"), logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw)
+
+
+def finetune_ddp(rank: int, world: int, kw: dict) -> None:
+    """Fine-tune a tiny ViT + UNETR head frozen then unfrozen (and trainable from step 0),
+    then validate: backbone weights and validation IoU of both ranks, and the IoU one
+    process computes over all validation tiles with the same weights."""
+    import functools
+
+    from pytorch_lightning import seed_everything
+
+    from ssl_em.finetune.data import GridTiles, LabeledSlicesDataModule
+    from ssl_em.finetune.heads import UNETRHead
+    from ssl_em.finetune.module import SegmentationModule, confusion, iou_from_confusion
+    from ssl_em.synthetic import make_volume
+
+    em = make_volume(shape=(4, 64, 64), seed=1)
+    head = functools.partial(UNETRHead, width=8, min_width=8, skip_width=8, stem_width=8)
+    out = {}
+    for unfreeze in (2, 0):
+        seed_everything(0, verbose=False)
+        dm = LabeledSlicesDataModule(em.image, em.semantic, train_slices="0,1", val_slices="2,3", tile_size=32, batch_size=2, tiles_per_epoch=8)
+        model = SegmentationModule("test_vit", head, num_classes=dm.num_classes, tile_size=32, unfreeze_at_step=unfreeze, lr=1e-2, backbone_lr_scale=1.0, augment=True)
+        before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+        _ddp_trainer(max_steps=5, limit_val_batches=0, num_sanity_val_steps=0).fit(model, datamodule=dm)
+        moved = [k for k, v in model.backbone.state_dict().items() if not torch.equal(v, before[k])]
+        out[unfreeze] = {"backbone": model.backbone.state_dict(), "moved": len(moved)}
+    # Validation over ranks, then every tile in this one process with the same weights.
+    _ddp_trainer().validate(model, datamodule=dm, verbose=False)
+    grid = GridTiles(*dm._val, 32)
+    model.eval()
+    cm = 0
+    with torch.no_grad():
+        for i in range(len(grid.index)):
+            b = model.on_after_batch_transfer({k: v[None] for k, v in grid[i].items()}, 0)
+            cm = cm + confusion(model(b["image"]).argmax(1), b["target"], dm.num_classes)
+    out["val_iou"] = model.last_val_iou
+    out["one_process_iou"] = [float(v) for v in iou_from_confusion(cm)]
+    out["val_tiles"] = len(grid)
+    torch.save(out, Path(kw["out"]) / f"finetune{rank}.pt")
+
+
 # -- Lightning callbacks the CLI runs take with --trainer.callbacks (tests/ on PYTHONPATH) --
 from pytorch_lightning import Callback  # noqa: E402
 

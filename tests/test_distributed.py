@@ -20,3 +20,19 @@ def test_random_draws_differ_by_rank_and_repeat_by_seed(tmp_path):
     assert not torch.equal(r0[0]["tiles"], r0[0]["tiles_epoch2"])
     # Masks keep their ratio.
     assert r0[0]["mask"].sum(1).unique().tolist() == [r0[0]["mask"].shape[1] * 3 // 4]
+
+
+def test_ddp_finetuning_keeps_ranks_equal_and_reduces_val_iou(tmp_path):
+    """2 ranks, frozen for 2 steps then unfrozen (the backbone was not in DDP's buckets when
+    it wrapped the model), and trainable from step 0 (a ViT's final norm gets no gradient
+    from forward_intermediates): the backbone trains and stays identical on both ranks.
+    Validation IoU over both ranks equals one process's IoU over all the tiles."""
+    launch("dist_workers:finetune_ddp", 2, tmp_path, timeout=180)
+    r0, r1 = (torch.load(tmp_path / f"finetune{r}.pt", weights_only=True) for r in (0, 1))
+    for unfreeze in (2, 0):
+        assert r0[unfreeze]["moved"] > 0, f"unfreeze_at_step={unfreeze}: the backbone did not train"
+        for k, v in r0[unfreeze]["backbone"].items():
+            assert torch.equal(v, r1[unfreeze]["backbone"][k]), f"unfreeze_at_step={unfreeze}: {k} differs between ranks"
+    assert r0["val_iou"] == r1["val_iou"]
+    assert list(r0["val_iou"].values()) == pytest.approx(r0["one_process_iou"], abs=1e-6)
+    assert r0["val_tiles"] + r1["val_tiles"] == 8  # 2 slices x 4 tiles, each scored once

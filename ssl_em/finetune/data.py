@@ -24,7 +24,7 @@ from typing import Literal, Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ssl_em.data.normalize import IntensityStats
 from ssl_em.data.volume import ArrayVolume, Volume
@@ -127,9 +127,11 @@ class TrainTiles(IterableDataset):
         return {"image": torch.from_numpy(image[None].copy()), "target": torch.from_numpy(target.copy())}
 
 
-class GridTiles(Dataset):
+class GridTiles(IterableDataset):
     """Validation: each slice cut into non-overlapping tiles (padded with ignore), so every
-    labeled pixel is scored exactly once."""
+    labeled pixel is scored exactly once, also over several ranks: rank r (and its loader
+    worker w) takes every (ranks x workers)-th tile, with no tile repeated to even the shares
+    out (a DistributedSampler would repeat some, and count their pixels twice)."""
 
     def __init__(self, images: np.ndarray, targets: np.ndarray, tile: int) -> None:
         n, H, W = targets.shape
@@ -139,7 +141,15 @@ class GridTiles(Dataset):
         self.index = [(z, y, x) for z in range(n) for y in range(0, Hp, tile) for x in range(0, Wp, tile)]
 
     def __len__(self) -> int:
-        return len(self.index)
+        """Tiles this rank scores."""
+        return len(range(process_rank(), len(self.index), process_world()))
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        readers = process_world() * workers
+        for i in range(process_rank() * workers + worker, len(self.index), readers):
+            yield self[i]
 
     def __getitem__(self, i: int) -> dict:
         z, y, x = self.index[i]

@@ -17,6 +17,8 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 
 _BOOT = """
+import faulthandler
+faulthandler.dump_traceback_later({dump}, exit=False)  # where a hung rank is stuck, before the kill
 import json, sys, torch, torch.distributed as dist
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
@@ -36,7 +38,7 @@ def launch(target: str, world: int, tmp_path: Path, timeout: float = 60, env: di
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511", "NODE_RANK": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]), **(env or {})}
     procs = []
     for r in range(world):
-        code = _BOOT.format(tests=str(TESTS), target=target, rank=r, world=world, kw=json.dumps(kw))
+        code = _BOOT.format(dump=max(1.0, timeout - 3), tests=str(TESTS), target=target, rank=r, world=world, kw=json.dumps(kw))
         # What torchrun sets: ssl_em.seeding falls back on RANK / WORLD_SIZE, and Lightning
         # takes LOCAL_RANK as a sign that the processes were started for it.
         procs.append(subprocess.Popen([sys.executable, "-c", code], env={**base, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world)},
@@ -48,7 +50,8 @@ def launch(target: str, world: int, tmp_path: Path, timeout: float = 60, env: di
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        raise AssertionError(f"{target} on {world} processes still running after {timeout} s (a hang)")
+        tails = "\n".join(f"rank {r}: {p.communicate()[1][-1500:]}" for r, p in enumerate(procs))
+        raise AssertionError(f"{target} on {world} processes still running after {timeout} s (a hang)\n{tails}")
     finally:
         for p in procs:
             if p.poll() is None:

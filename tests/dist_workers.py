@@ -106,6 +106,32 @@ def finetune_ddp(rank: int, world: int, kw: dict) -> None:
     torch.save(out, Path(kw["out"]) / f"finetune{rank}.pt")
 
 
+def predict_instances(rank: int, world: int, kw: dict) -> None:
+    """Two ranks share a prediction with 2D instances; rank 0's post-processing is slowed by
+    kw["slow"] s and every barrier is a monitored one that fails after kw["barrier_s"] s, so a
+    rank left waiting for rank 0's instances fails the run."""
+    import time
+    from datetime import timedelta
+
+    from torch import nn
+
+    import ssl_em.finetune.predict as P
+    from ssl_em.data.normalize import Normalization
+    from ssl_em.data.volume import ArrayVolume
+
+    vol = ArrayVolume((np.random.default_rng(0).random((4, 40, 40)) * 255).astype(np.uint8))
+    torch.manual_seed(0)
+    net = nn.Conv2d(1, 3, 1)
+    if rank == 0:
+        slow = P._instances
+        P._instances = lambda *a, **k: (time.sleep(kw["slow"]), slow(*a, **k))
+    shard = P.Shard(rank, world, lambda: dist.monitored_barrier(timeout=timedelta(seconds=kw["barrier_s"])))
+    settings = P.PredictSettings(window=32, overlap=8, slab=2, instances="2d", min_size=1)
+    P.predict_volume(net, vol, Path(kw["out"]) / "pred.zarr", ["background", "boundary", "interior"], Normalization(0.5, 0.25),
+                     settings, "model", progress=False, shard=shard)
+    torch.save(time.time(), Path(kw["out"]) / f"predict_done{rank}.pt")
+
+
 # -- Lightning callbacks the CLI runs take with --trainer.callbacks (tests/ on PYTHONPATH) --
 from pytorch_lightning import Callback  # noqa: E402
 

@@ -9,7 +9,7 @@ from dist_utils import launch
 
 
 def test_random_draws_differ_by_rank_and_repeat_by_seed(tmp_path):
-    launch("dist_workers:random_draws", 2, tmp_path, timeout=120)
+    launch("dist_workers:random_draws", 2, tmp_path, timeout=300)
     r0, r1 = (torch.load(tmp_path / f"draws{r}.pt", weights_only=True) for r in (0, 1))
     for key in ("view", "mask", "tiles", "global"):
         assert torch.equal(r0[0][key], r0[1][key]), f"{key}: the same seed must repeat"
@@ -27,7 +27,7 @@ def test_ddp_finetuning_keeps_ranks_equal_and_reduces_val_iou(tmp_path):
     it wrapped the model), and trainable from step 0 (a ViT's final norm gets no gradient
     from forward_intermediates): the backbone trains and stays identical on both ranks.
     Validation IoU over both ranks equals one process's IoU over all the tiles."""
-    launch("dist_workers:finetune_ddp", 2, tmp_path, timeout=180)
+    launch("dist_workers:finetune_ddp", 2, tmp_path, timeout=300)
     r0, r1 = (torch.load(tmp_path / f"finetune{r}.pt", weights_only=True) for r in (0, 1))
     for unfreeze in (2, 0):
         assert r0[unfreeze]["moved"] > 0, f"unfreeze_at_step={unfreeze}: the backbone did not train"
@@ -36,3 +36,17 @@ def test_ddp_finetuning_keeps_ranks_equal_and_reduces_val_iou(tmp_path):
     assert r0["val_iou"] == r1["val_iou"]
     assert list(r0["val_iou"].values()) == pytest.approx(r0["one_process_iou"], abs=1e-6)
     assert r0["val_tiles"] + r1["val_tiles"] == 8  # 2 slices x 4 tiles, each scored once
+
+
+def test_predict_with_instances_leaves_no_rank_waiting(tmp_path):
+    """Rank 0 runs the instance post-processing (slowed by 9 s here); every barrier fails
+    after 6 s of waiting. Rank 1 finishes its slabs and leaves; rank 0 completes the store.
+    (Launch timeouts are generous: they catch hangs, and a loaded machine starts slowly.)"""
+    import zarr
+
+    launch("dist_workers:predict_instances", 2, tmp_path, timeout=300, slow=9, barrier_s=6)
+    done0, done1 = (torch.load(tmp_path / f"predict_done{r}.pt", weights_only=True) for r in (0, 1))
+    assert done1 < done0 - 4  # rank 1 did not wait for rank 0's instances
+    root = zarr.open_group(str(tmp_path / "pred.zarr"), mode="r")
+    assert root.attrs["ssl_em"]["complete"]
+    assert int(root["labels/instances/0"][:].max()) > 0

@@ -33,8 +33,10 @@ from ssl_em.finetune.module import SegmentationModule
 from ssl_em.finetune.predict import predict_plane
 
 
-def score_val_slices(model: SegmentationModule, dm: LabeledSlicesDataModule, overlap: int | None = None) -> dict:
-    """Metrics over whole validation slices, predicted with the sliding window `predict` uses.
+def score_val_slices(model: SegmentationModule, dm: LabeledSlicesDataModule, overlap: int | None = None, device: torch.device | str | None = None) -> dict:
+    """Metrics over whole validation slices, predicted with the sliding window `predict` uses,
+    on `device` (default: where the model is; after `trainer.fit` that is the CPU, so pass
+    `trainer.strategy.root_device` to score on the accelerator it trained on).
 
     Flat dict: mean_iou, mean_dice, accuracy, iou/<class>, dice/<class>; for the instance task
     also ap50, ap75, map, f1_50, voi, voi_split, voi_merge, adapted_rand_error (averaged
@@ -44,7 +46,8 @@ def score_val_slices(model: SegmentationModule, dm: LabeledSlicesDataModule, ove
     net = model.net.eval()
     norm, window = model.normalization, dm.tile_size
     images, targets = dm._val
-    device = next(net.parameters()).device
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    net = net.to(device)
     probs = [predict_plane(net, (im - norm.mean) / norm.std, window, overlap if overlap is not None else window // 4, device=device) for im in images]
     sem = semantic_scores(np.stack([p.argmax(0) for p in probs]), targets, dm.num_classes, IGNORE, dm.classes)
     out = {"mean_iou": sem["mean_iou"], "mean_dice": sem["mean_dice"], "accuracy": sem["accuracy"]}
@@ -95,7 +98,7 @@ def finetune(
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, precision="bf16-mixed" if torch.cuda.is_available() and accelerator != "cpu" else "32-true",
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)
-    metrics = score_val_slices(model, dm)
+    metrics = score_val_slices(model, dm, device=trainer.strategy.root_device)
     if out is not None:
         model.export(out, tile_size, metrics, dm.label_values)
     return model, metrics
@@ -164,7 +167,7 @@ def run_argv(argv: list[str]) -> int:
     except ValueError as e:  # BackboneError, LabelError, VolumeError: one line says what is wrong
         print(f"ssl-em finetune: error: {e}", file=sys.stderr)
         return 2
-    metrics = score_val_slices(cli.model, cli.datamodule)
+    metrics = score_val_slices(cli.model, cli.datamodule, device=cli.trainer.strategy.root_device)
     for k, v in metrics.items():
         print(f"{k:24s} {v:.4f}")
     if cli.config.out:

@@ -80,8 +80,9 @@ def test_train_then_export(archive, tmp_path):
         (["--model.init_args.backbone", "vit_tiny_patch16_22"], "did you mean vit_tiny_patch16_224"),
         (["--data.tile_size", "60"], "not divisible by the patch size 8"),
         (["--data.samples_per_epoch", "16", "--data.batch_size", "32"], "batch size 32 is larger"),
+        (["--trainer.strategy", "fsdp", "--trainer.accelerator", "cpu"], "strategy FSDPStrategy is not supported; use ddp"),
     ],
-    ids=["unknown-backbone", "tile-vs-patch", "batch-too-large"],
+    ids=["unknown-backbone", "tile-vs-patch", "batch-too-large", "fsdp"],
 )
 def test_clear_errors_before_training(archive, tmp_path, capsys, extra, message):
     rc = run_argv(["--config", TINY, "--data", str(archive), "--run_dir", str(tmp_path / "run"), *extra])

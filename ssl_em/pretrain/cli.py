@@ -10,7 +10,8 @@ mask_ratio 0.6`, `--data.batch_size 32`, `--trainer.max_steps 1000`). On top of 
   plus checkpoints/last.ckpt);
 - `--resume` continues from checkpoints/last.ckpt (step count, optimizer, data epoch), so
   a run killed with kill -9 carries on from its last checkpoint;
-- mistakes are reported in one line before training: unknown backbone, tile size not a
+- mistakes are reported in one line before training: unknown backbone, an unsupported
+  strategy (one device or DDP only: FSDP and DeepSpeed are refused), tile size not a
   multiple of the patch size, nothing left after curation, batch larger than the data,
   a checkpoint of another architecture or method;
 - bf16-mixed on GPU, 32-bit on CPU; `--compile` wraps the method's forward in torch.compile;
@@ -69,6 +70,7 @@ class PretrainCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config
+        check_strategy(cfg.trainer.strategy)  # before Lightning builds it (FSDP fails later, or worse, trains)
         recipes = [str(p) for p in (cfg.get("config") or [])]
         self.recipe = ",".join(recipes) or None
         if cfg.run_dir is None:
@@ -129,6 +131,26 @@ def check_data(datamodule: EMDataModule) -> None:
         raise PretrainError(f"data {datamodule.data!r}: {e}") from e
 
 
+def check_strategy(strategy) -> None:
+    """One device or DDP (any launcher, any number of nodes). Strategies that shard the
+    parameters (FSDP, DeepSpeed, model parallel) are refused: the weight-decay groups decide
+    by a parameter's shape, which a flat shard hides, and the momentum teacher's update pairs
+    parameters one by one. `strategy`: the configured name or class_path, or an instance."""
+    from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+
+    if isinstance(strategy, str) and strategy in StrategyRegistry:
+        name = StrategyRegistry[strategy]["strategy"].__name__
+    elif isinstance(strategy, str) or strategy is None:
+        name = strategy or "auto"
+    elif hasattr(strategy, "class_path"):
+        name = strategy.class_path.rsplit(".", 1)[-1]
+    else:
+        name = type(strategy).__name__
+    ok = {"auto", "ddp", DDPStrategy.__name__, SingleDeviceStrategy.__name__}
+    if name not in ok and not (isinstance(strategy, (DDPStrategy, SingleDeviceStrategy))):
+        raise PretrainError(f"strategy {name} is not supported; use ddp (several devices or nodes) or a single device")
+
+
 def check_resume(model: PretrainMethod, ckpt_path: Path) -> None:
     """The checkpoint must come from the same method and backbone with the same shapes."""
     ckpt = read_checkpoint(ckpt_path)
@@ -175,6 +197,9 @@ def _find(e: BaseException | None, kind: type) -> BaseException | None:
 def run_argv(argv: list[str]) -> int:
     try:
         cli = make_cli(argv)
+    except PretrainError as e:
+        print(f"ssl-em pretrain: error: {e}", file=sys.stderr)
+        return 2
     except ValueError as e:  # jsonargparse wraps errors raised while instantiating the classes
         cause = _find(e, BackboneError)
         if cause is None:

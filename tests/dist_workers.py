@@ -145,3 +145,11 @@ class AllReduceAtEpochEnd(Callback):
         if dist.is_initialized():
             dist.all_reduce(t)
         pl_module.log("batches_all_ranks", t.item(), rank_zero_only=True)
+
+
+def all_checks(rank: int, world: int, kw: dict) -> None:
+    """The three process-group checks of test_distributed.py in one launch: starting Python
+    with torch, Lightning and timm costs more than the checks themselves."""
+    random_draws(rank, world, kw)
+    finetune_ddp(rank, world, kw)
+    predict_instances(rank, world, kw)

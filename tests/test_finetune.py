@@ -228,3 +228,16 @@ def test_random_init_backbone_trains_at_full_lr_by_default():
         m = SegmentationModule("test_vit", SMALL_UNETR, num_classes=2, tile_size=32, unfreeze_at_step=0, lr=1.0, random_init=random_init)
         top[random_init] = max(g["lr"] for g in m.configure_optimizers()["optimizer"].param_groups[1:])  # [0] is the head
     assert top == {False: pytest.approx(0.1), True: pytest.approx(1.0)}
+
+
+def test_scored_on_the_device_the_trainer_used(em, monkeypatch):
+    """Lightning's teardown moves the module to the CPU; scoring must use the trainer's device
+    (here the CPU as well: what is checked is that the trainer's device is the one passed)."""
+    import ssl_em.finetune.cli as cli
+
+    seen = {}
+    score = cli.score_val_slices
+    monkeypatch.setattr(cli, "score_val_slices", lambda model, dm, **kw: (seen.update(kw), score(model, dm, **kw))[1])
+    monkeypatch.setattr(pl.Trainer, "fit", lambda self, *a, **k: seen.setdefault("root", self.strategy.root_device))
+    finetune("test_resnet", em.image, em.semantic, "0", "4", max_steps=1, tile_size=32, batch_size=2, head=SMALL_UNET, accelerator="cpu")
+    assert seen["device"] == seen["root"]

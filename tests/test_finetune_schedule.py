@@ -28,9 +28,8 @@ def _centre_rate(class_balance: float, n: int = 600) -> float:
     targets = np.zeros((2, 64, 64), np.int64)
     targets[0, 20:32, 26:38] = 1
     targets[1, :, :4] = IGNORE
-    ds = TrainTiles(np.zeros(targets.shape, np.float32), targets, 16, n, class_balance=class_balance)
-    torch.manual_seed(0)
-    return float(np.mean([ds[i]["target"][8, 8].item() == 1 for i in range(n)]))
+    ds = TrainTiles(np.zeros(targets.shape, np.float32), targets, 16, n, class_balance=class_balance, seed=0)
+    return float(np.mean([tile["target"][8, 8].item() == 1 for tile in ds]))
 
 
 def test_class_balanced_tiles_show_the_rare_class_at_the_requested_rate():

@@ -199,3 +199,48 @@ def test_real_sources_round_trip_and_inspect(tmp_path, shared_data, capsys):
     from PIL import Image
 
     assert Image.open(tmp_path / "sheet.png").size[0] > 0
+
+
+def test_two_shards_make_the_archive_one_process_makes(tmp_path, em):
+    """`--shard 0/2` and `--shard 1/2` running at once into one archive equal one process,
+    image by image (names, every level, curation flags, metadata); same-named sources in
+    two folders get the same names in both cases."""
+    import subprocess
+    import sys
+
+    for d in ("x", "y"):
+        (tmp_path / d).mkdir()
+    sources = [str(_write_tif(tmp_path / "x" / "scan.tif", em[:2])), str(_write_tif(tmp_path / "y" / "scan.tif", em[2:4])),
+               str(_write_tif(tmp_path / "other.tif", em[4:7])), str(_write_tif(tmp_path / "x" / "last.tif", em[7:]))]
+    one = tmp_path / "one.zarr"
+    ingest(sources, one, tile_size=128, progress=False)
+    two = tmp_path / "two.zarr"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "ssl_em.cli", "ingest", *sources, "--out", str(two), "--quiet", "--tile-size", "128", "--shard", f"{i}/2"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], errs
+    a, b = Archive(one), Archive(two)
+    assert [im.name for im in a.images] == [im.name for im in b.images] == ["last", "other", "scan", "scan-2"]
+    assert b.incomplete == []
+    for x, y in zip(a.images, b.images):
+        assert x.meta == y.meta, x.name
+        assert len(x.levels) == len(y.levels)
+        for lx, ly in zip(x.levels, y.levels):
+            np.testing.assert_array_equal(lx.read(), ly.read())
+        np.testing.assert_array_equal(x.curation, y.curation)
+    assert a.fingerprint == b.fingerprint
+
+
+def test_shard_is_checked():
+    from ssl_em.data.ingest import parse_shard
+
+    assert parse_shard("1/4") == (1, 4)
+    for bad in ("4/4", "-1/2", "x", "1/2/3"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad)

@@ -89,8 +89,9 @@ def test_train_then_export(archive, tmp_path):
         (["--model.init_args.backbone", "vit_tiny_patch16_22"], "did you mean vit_tiny_patch16_224"),
         (["--data.tile_size", "60"], "not divisible by the patch size 8"),
         (["--data.samples_per_epoch", "16", "--data.batch_size", "32"], "batch size 32 is larger"),
+        (["--trainer.strategy", "fsdp", "--trainer.accelerator", "cpu"], "strategy FSDPStrategy is not supported; use ddp"),
     ],
-    ids=["unknown-backbone", "tile-vs-patch", "batch-too-large"],
+    ids=["unknown-backbone", "tile-vs-patch", "batch-too-large", "fsdp"],
 )
 def test_clear_errors_before_training(archive, tmp_path, capsys, extra, message):
     rc = run_argv(["--config", TINY, "--data", str(archive), "--run_dir", str(tmp_path / "run"), *extra])
@@ -145,22 +146,57 @@ def test_resume_after_kill(archive, tmp_path):
     assert min(steps) >= killed_at  # the resumed run did not start again from step 0
 
 
-@pytest.mark.slow
-def test_two_nodes_on_localhost(archive, tmp_path):
-    """num_nodes=2, one CPU device each, gloo: two processes with NODE_RANK 0 and 1."""
+def _free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    args = _cli("--data", str(archive), "--run_dir", str(tmp_path / "run"), "--data.batch_size", "8", "--trainer.max_steps", "3",
-                "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu")
-    procs = [subprocess.Popen(args, env=_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(r)),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for r in (0, 1)]
+        return str(s.getsockname()[1])
+
+
+def _losses(run: Path) -> list[float]:
+    """train/loss per step from the run's CSV log (rank 0 writes it)."""
+    import csv
+
+    rows = list(csv.DictReader((run / "version_0" / "metrics.csv").open()))
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def _wait(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """stderr of each; every process is killed if any is still running after `timeout` (a hang)."""
     try:
-        errs = [p.communicate(timeout=90)[1].decode() for p in procs]
+        errs = [p.communicate(timeout=timeout)[1].decode() for p in procs]
+    except subprocess.TimeoutExpired:
+        errs = ["hung"]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-1500:] for e in errs)
+    assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(e[-1500:] for e in errs)
+    return errs
+
+
+@pytest.mark.slow
+def test_two_epochs_on_two_ranks_then_two_nodes_give_the_same_losses(archive, tmp_path):
+    """DDP, 2 CPU processes, max_epochs 2, an all-reduce at each epoch's end (issue 9): 31
+    tiles at batch 8 once gave rank 0 two batches and rank 1 one, and the run hung. Then the
+    same run as 2 "nodes" on localhost (NODE_RANK 0 and 1, one process each) trains the same:
+    same losses, same weights."""
+    tests = str(Path(__file__).resolve().parent)
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(tests).parent), tests])}
+    common = ["--data", str(archive), "--data.batch_size", "8", "--data.samples_per_epoch", "31", "--data.num_workers", "0",
+              "--trainer.max_steps", "-1", "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1", "--trainer.strategy", "ddp",
+              "--trainer.accelerator", "cpu", "--trainer.callbacks", "dist_workers.AllReduceAtEpochEnd", "--model.init_args.image_every_n_steps", "0"]
+    one = tmp_path / "one"
+    _wait([subprocess.Popen(_cli(*common, "--run_dir", str(one), "--trainer.devices", "2"), env=_env(**env, MASTER_PORT=_free_port()),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)], timeout=150)
+    two = tmp_path / "two"
+    port = _free_port()
+    args = _cli(*common, "--run_dir", str(two), "--trainer.num_nodes", "2", "--trainer.devices", "1")
+    procs = [subprocess.Popen(args, env=_env(**env, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(r)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for r in (0, 1)]
+    errs = _wait(procs, timeout=150)
     assert "MEMBER: 2/2" in errs[1]
-    assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 3
+    a, b = read_checkpoint(one / "checkpoints" / "last.ckpt"), read_checkpoint(two / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 2  # 31 // 2 // 8 = 1 batch per rank per epoch
+    assert len(_losses(one)) == 2 and _losses(one) == _losses(two)
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k

@@ -81,3 +81,26 @@ def test_loss_decreases_on_fixed_batch(cls, backbone):
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
+
+
+def test_momentum_moves_once_per_optimizer_step_under_accumulation(tmp_path):
+    """accumulate_grad_batches=2, 3 optimizer steps = 6 micro-batches: 3 key-encoder updates."""
+    import pytorch_lightning as pl
+
+    m = tiny(MoCoV3, warmup_steps=1)
+    calls = []
+    update = m.update_momentum
+    m.update_momentum = lambda mom: (calls.append(m.global_step), update(mom))
+    data = [{"image": torch.randn(4, 1, 32, 32)} for _ in range(6)]
+    trainer = pl.Trainer(max_steps=3, accumulate_grad_batches=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(m, torch.utils.data.DataLoader(data, batch_size=None))
+    assert trainer.global_step == 3
+    assert calls == [0, 1, 2]
+
+
+def test_momentum_pairs_match_by_name():
+    m = tiny(MoCoV3)
+    keys, queries = m.momentum_pairs()
+    assert len(keys) == len(queries) == sum(1 for _ in m.backbone.parameters()) + sum(1 for _ in m.projector.parameters())
+    assert all(k.shape == q.shape and k is not q for k, q in zip(keys, queries))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -99,3 +100,17 @@ def test_two_ranks_equal_one_big_batch(tmp_path):
         loss.backward()
         assert torch.allclose(ddp[name][0], loss.detach(), atol=1e-5), name
         assert torch.allclose(ddp[name][1], w.grad, atol=1e-5), name
+
+
+@pytest.mark.parametrize("name", ["info_nce", "nt_xent"])
+def test_logits_are_float32_under_bf16_autocast(name):
+    """Under autocast the similarities stay float32: the loss equals the float32 one, where
+    a bf16 matmul of the same inputs is off by about 1e-2."""
+    x1, x2, w = _problem()
+    z1, z2 = x1 @ w, x2 @ w
+    loss = {"info_nce": lambda: info_nce(z1, z2, 0.2), "nt_xent": lambda: nt_xent(z1, z2, 0.3)}[name]
+    ref = loss()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = loss()
+    assert under.dtype == torch.float32
+    assert torch.allclose(under, ref, atol=1e-6)

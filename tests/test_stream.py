@@ -228,3 +228,41 @@ def test_keep_freed_memory_applies_once_on_glibc_and_can_be_turned_off():
     for env, want in (("1", "True True"), ("0", "False False")):
         out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "SSL_EM_KEEP_FREED_MEMORY": env}, capture_output=True, text=True, check=True)
         assert out.stdout.split() == want.split()
+
+
+# -- equal batches on every rank ----------------------------------------------------------
+# (samples per epoch, ranks, loader workers per rank, batch): the cases from issue 9 (89,066
+# tiles on 4 ranks x 8 workers gave 696/690/688/688 batches; 100,000 at batch 128 reported
+# 781 and yielded 776; 1021 on 2 x 2 at 32 gave 15 against 14 and hung DDP), and edges.
+BATCH_TABLE = [(89_066, 4, 8, 32), (100_000, 1, 8, 128), (1021, 2, 2, 32), (1023, 2, 2, 32), (100, 3, 8, 4), (64, 2, 4, 32), (7, 2, 1, 1)]
+
+
+@pytest.mark.parametrize("samples,ranks,workers,batch", BATCH_TABLE)
+def test_every_rank_yields_exactly_len_batches(samples, ranks, workers, batch):
+    from ssl_em.data.stream import worker_share
+
+    per_rank = [sum(worker_share(samples, ranks, w, workers, batch) // batch for w in range(workers)) for _ in range(ranks)]
+    assert len(set(per_rank)) == 1
+    assert per_rank[0] == samples // ranks // batch  # what TileBatches.__len__ reports
+    assert all(worker_share(samples, ranks, w, workers, batch) % batch == 0 for w in range(workers))
+
+
+def test_stream_yields_its_share_per_worker(tmp_path, synthetic_small, monkeypatch):
+    """The real stream, 1021 tiles on 2 ranks x 2 workers at batch 32, workers simulated in
+    one process: every (rank, worker) yields its share, every rank len(TileBatches) batches."""
+    import types
+
+    import ssl_em.data.stream as stream
+    from ssl_em.data.stream import TileBatches
+
+    path = write_archive(tmp_path / "a.zarr", {"syn": synthetic_small.image})
+    per_rank = []
+    for rank in range(2):
+        n = 0
+        for w in range(2):
+            monkeypatch.setattr(stream, "get_worker_info", lambda w=w: types.SimpleNamespace(id=w, num_workers=2))
+            ds = TileDataset(StreamSource.from_archive(path), tile_size=32, samples_per_epoch=1021, shuffle_buffer=8, block_size=64)
+            ds.rank, ds.world_size = rank, 2
+            n += sum(1 for _ in ds.batches(32))
+        per_rank.append((n, len(TileBatches(ds, 32))))
+    assert per_rank == [(15, 15), (15, 15)]

@@ -132,7 +132,10 @@ class ArchiveWriter:
         if self.path.exists() and any(self.path.iterdir()) and not Archive.is_archive(self.path):
             raise FileExistsError(f"{path}: exists and is not an ssl_em archive; refusing to write into it")
         self.root = zarr.open_group(str(self.path), mode="a", zarr_format=2)
-        self.root.attrs["ssl_em"] = {"format": FORMAT, "version": VERSION}
+        # Written only when missing: processes sharing an archive (ingest --shard) must not
+        # rewrite the root's attributes while another reads them.
+        if self.root.attrs.get("ssl_em") != {"format": FORMAT, "version": VERSION}:
+            self.root.attrs["ssl_em"] = {"format": FORMAT, "version": VERSION}
 
     def status(self, name: str) -> dict | None:
         """The image's ssl_em attrs if it exists (complete or not), else None."""

@@ -1,9 +1,11 @@
 """EM augmentations as batched torch modules, so they run on the GPU after transfer.
 
 Every module takes a float batch x: (B, C, H, W) (or (B, C, D, H, W) for the section
-artefacts) and draws independent parameters for each sample with torch's RNG on x's
-device, so `pl.seed_everything` makes a run reproducible. Each has a probability `p`
-of acting on a given sample. A pretraining view is an `nn.Sequential` of them.
+artefacts) and draws independent parameters for each sample from its own generator on x's
+device (`ssl_em.seeding.Generators`), seeded from (run seed, module, rank, loader worker):
+a seed repeats a run, and every GPU draws different views. Two instances of one class share
+a stream unless given different `stream` names. Each has a probability `p` of acting on a
+given sample. A pretraining view is an `nn.Sequential` of them.
 
 Intensity augmentations assume standardised input (about zero mean, unit std, as the
 stream delivers); those that need a [0, 1] range (gamma) rescale each sample to its own
@@ -18,10 +20,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_em.seeding import Generators
 
-def _chance(x: torch.Tensor, p: float) -> torch.Tensor:
-    """(B,) bool: which samples an augmentation acts on."""
-    return torch.rand(x.shape[0], device=x.device) < p
+
+class RandomModule(nn.Module):
+    """An augmentation with its own random stream (named after its class by default)."""
+
+    def __init__(self, stream: str | None = None) -> None:
+        super().__init__()
+        self.rng = Generators(stream or type(self).__name__)
+
+    def rand(self, x: torch.Tensor, *shape: int) -> torch.Tensor:
+        """U[0, 1) of `shape` (default (B,)) on x's device."""
+        return torch.rand(shape or (x.shape[0],), device=x.device, generator=self.rng.get(x.device))
+
+    def uniform(self, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+        """(B,) uniform in [lo, hi)."""
+        return lo + (hi - lo) * self.rand(x)
+
+    def chance(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """(B,) bool: which samples an augmentation acts on."""
+        return self.rand(x) < p
+
+    def randint(self, x: torch.Tensor, lo: int, hi: int, n: int) -> torch.Tensor:
+        """(n,) integers in [lo, hi) on x's device."""
+        return torch.randint(lo, hi, (n,), device=x.device, generator=self.rng.get(x.device))
 
 
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -29,69 +52,68 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.view((-1,) + (1,) * (x.ndim - 1))
 
 
-class FlipRot90(nn.Module):
+class FlipRot90(RandomModule):
     """Random element of the dihedral group on the last two axes: flips and 90° rotations.
 
     EM has no preferred orientation in-plane, so all 8 are equally valid.
     Transposition (hence odd rotations) needs square tiles and is skipped otherwise.
     """
 
-    def __init__(self, p: float = 1.0) -> None:
-        super().__init__()
+    def __init__(self, p: float = 1.0, stream: str | None = None) -> None:
+        super().__init__(stream)
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = _chance(x, self.p)
+        act = self.chance(x, self.p)
         for op in (lambda t: t.flip(-1), lambda t: t.flip(-2)) + ((lambda t: t.transpose(-1, -2)),) * (x.shape[-1] == x.shape[-2]):
-            m = _bcast(act & (torch.rand(x.shape[0], device=x.device) < 0.5), x)
+            m = _bcast(act & self.chance(x, 0.5), x)
             x = torch.where(m, op(x), x)
         return x
 
 
-class BrightnessContrast(nn.Module):
+class BrightnessContrast(RandomModule):
     """x * c + b with c ~ U(1 - contrast, 1 + contrast), b ~ U(-brightness, brightness) (in std units)."""
 
-    def __init__(self, brightness: float = 0.2, contrast: float = 0.2, p: float = 0.8) -> None:
-        super().__init__()
+    def __init__(self, brightness: float = 0.2, contrast: float = 0.2, p: float = 0.8, stream: str | None = None) -> None:
+        super().__init__(stream)
         self.brightness, self.contrast, self.p = brightness, contrast, p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B = x.shape[0]
-        act = _bcast(_chance(x, self.p).to(x.dtype), x)
-        c = 1 + (torch.rand(B, device=x.device) * 2 - 1) * self.contrast
-        b = (torch.rand(B, device=x.device) * 2 - 1) * self.brightness
+        act = _bcast(self.chance(x, self.p).to(x.dtype), x)
+        c = 1 + self.uniform(x, -self.contrast, self.contrast)
+        b = self.uniform(x, -self.brightness, self.brightness)
         mean = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
         y = (x - mean) * _bcast(c, x) + mean + _bcast(b, x)
         return act * y + (1 - act) * x
 
 
-class Gamma(nn.Module):
+class Gamma(RandomModule):
     """Gamma correction with gamma ~ logU(1/max_gamma, max_gamma), on each sample's own range."""
 
-    def __init__(self, max_gamma: float = 1.5, p: float = 0.5) -> None:
-        super().__init__()
+    def __init__(self, max_gamma: float = 1.5, p: float = 0.5, stream: str | None = None) -> None:
+        super().__init__(stream)
         self.max_gamma, self.p = max_gamma, p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = tuple(range(1, x.ndim))
         lo, hi = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
         u = ((x - lo) / (hi - lo + 1e-6)).clamp(0, 1)
-        g = torch.exp((torch.rand(x.shape[0], device=x.device) * 2 - 1) * math.log(self.max_gamma))
-        y = u ** _bcast(g, x) * (hi - lo) + lo
-        return torch.where(_bcast(_chance(x, self.p), x), y, x)
+        g = torch.exp(self.uniform(x, -math.log(self.max_gamma), math.log(self.max_gamma)))
+        y = u ** _bcast(g.to(x.dtype), x) * (hi - lo) + lo
+        return torch.where(_bcast(self.chance(x, self.p), x), y, x)
 
 
-class GaussianBlur(nn.Module):
+class GaussianBlur(RandomModule):
     """Separable Gaussian blur with sigma ~ U(sigma) pixels per sample (defocus, thick sections)."""
 
-    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0), p: float = 0.5) -> None:
-        super().__init__()
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0), p: float = 0.5, stream: str | None = None) -> None:
+        super().__init__(stream)
         self.sigma, self.p = sigma, p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         radius = int(math.ceil(3 * self.sigma[1]))
-        s = torch.empty(B, device=x.device).uniform_(*self.sigma)
+        s = self.uniform(x, *self.sigma)
         t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
         k = torch.exp(-(t[None] ** 2) / (2 * s[:, None] ** 2))
         k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, K)
@@ -99,52 +121,52 @@ class GaussianBlur(nn.Module):
         y = x.reshape(1, B * C, H, W)
         y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k[:, None, None, :], groups=B * C)
         y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k[:, None, :, None], groups=B * C)
-        return torch.where(_bcast(_chance(x, self.p), x), y.view(B, C, H, W), x)
+        return torch.where(_bcast(self.chance(x, self.p), x), y.view(B, C, H, W), x)
 
 
-class GaussianNoise(nn.Module):
+class GaussianNoise(RandomModule):
     """Additive noise with std ~ U(0, std) (in units of the standardised signal): shot/detector noise."""
 
-    def __init__(self, std: float = 0.1, p: float = 0.5) -> None:
-        super().__init__()
+    def __init__(self, std: float = 0.1, p: float = 0.5, stream: str | None = None) -> None:
+        super().__init__(stream)
         self.std, self.p = std, p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = torch.rand(x.shape[0], device=x.device) * self.std * _chance(x, self.p)
-        return x + torch.randn_like(x) * _bcast(s, x)
+        s = self.rand(x) * self.std * self.chance(x, self.p)
+        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=self.rng.get(x.device))
+        return x + noise * _bcast(s.to(x.dtype), x)
 
 
-class RandomResizedCrop(nn.Module):
+class RandomResizedCrop(RandomModule):
     """Crop a random area fraction in `scale` with aspect ratio in `ratio`, resized to `size`.
 
     Done for the whole batch at once with an affine grid, so it costs one grid_sample.
     """
 
-    def __init__(self, size: int, scale: tuple[float, float] = (0.25, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
-        super().__init__()
+    def __init__(self, size: int, scale: tuple[float, float] = (0.25, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3), stream: str | None = None) -> None:
+        super().__init__(stream)
         self.size, self.scale, self.ratio = size, scale, ratio
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
         dev = x.device
-        area = torch.empty(B, device=dev).uniform_(*self.scale)
-        logr = torch.empty(B, device=dev).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
-        r = torch.exp(logr)
+        area = self.uniform(x, *self.scale)
+        r = torch.exp(self.uniform(x, math.log(self.ratio[0]), math.log(self.ratio[1])))
         w = torch.sqrt(area * r).clamp(max=1.0)  # fraction of width
         h = torch.sqrt(area / r).clamp(max=1.0)
-        cx = (torch.rand(B, device=dev) * 2 - 1) * (1 - w)
-        cy = (torch.rand(B, device=dev) * 2 - 1) * (1 - h)
+        cx = self.uniform(x, -1, 1) * (1 - w)
+        cy = self.uniform(x, -1, 1) * (1 - h)
         theta = torch.zeros(B, 2, 3, device=dev, dtype=x.dtype)
         theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
         grid = F.affine_grid(theta, (B, x.shape[1], self.size, self.size), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-class Stripes(nn.Module):
+class Stripes(RandomModule):
     """Thin straight bright or dark lines at a random angle: knife marks, scratches, charging streaks."""
 
-    def __init__(self, max_lines: int = 3, width: tuple[float, float] = (0.5, 2.0), strength: float = 1.5, p: float = 0.2) -> None:
-        super().__init__()
+    def __init__(self, max_lines: int = 3, width: tuple[float, float] = (0.5, 2.0), strength: float = 1.5, p: float = 0.2, stream: str | None = None) -> None:
+        super().__init__(stream)
         self.max_lines, self.width, self.strength, self.p = max_lines, width, strength, p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,12 +174,12 @@ class Stripes(nn.Module):
         dev = x.device
         yy, xx = torch.meshgrid(torch.arange(H, device=dev, dtype=x.dtype), torch.arange(W, device=dev, dtype=x.dtype), indexing="ij")
         out = x
-        act = _chance(x, self.p)
+        act = self.chance(x, self.p)
         for _ in range(self.max_lines):
-            ang = torch.rand(B, device=dev) * math.pi
-            off = torch.rand(B, device=dev) * (H + W) - (H + W) / 2
-            wid = torch.empty(B, device=dev).uniform_(*self.width)
-            amp = (torch.rand(B, device=dev) * 2 - 1) * self.strength * act * (torch.rand(B, device=dev) < 0.6)
+            ang = self.uniform(x, 0, math.pi)
+            off = self.uniform(x, -(H + W) / 2, (H + W) / 2)
+            wid = self.uniform(x, *self.width)
+            amp = self.uniform(x, -self.strength, self.strength) * act * self.chance(x, 0.6)
             # Signed distance of every pixel to the line through the centre, shifted by off.
             d = (xx - W / 2)[None] * torch.cos(ang)[:, None, None] + (yy - H / 2)[None] * torch.sin(ang)[:, None, None] - off[:, None, None]
             line = torch.exp(-(d**2) / (2 * wid[:, None, None] ** 2))
@@ -165,54 +187,55 @@ class Stripes(nn.Module):
         return out
 
 
-def _one_section(x: torch.Tensor, p: float) -> torch.Tensor:
+def _one_section(aug: RandomModule, x: torch.Tensor, p: float) -> torch.Tensor:
     """(B, 1, D, 1, 1) bool: one random z-section per sample, each sample with chance p."""
     B, _, D = x.shape[:3]
-    z = torch.randint(0, D, (B,), device=x.device)
-    m = (torch.arange(D, device=x.device)[None] == z[:, None]) & _chance(x, p)[:, None]
+    z = aug.randint(x, 0, D, B)
+    m = (torch.arange(D, device=x.device)[None] == z[:, None]) & aug.chance(x, p)[:, None]
     return m[:, None, :, None, None]
 
 
-class MissingSection(nn.Module):
+class MissingSection(RandomModule):
     """3D: replace one random z-section by a constant (lost or torn section). x: (B, C, D, H, W)."""
 
-    def __init__(self, value: float = 0.0, p: float = 0.3) -> None:
-        super().__init__()
+    def __init__(self, value: float = 0.0, p: float = 0.3, stream: str | None = None) -> None:
+        super().__init__(stream)
         self.value, self.p = value, p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.where(_one_section(x, self.p), torch.full_like(x, self.value), x)
+        return torch.where(_one_section(self, x, self.p), torch.full_like(x, self.value), x)
 
 
-class DarkSection(nn.Module):
+class DarkSection(RandomModule):
     """3D: darken one random z-section by a factor (uneven staining, thick section). x: (B, C, D, H, W)."""
 
-    def __init__(self, shift: tuple[float, float] = (0.5, 1.5), p: float = 0.3) -> None:
-        super().__init__()
+    def __init__(self, shift: tuple[float, float] = (0.5, 1.5), p: float = 0.3, stream: str | None = None) -> None:
+        super().__init__(stream)
         self.shift, self.p = shift, p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = _one_section(x, self.p)
-        s = torch.empty(x.shape[0], device=x.device).uniform_(*self.shift)
+        m = _one_section(self, x, self.p)
+        s = self.uniform(x, *self.shift)
         return x - m * s.view(-1, 1, 1, 1, 1)
 
 
-class Misalignment(nn.Module):
+class Misalignment(RandomModule):
     """3D: shift all sections from a random z onwards by up to `max_shift` px (serial-section misalignment)."""
 
-    def __init__(self, max_shift: int = 8, p: float = 0.3) -> None:
-        super().__init__()
+    def __init__(self, max_shift: int = 8, p: float = 0.3, stream: str | None = None) -> None:
+        super().__init__(stream)
         self.max_shift, self.p = max_shift, p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x.clone()
-        act = _chance(x, self.p).tolist()
+        act = self.chance(x, self.p).tolist()
         D = x.shape[2]
+        cpu = x.new_empty(0, device="cpu")  # the per-sample draws are host ints
         for b, on in enumerate(act):
             if not on or D < 2:
                 continue
-            z = int(torch.randint(1, D, (1,)))
-            dy, dx = (int(v) for v in torch.randint(-self.max_shift, self.max_shift + 1, (2,)))
+            z = int(self.randint(cpu, 1, D, 1))
+            dy, dx = (int(v) for v in self.randint(cpu, -self.max_shift, self.max_shift + 1, 2))
             out[b, :, z:] = torch.roll(x[b, :, z:], shifts=(dy, dx), dims=(-2, -1))
         return out
 

@@ -7,6 +7,12 @@ pyramid level by level from the previous level, and mark the image complete last
 Re-running skips images already complete with the same source fingerprint; an image left
 incomplete by a crash or Ctrl-C is redone. A bad source is reported in one line and the
 others still ingest. Sources are only ever read.
+
+Sharding (`--shard i/N`): N processes given the same sources ingest one archive together,
+with nothing but the archive between them (a SLURM array, say). Image names are decided
+from the whole source list, the same way in every process, and process i ingests sources
+i, i+N, i+2N...: each writes (and, redoing a crashed image, removes) only its own images,
+so the archive ends as one process would have left it.
 """
 
 from __future__ import annotations
@@ -99,6 +105,7 @@ def ingest(
     curator: Curator | None = None,
     memory_mb: int = 256,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> IngestSummary:
     """Ingest `sources` into the archive at `out` (created if needed); returns what happened.
 
@@ -106,16 +113,23 @@ def ingest(
     chunks: level-0 chunk shape (z, y, x); default by anisotropy (see ANISOTROPIC_CHUNKS).
     workers: threads decoding source blocks ahead of the writer.
     memory_mb: rough bound on the block size, the memory one source needs.
+    shard: (i, N): ingest only sources i, i+N, ... (see the module's docstring).
     """
+    index, count = shard
     curator = curator or Curator(tile_size=tile_size)
     writer = ArchiveWriter(out)
-    results, used_names = [], set()
-    for spec, base in expand_sources(sources):
+    expanded = expand_sources(sources)
+    names = _names(writer, expanded)
+    results = []
+    for k, (spec, _) in enumerate(expanded):
+        if k % count != index:
+            continue
         start = time.perf_counter()
         try:
             volume = open_volume(spec, voxel_size)
-            name = _unique_name(writer, spec, used_names, base)
-            used_names.add(name)
+            name = names[k]
+            if isinstance(name, Exception):
+                raise name
             result = _ingest_one(writer, spec, volume, name, curator, chunks, workers, memory_mb << 20, progress, voxel_size is not None)
         except (VolumeError, OSError, ValueError) as err:
             message = str(err) if str(err).startswith(str(spec)) or isinstance(err, VolumeError) else f"{spec}: {err}"
@@ -343,6 +357,32 @@ def image_name(spec: str | Path) -> str:
     return name or "image"
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """"i/N" -> (i, N) with 0 <= i < N."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected i/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {text}: i must be in 0..N-1")
+    return i, n
+
+
+def _names(writer: ArchiveWriter, sources: list[tuple[str | Path, str | None]]) -> list[str | VolumeError]:
+    """Every (source, base name)'s image name, decided in source order from the whole list, so
+    every shard agrees on all of them (an error in place of a name that cannot be had)."""
+    used: set[str] = set()
+    out: list[str | VolumeError] = []
+    for spec, base in sources:
+        try:
+            name = _unique_name(writer, spec, used, base)
+            used.add(name)
+            out.append(name)
+        except VolumeError as e:
+            out.append(e)
+    return out
+
+
 def _unique_name(writer: ArchiveWriter, spec, used: set[str], base: str | None = None) -> str:
     """The first of name, name-2, name-3... not taken in this run nor by another source's
     image; name: `base`, or `image_name(spec)`."""
@@ -395,6 +435,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="threads decoding sources ahead of the writer (default 2)")
     parser.add_argument("--memory-mb", type=int, default=256, help="rough bound on the memory of one block (default 256)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--shard", default="0/1", metavar="i/N", help="ingest sources i, i+N, ... of the list: N processes share one archive (default 0/1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -403,9 +444,13 @@ def run(args: argparse.Namespace) -> int:
     chunks = tuple(int(c) for c in args.chunks.split(",")) if args.chunks else None
     if chunks is not None and len(chunks) != 3:
         raise SystemExit("--chunks takes three numbers Z,Y,X")
+    try:
+        shard = parse_shard(args.shard)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     start = time.perf_counter()
     summary = ingest(args.sources, args.out, voxel_size=args.voxel_size, tile_size=args.tile_size, chunks=chunks,
-                     workers=args.workers, memory_mb=args.memory_mb, progress=not args.quiet)
+                     workers=args.workers, memory_mb=args.memory_mb, progress=not args.quiet, shard=shard)
     console = Console(width=None if sys.stdout.isatty() else 200)  # logs: don't squeeze to 80 columns
     console.print(summary.table())
     console.print(f"{len(summary.results) - len(summary.failed)} of {len(summary.results)} sources in {args.out} "

@@ -121,6 +121,19 @@ def _round_up(v: int, m: int) -> int:
     return int(math.ceil(v / m) * m)
 
 
+def worker_share(samples: int, ranks: int, worker: int, workers: int, multiple: int = 1) -> int:
+    """Tiles one loader worker of any rank yields per epoch: a whole number of `multiple`s
+    (batches).
+
+    Every rank gets the same floor(samples / ranks / multiple) batches, dealt out to its
+    workers; a DDP rank with one batch more than another waits forever at the next
+    collective, so the remainder is dropped rather than given to some ranks.
+    """
+    units = samples // ranks // multiple
+    base, extra = divmod(units, workers)
+    return (base + (worker < extra)) * multiple
+
+
 class TileDataset(IterableDataset):
     """Streams tiles {"image": (1, T, T) or (1, D, T, T), "source": int} from several sources.
 
@@ -196,9 +209,9 @@ class TileDataset(IterableDataset):
         # Per rank, which is what a DataLoader on one rank iterates.
         return self.samples_per_epoch // self.world_size
 
-    def _count(self, reader: int, readers: int) -> int:
-        base, extra = divmod(self.samples_per_epoch, readers)
-        return base + (reader < extra)
+    def tiles_per_worker(self, worker: int, workers: int, multiple: int = 1) -> int:
+        """This rank's loader worker's share of the epoch (see `worker_share`)."""
+        return worker_share(self.samples_per_epoch, self.world_size, worker, workers, multiple)
 
     def __iter__(self):
         """One tile at a time: {"image": (1, [D,] T, T) tensor, "source": int}.
@@ -232,7 +245,8 @@ class TileDataset(IterableDataset):
         """This reader's share of one epoch, as lists of (tile view, source index) pairs
         (the tiles each decoded block lets out of the shuffle buffer).
 
-        The reader's tile count is rounded down to a multiple of `multiple` (the batch size).
+        The reader's tile count is a whole number of `multiple`s (the batch size), the same
+        total on every rank (`tiles_per_worker`).
         """
         # Blocks and batches are megabytes allocated and freed at a high rate: keep freed
         # memory for reuse instead of faulting it back in page by page (ssl_em.data.heap).
@@ -242,9 +256,10 @@ class TileDataset(IterableDataset):
         self.epoch += 1
         epoch = self.epoch
         reader, readers = self._reader()
+        workers = readers // self.world_size
         rng = np.random.default_rng([self.seed, epoch, reader])
         blocks = [_BlockDeck(p, self.seed, epoch, reader, readers) for p in self.plans]
-        remaining = self._count(reader, readers) // multiple * multiple
+        remaining = self.tiles_per_worker(reader % workers, workers, multiple)
         inflight: deque = deque()
         # Shuffle buffer of (tile view, source): tiles of one block spread over many batches.
         pool: list[tuple[np.ndarray, int]] = []
@@ -374,7 +389,7 @@ class TileBatches(IterableDataset):
         return self.tiles.batches(self.batch_size)
 
     def __len__(self) -> int:
-        # Batches per rank, as DataLoader(ds, batch_size=B, drop_last=True) would count them.
+        # Exactly the batches every rank yields (TileDataset.tiles_per_worker).
         return len(self.tiles) // self.batch_size
 
 

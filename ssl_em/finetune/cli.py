@@ -38,8 +38,10 @@ from ssl_em.finetune.predict import predict_plane
 from ssl_em.finetune.schedule import KeepBestWeights, StepSchedule
 
 
-def score_val_slices(model: SegmentationModule, dm: LabeledSlicesDataModule, overlap: int | None = None) -> dict:
-    """Metrics over whole validation slices, predicted with the sliding window `predict` uses.
+def score_val_slices(model: SegmentationModule, dm: LabeledSlicesDataModule, overlap: int | None = None, device: torch.device | str | None = None) -> dict:
+    """Metrics over whole validation slices, predicted with the sliding window `predict` uses,
+    on `device` (default: where the model is; after `trainer.fit` that is the CPU, so pass
+    `trainer.strategy.root_device` to score on the accelerator it trained on).
 
     Flat dict: mean_iou, mean_dice, accuracy, iou/<class>, dice/<class>; for the instance task
     also ap50, ap75, map, f1_50, voi, voi_split, voi_merge, adapted_rand_error (averaged
@@ -49,7 +51,8 @@ def score_val_slices(model: SegmentationModule, dm: LabeledSlicesDataModule, ove
     net = model.net.eval()
     norm, window = model.normalization, dm.tile_size
     images, targets = dm._val
-    device = next(net.parameters()).device
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    net = net.to(device)
     probs = [predict_plane(net, (im - norm.mean) / norm.std, window, overlap if overlap is not None else window // 4, device=device) for im in images]
     sem = semantic_scores(np.stack([p.argmax(0) for p in probs]), targets, dm.num_classes, IGNORE, dm.classes)
     out = {"mean_iou": sem["mean_iou"], "mean_dice": sem["mean_dice"], "accuracy": sem["accuracy"]}
@@ -119,7 +122,7 @@ def finetune(
         val_check_interval=max(1, max_steps // validations) if select else None, check_val_every_n_epoch=None if select else 1,
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)
-    metrics = score_val_slices(model, dm)
+    metrics = score_val_slices(model, dm, device=trainer.strategy.root_device)
     metrics.update(steps=int(max_steps), best_step=int(keep.best_step if keep.best_step is not None else trainer.global_step))
     if out is not None:
         model.export(out, tile_size, metrics, dm.label_values)
@@ -196,7 +199,7 @@ def run_argv(argv: list[str]) -> int:
     except ValueError as e:  # BackboneError, LabelError, VolumeError: one line says what is wrong
         print(f"ssl-em finetune: error: {e}", file=sys.stderr)
         return 2
-    metrics = score_val_slices(cli.model, cli.datamodule)
+    metrics = score_val_slices(cli.model, cli.datamodule, device=cli.trainer.strategy.root_device)
     if metrics:
         print(f"scores on the validation slices {cli.datamodule.val_slices}:")
     for k, v in metrics.items():

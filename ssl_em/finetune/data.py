@@ -24,11 +24,12 @@ from typing import Literal, Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ssl_em.data.normalize import IntensityStats
 from ssl_em.data.volume import ArrayVolume, Volume
 from ssl_em.finetune.instance import INSTANCE_CLASSES, instance_targets
+from ssl_em.seeding import derive_seed, process_rank, process_world, run_seed
 
 IGNORE = -1
 
@@ -85,41 +86,60 @@ def semantic_targets(raw: np.ndarray, label_values: Sequence[int], ignore_value:
     return np.array([lut[int(v)] for v in values], np.int64)[inverse].reshape(raw.shape)
 
 
-class TrainTiles(Dataset):
-    """`length` random tiles from the training slices; a tile with no labeled pixel is redrawn
-    (at most `retries` times). Randomness is torch's, so seed_everything(workers=True) fixes it.
+class TrainTiles(IterableDataset):
+    """About `length` random tiles per epoch over all ranks: each rank yields ceil(length /
+    ranks), split between its loader workers, so every rank has the same number of batches.
+    Each (epoch, rank, worker) draws from its own generator seeded from (seed, epoch, rank,
+    worker); seed None = the run's seed (`seed_everything`). A tile with no labeled pixel is
+    redrawn (at most `retries` times).
 
     class_balance: with this probability a tile is centred on a labeled pixel of a class
     drawn uniformly among the classes present, otherwise placed uniformly. Rare classes
     (mitochondria are ~9% of pixels) then appear in about class_balance / K of the tiles'
     centres at least, instead of almost never in a batch of four.
 
-    images: (n, H, W) float32; targets: (n, H, W) int64 with IGNORE; returns
+    images: (n, H, W) float32; targets: (n, H, W) int64 with IGNORE; yields
     {"image": (1, T, T), "target": (T, T)}.
     """
 
-    def __init__(self, images: np.ndarray, targets: np.ndarray, tile: int, length: int, retries: int = 10, class_balance: float = 0.0) -> None:
+    def __init__(self, images: np.ndarray, targets: np.ndarray, tile: int, length: int, retries: int = 10, class_balance: float = 0.0, seed: int | None = None) -> None:
+        super().__init__()
         self.images, self.targets = _pad_to(images, targets, tile)
-        self.tile, self.length, self.retries, self.class_balance = tile, length, retries, class_balance
+        self.tile, self.length, self.retries, self.class_balance, self.seed = tile, length, retries, class_balance, seed
         flat = self.targets.ravel()
         # Flat indices of each present class's pixels, drawn from when a tile is class-balanced.
         self.by_class = [idx for idx in (np.flatnonzero(flat == k) for k in range(int(flat.max(initial=-1)) + 1)) if idx.size]
+        # Counted by each copy (the main process's, or a persistent worker's): one pass = one epoch.
+        self.epoch = 0
 
     def __len__(self) -> int:
-        return self.length
+        """Tiles per rank."""
+        return -(-self.length // process_world())
 
-    def _corner(self) -> tuple[int, int, int]:
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        base, extra = divmod(len(self), workers)
+        seed = self.seed if self.seed is not None else run_seed()
+        g = torch.Generator().manual_seed(derive_seed(seed, self.epoch, process_rank(), worker))
+        self.epoch += 1
+        for _ in range(base + (worker < extra)):
+            yield self.draw(g)
+
+    def _corner(self, g: torch.Generator) -> tuple[int, int, int]:
+        """(z, y, x) of a tile's corner: class-balanced with probability class_balance."""
         n, H, W = self.targets.shape
         t = self.tile
-        if self.by_class and float(torch.rand(())) < self.class_balance:
-            idx = self.by_class[int(torch.randint(len(self.by_class), ()))]
-            z, cy, cx = np.unravel_index(int(idx[int(torch.randint(idx.size, ()))]), (n, H, W))
+        if self.by_class and float(torch.rand((), generator=g)) < self.class_balance:
+            idx = self.by_class[int(torch.randint(len(self.by_class), (), generator=g))]
+            z, cy, cx = np.unravel_index(int(idx[int(torch.randint(idx.size, (), generator=g))]), (n, H, W))
             return int(z), int(np.clip(cy - t // 2, 0, H - t)), int(np.clip(cx - t // 2, 0, W - t))
-        return int(torch.randint(n, ())), int(torch.randint(H - t + 1, ())), int(torch.randint(W - t + 1, ()))
+        return int(torch.randint(n, (), generator=g)), int(torch.randint(H - t + 1, (), generator=g)), int(torch.randint(W - t + 1, (), generator=g))
 
-    def __getitem__(self, i: int) -> dict:
+    def draw(self, g: torch.Generator) -> dict:
+        """One random tile {"image": (1, T, T), "target": (T, T)} drawn with `g`."""
         for _ in range(self.retries + 1):
-            z, y, x = self._corner()
+            z, y, x = self._corner(g)
             target = self.targets[z, y : y + self.tile, x : x + self.tile]
             if (target != IGNORE).any():
                 break
@@ -144,9 +164,11 @@ def split_holdout(images: np.ndarray, targets: np.ndarray, fraction: float) -> t
     return (images[:, : H - rows], targets[:, : H - rows]), (images[:, H - rows :], targets[:, H - rows :])
 
 
-class GridTiles(Dataset):
+class GridTiles(IterableDataset):
     """Validation: each slice cut into non-overlapping tiles (padded with ignore), so every
-    labeled pixel is scored exactly once."""
+    labeled pixel is scored exactly once, also over several ranks: rank r (and its loader
+    worker w) takes every (ranks x workers)-th tile, with no tile repeated to even the shares
+    out (a DistributedSampler would repeat some, and count their pixels twice)."""
 
     def __init__(self, images: np.ndarray, targets: np.ndarray, tile: int) -> None:
         n, H, W = targets.shape
@@ -156,7 +178,15 @@ class GridTiles(Dataset):
         self.index = [(z, y, x) for z in range(n) for y in range(0, Hp, tile) for x in range(0, Wp, tile)]
 
     def __len__(self) -> int:
-        return len(self.index)
+        """Tiles this rank scores."""
+        return len(range(process_rank(), len(self.index), process_world()))
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        readers = process_world() * workers
+        for i in range(process_rank() * workers + worker, len(self.index), readers):
+            yield self[i]
 
     def __getitem__(self, i: int) -> dict:
         z, y, x = self.index[i]

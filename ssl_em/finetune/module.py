@@ -32,6 +32,7 @@ from typing import Callable
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -107,6 +108,8 @@ class SegmentationModule(pl.LightningModule):
         strong = [GaussianBlur((0.1, 1.0), p=0.2), Stripes(p=0.1)] if strong_augment else []
         self.intensity = nn.Sequential(BrightnessContrast(0.2, 0.2, p=0.8), Gamma(1.4, p=0.3), GaussianNoise(0.1, p=0.3), *strong)
         self._frozen = False
+        self._untrainable: set[str] = set()  # backbone parameters the features never use
+        self._ddp_syncs_backbone = True
         self.set_backbone_frozen(unfreeze_at_step is None or unfreeze_at_step > 0)
         self._val_confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
 
@@ -116,9 +119,12 @@ class SegmentationModule(pl.LightningModule):
         return self.net.extractor.backbone
 
     def set_backbone_frozen(self, frozen: bool) -> None:
-        """Frozen: no grads, and eval mode (BatchNorm statistics and dropout stay put)."""
+        """Frozen: no grads, and eval mode (BatchNorm statistics and dropout stay put).
+        Parameters the features never use (a ViT's final norm, blocks past the deepest level)
+        stay without grads either way: DDP fails on a trainable parameter that gets none."""
         self._frozen = frozen
-        self.backbone.requires_grad_(not frozen)
+        for name, p in self.backbone.named_parameters():
+            p.requires_grad_(not frozen and name not in self._untrainable)
         self.backbone.train(self.training and not frozen)
 
     def train(self, mode: bool = True):
@@ -139,6 +145,28 @@ class SegmentationModule(pl.LightningModule):
             check_fits(self.net.extractor.spec, dm.tile_size, self.backbone_meta.architecture)
             if dm.num_classes != self.hparams.num_classes:
                 raise ValueError(f"the data has {dm.num_classes} classes {dm.classes} but the model was built for {self.hparams.num_classes}")
+            if stage == "fit":
+                self._untrainable = unused_parameters(self.net.extractor, dm.tile_size)
+                self.set_backbone_frozen(self._frozen)
+
+    def on_fit_start(self) -> None:
+        # DDP has wrapped the model by now and averages the gradients of exactly the
+        # parameters that needed them at that moment: a backbone frozen then is not among them.
+        self._ddp_syncs_backbone = any(p.requires_grad for p in self.backbone.parameters())
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """After a late unfreeze, average the backbone's gradients over ranks ourselves (one
+        all-reduce of them all), since DDP does not; without it the ranks drift apart."""
+        if self._frozen or self._ddp_syncs_backbone or not (dist.is_available() and dist.is_initialized()):
+            return
+        grads = [p.grad for p in self.backbone.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for g, avg in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(avg.view_as(g))
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Standardise with the backbone's (mean, std); augment training batches on the device."""
@@ -183,6 +211,9 @@ class SegmentationModule(pl.LightningModule):
         self._val_confusion = self._val_confusion.to(logits.device) + confusion(logits.argmax(1), batch["target"], self.hparams.num_classes, self.hparams.ignore_index)
 
     def on_validation_epoch_end(self) -> None:
+        # Each rank scored its own share of the validation tiles (GridTiles, no repeats).
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self._val_confusion)
         iou = iou_from_confusion(self._val_confusion)
         self.log("val/iou", iou.nanmean() if iou.numel() else torch.tensor(0.0), prog_bar=True)
         for name, v in zip(self.classes, iou):
@@ -261,6 +292,24 @@ def module_meta(backbone: nn.Module) -> BackboneMeta:
     if img_size is not None:
         args["img_size"] = int(img_size[0])
     return BackboneMeta(architecture=cfg.get("architecture", type(backbone).__name__), model_args=args, in_chans=args["in_chans"], img_size=args.get("img_size"), patch_size=patch_size_of(backbone))
+
+
+def unused_parameters(extractor: FeatureExtractor, tile_size: int) -> set[str]:
+    """Names of backbone parameters that get no gradient from the feature maps, found by one
+    forward and backward of a blank (1, C, T, T) tile in eval mode (nothing is updated)."""
+    backbone = extractor.backbone
+    was_training, flags = backbone.training, {n: p.requires_grad for n, p in backbone.named_parameters()}
+    backbone.eval().requires_grad_(True)
+    p0 = next(backbone.parameters())
+    x = torch.zeros(1, extractor.spec.in_chans, tile_size, tile_size, device=p0.device, dtype=p0.dtype)
+    with torch.enable_grad():
+        sum(f.float().sum() for f in extractor(x)).backward()
+    unused = {n for n, p in backbone.named_parameters() if p.grad is None}
+    for n, p in backbone.named_parameters():
+        p.grad = None
+        p.requires_grad_(flags[n])
+    backbone.train(was_training)
+    return unused
 
 
 def iou_from_confusion(cm: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,8 @@ Lightning Fabric's DDP launcher: every process takes every N-th slab. Slabs are 
 the output chunks, so no two processes ever write the same chunk, and each finished slab is
 recorded as its own marker file (OUT.zarr/.progress/PLANE/START) rather than in a shared
 attribute, so concurrent processes never overwrite each other's record. Instances and the
-final "complete" flag are written by rank 0 after every rank has finished.
+final "complete" flag are written by rank 0 after every rank has finished its slabs; the
+other ranks then exit without waiting for it (no barrier waits on post-processing).
 """
 
 from __future__ import annotations
@@ -83,29 +84,38 @@ def blend_weights(window: int, overlap: int) -> np.ndarray:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def predict_plane(net: nn.Module, image: np.ndarray, window: int, overlap: int, batch_size: int = 4, device: str | torch.device = "cpu") -> np.ndarray:
     """image: (H, W) standardised float32 -> (K, H, W) float32 class probabilities.
 
-    Images smaller than the window are reflect-padded; windows are batched."""
+    Images smaller than the window are reflect-padded; windows are batched, run under bf16
+    autocast on CUDA, and blended on the device with one index_add per batch (no loop over
+    windows on the host)."""
+    device = torch.device(device)
     H, W = image.shape
     Hp, Wp = max(H, window), max(W, window)
     if (Hp, Wp) != (H, W):
         image = np.pad(image, ((0, Hp - H), (0, Wp - W)), mode="reflect" if min(H, W) > 1 else "edge")
     stride = max(1, window - overlap)
-    corners = [(y, x) for y in window_starts(Hp, window, stride) for x in window_starts(Wp, window, stride)]
-    weight = torch.from_numpy(blend_weights(window, overlap))
-    acc, norm = None, torch.zeros(Hp, Wp)
-    src = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    corners = torch.tensor([(y, x) for y in window_starts(Hp, window, stride) for x in window_starts(Wp, window, stride)], device=device)
+    weight = torch.from_numpy(blend_weights(window, overlap)).to(device)
+    src = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(device)
+    # Flat index of every pixel of a window at corner (0, 0); a window at (y, x) adds y*Wp + x.
+    r = torch.arange(window, device=device)
+    local = (r[:, None] * Wp + r[None, :]).reshape(-1)  # (w*w,)
+    acc, norm = None, torch.zeros(Hp * Wp, device=device)
     for i in range(0, len(corners), batch_size):
         batch = corners[i : i + batch_size]
-        x = torch.stack([src[y : y + window, x : x + window] for y, x in batch])[:, None].to(device)
-        probs = net(x).float().softmax(1).cpu()
+        idx = (batch[:, 0] * Wp + batch[:, 1])[:, None] + local  # (n, w*w)
+        x = src.reshape(-1)[idx].view(-1, 1, window, window)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = net(x)
+        probs = logits.float().softmax(1) * weight  # (n, K, w, w)
         if acc is None:
-            acc = torch.zeros(probs.shape[1], Hp, Wp)
-        for (y, x), p in zip(batch, probs):
-            acc[:, y : y + window, x : x + window] += p * weight
-            norm[y : y + window, x : x + window] += weight
-    return (acc / norm).numpy()[:, :H, :W]
+            acc = torch.zeros(probs.shape[1], Hp * Wp, device=device)
+        acc.index_add_(1, idx.reshape(-1), probs.permute(1, 0, 2, 3).reshape(probs.shape[1], -1))
+        norm.index_add_(0, idx.reshape(-1), weight.reshape(-1).repeat(len(batch)))
+    return (acc / norm).view(-1, Hp, Wp)[:, :H, :W].cpu().numpy()
 
 
 # -- whole volume -------------------------------------------------------------------------------
@@ -301,11 +311,14 @@ def predict_volume(
             pred.array("labels/semantic/0")[zs] = mean.argmax(0).astype(np.uint8)
             pred.mark("combine", start, shard.rank)
         shard.barrier()
-    if shard.main:
-        if settings.instances:
-            _instances(pred, settings, progress)
-        pred.update(complete=True)
-    shard.barrier()  # no process reports success before the store says complete
+    if not shard.main:
+        # The instances (a 3D watershed can take hours) and the "complete" flag are rank 0's
+        # alone: the others are done and leave now, rather than wait at a barrier that would
+        # outlast the process group's timeout. Only rank 0 reports.
+        return pred.path
+    if settings.instances:
+        _instances(pred, settings, progress)
+    pred.update(complete=True)
     return pred.path
 
 

@@ -16,7 +16,8 @@ mask_ratio 0.6`, `--data.batch_size 32`, `--trainer.max_steps 1000`). On top of 
 - `--init_from checkpoints/NAME` starts the backbone from an exported one (continued
   pretraining of a published backbone on a lab's own archive): same architecture, loaded
   strictly; the method's heads and the optimizer start fresh;
-- mistakes are reported in one line before training: unknown backbone, tile size not a
+- mistakes are reported in one line before training: unknown backbone, an unsupported
+  strategy (one device or DDP only: FSDP and DeepSpeed are refused), tile size not a
   multiple of the patch size, nothing left after curation, batch larger than the data,
   a checkpoint of another architecture or method;
 - bf16-mixed on GPU, 32-bit on CPU; `--compile` wraps the method's forward in torch.compile;
@@ -40,6 +41,7 @@ from ssl_em.console import quiet, run_callbacks
 from ssl_em.data.stream import EMDataModule, NoTilesError
 from ssl_em.export import BackboneError, read_checkpoint
 from ssl_em.pretrain.base import PretrainMethod, run_metadata
+from ssl_em.seeding import seed_process
 
 
 class PretrainError(ValueError):
@@ -56,6 +58,15 @@ class RecordRecipe(Callback):
         checkpoint.setdefault("ssl_em", {})["recipe"] = self.recipe
 
 
+class SeedPerRank(Callback):
+    """LightningCLI seeds every rank with the same `seed_everything`, which keeps the initial
+    weights equal; once the processes are up, each rank's global RNG (dropout, drop-path) is
+    re-seeded from (seed, rank). Masks and views draw from `ssl_em.seeding.Generators`."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        seed_process()
+
+
 class PretrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_dir", type=str | None, default=None, help="the run's folder (default: runs/<recipe name>)")
@@ -68,6 +79,7 @@ class PretrainCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config
+        check_strategy(cfg.trainer.strategy)  # before Lightning builds it (FSDP fails later, or worse, trains)
         recipes = [str(p) for p in (cfg.get("config") or [])]
         self.recipe = ",".join(recipes) or None
         if cfg.run_dir is None:
@@ -97,7 +109,7 @@ class PretrainCLI(LightningCLI):
         )
         given = given if isinstance(given, list) else [given]
         shown = run_callbacks(cfg.trainer.get("enable_progress_bar") is not False, cfg.trainer.get("enable_model_summary") is not False)
-        kwargs["callbacks"] = given + [checkpoints, RecordRecipe(self.recipe)] + shown
+        kwargs["callbacks"] = given + [checkpoints, RecordRecipe(self.recipe), SeedPerRank()] + shown
         return super().instantiate_trainer(**kwargs)
 
 
@@ -111,6 +123,26 @@ def check_data(datamodule: EMDataModule) -> None:
         raise PretrainError(f"data {datamodule.data!r}: {e}") from e
     for name, why in probe.dataset.left_out:  # nothing dropped silently
         print(f"ssl-em pretrain: left out image {name}: {why}", file=sys.stderr)
+
+
+def check_strategy(strategy) -> None:
+    """One device or DDP (any launcher, any number of nodes). Strategies that shard the
+    parameters (FSDP, DeepSpeed, model parallel) are refused: the weight-decay groups decide
+    by a parameter's shape, which a flat shard hides, and the momentum teacher's update pairs
+    parameters one by one. `strategy`: the configured name or class_path, or an instance."""
+    from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+
+    if isinstance(strategy, str) and strategy in StrategyRegistry:
+        name = StrategyRegistry[strategy]["strategy"].__name__
+    elif isinstance(strategy, str) or strategy is None:
+        name = strategy or "auto"
+    elif hasattr(strategy, "class_path"):
+        name = strategy.class_path.rsplit(".", 1)[-1]
+    else:
+        name = type(strategy).__name__
+    ok = {"auto", "ddp", DDPStrategy.__name__, SingleDeviceStrategy.__name__}
+    if name not in ok and not (isinstance(strategy, (DDPStrategy, SingleDeviceStrategy))):
+        raise PretrainError(f"strategy {name} is not supported; use ddp (several devices or nodes) or a single device")
 
 
 def check_resume(model: PretrainMethod, ckpt_path: Path) -> None:
@@ -174,6 +206,9 @@ def run_argv(argv: list[str]) -> int:
     verbose = cli_flags.VERBOSE in argv
     try:
         cli = make_cli(argv)
+    except PretrainError as e:
+        print(f"ssl-em pretrain: error: {e}", file=sys.stderr)
+        return 2
     except ValueError as e:  # jsonargparse wraps errors raised while instantiating the classes
         cause = _find(e, BackboneError)
         if cause is None:

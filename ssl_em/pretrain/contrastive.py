@@ -93,13 +93,25 @@ class MoCoV3(TwoViewMethod):
         self.predictor = mlp(out_dim, hidden_dim, out_dim, 2, last_bn=False)
         self.momentum_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self._momentum_step = -1  # the optimizer step the key encoder was last updated for
+
+    def momentum_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(key, query) parameters paired by name, so a mismatch fails loudly instead of
+        pairing the wrong tensors."""
+        keys, queries = [], []
+        for online, target in ((self.backbone, self.momentum_backbone), (self.projector, self.momentum_projector)):
+            theirs = dict(online.named_parameters())
+            for name, pt in target.named_parameters():
+                keys.append(pt)
+                queries.append(theirs[name])
+        return keys, queries
 
     @torch.no_grad()
     def update_momentum(self, m: float) -> None:
-        """key <- m * key + (1 - m) * query, for backbone and projector parameters."""
-        for online, target in ((self.backbone, self.momentum_backbone), (self.projector, self.momentum_projector)):
-            for po, pt in zip(online.parameters(), target.parameters()):
-                pt.lerp_(po.detach(), 1 - m)
+        """key <- m * key + (1 - m) * query, for backbone and projector parameters, in one
+        fused call over all tensors."""
+        keys, queries = self.momentum_pairs()
+        torch._foreach_lerp_(keys, [q.detach() for q in queries], 1 - m)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> dict[str, torch.Tensor]:
         """x1, x2: (B, C, H, W) two views -> {loss, features (B, F) of view 1}."""
@@ -114,8 +126,12 @@ class MoCoV3(TwoViewMethod):
         return {"loss": loss, "features": f1, "projection": q1}
 
     def before_step(self) -> dict[str, float]:
+        """The key encoder moves once per optimizer step (the first micro-batch of each under
+        gradient accumulation): k updates per step would make momentum 0.99 act like 0.99**k."""
         m = cosine_momentum(self.global_step, self.total_steps(), self.base_momentum)
-        self.update_momentum(m)
+        if self._momentum_step != self.global_step:
+            self.update_momentum(m)
+            self._momentum_step = self.global_step
         return {"momentum": m}
 
 

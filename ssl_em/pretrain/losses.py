@@ -51,6 +51,12 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return _Gather.apply(x)
 
 
+def _float32(x: torch.Tensor):
+    """Autocast off: similarities of unit vectors divided by a small temperature lose the
+    ranking of near negatives in bf16, so the logits are float32 as in the reference code."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def info_nce(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
     """InfoNCE (MoCo v3): each query's positive is the key of the same sample; the keys of all
     other samples on all ranks are its negatives.
@@ -59,10 +65,11 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torc
     queries of -log softmax(q . k+ / t) over the W*B keys.
     """
     rank, _ = world()
-    q, k = F.normalize(query, dim=1), F.normalize(gather(key), dim=1)
-    logits = q @ k.T / temperature  # (B, W*B)
-    labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
-    return F.cross_entropy(logits, labels)
+    with _float32(query):
+        q, k = F.normalize(query.float(), dim=1), F.normalize(gather(key).float(), dim=1)
+        logits = q @ k.T / temperature  # (B, W*B)
+        labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
+        return F.cross_entropy(logits, labels)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -74,11 +81,12 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     """
     rank, w = world()
     B = z1.shape[0]
-    local = F.normalize(torch.cat([z1, z2]), dim=1)  # (2B, D): view 1 then view 2
-    every = F.normalize(torch.cat([gather(z1), gather(z2)]), dim=1)  # (2WB, D)
-    logits = local @ every.T / temperature  # (2B, 2WB)
-    idx = torch.arange(B, device=z1.device) + rank * B  # this rank's samples in each half
-    own = torch.cat([idx, idx + w * B])  # each local row's own column
-    partner = torch.cat([idx + w * B, idx])  # its other view's column
-    logits = logits.masked_fill(F.one_hot(own, logits.shape[1]).bool(), float("-inf"))
-    return F.cross_entropy(logits, partner)
+    with _float32(z1):
+        local = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2B, D): view 1 then view 2
+        every = F.normalize(torch.cat([gather(z1), gather(z2)]).float(), dim=1)  # (2WB, D)
+        logits = local @ every.T / temperature  # (2B, 2WB)
+        idx = torch.arange(B, device=z1.device) + rank * B  # this rank's samples in each half
+        own = torch.cat([idx, idx + w * B])  # each local row's own column
+        partner = torch.cat([idx + w * B, idx])  # its other view's column
+        logits = logits.masked_fill(F.one_hot(own, logits.shape[1]).bool(), float("-inf"))
+        return F.cross_entropy(logits, partner)

@@ -24,6 +24,7 @@ from torch import nn
 
 from ssl_em.export import BackboneError, build_backbone
 from ssl_em.pretrain.base import PretrainMethod
+from ssl_em.seeding import Generators
 
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
@@ -36,14 +37,15 @@ def unpatchify(x: torch.Tensor, p: int, h: int, c: int) -> torch.Tensor:
     return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, p=p, q=p, c=c)
 
 
-def random_masking(B: int, L: int, mask_ratio: float, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample random masking by sorting uniform noise (MAE).
+def random_masking(B: int, L: int, mask_ratio: float, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample random masking by sorting uniform noise (MAE), drawn from `generator`
+    (on `device`; None = the global RNG).
 
     Returns ids_keep: (B, L_keep) visible patch indices, mask: (B, L) with 1 = masked,
     0 = visible, in the original patch order, and ids_restore: (B, L) to unshuffle.
     """
     n_keep = int(round(L * (1 - mask_ratio)))
-    noise = torch.rand(B, L, device=device)
+    noise = torch.rand(B, L, device=device, generator=generator)
     ids_shuffle = noise.argsort(dim=1)
     ids_restore = ids_shuffle.argsort(dim=1)
     mask = torch.ones(B, L, device=device)
@@ -90,6 +92,8 @@ class MAE(PretrainMethod):
         if not all(hasattr(self.backbone, a) for a in ("patch_embed", "_pos_embed", "blocks", "norm")):
             raise BackboneError(f"MAE needs a ViT-style timm backbone (patch_embed, blocks, norm); {backbone} is not one")
         self.mask_ratio, self.norm_pix_loss, self.image_every_n_steps = mask_ratio, norm_pix_loss, image_every_n_steps
+        # Masks from (run seed, rank): every GPU masks its tiles differently, and a seed repeats.
+        self.mask_rng = Generators("mae.mask")
         pe = self.backbone.patch_embed
         self.patch_size = pe.patch_size[0]
         self.grid = tuple(pe.grid_size)  # (h, w) patches
@@ -112,7 +116,7 @@ class MAE(PretrainMethod):
         x = vit._pos_embed(vit.patch_embed(imgs))  # (B, P + L, D), prefix tokens first
         prefix, x = x[:, : vit.num_prefix_tokens], x[:, vit.num_prefix_tokens :]
         B, L, D = x.shape
-        ids_keep, mask, ids_restore = random_masking(B, L, mask_ratio, x.device)
+        ids_keep, mask, ids_restore = random_masking(B, L, mask_ratio, x.device, self.mask_rng.get(x.device))
         x = x.gather(1, ids_keep[..., None].expand(-1, -1, D))  # (B, L_keep, D)
         x = torch.cat([prefix, x], dim=1)
         x = vit.norm_pre(vit.patch_drop(x))

@@ -1,0 +1,109 @@
+"""Random numbers per (seed, rank, worker): every process draws its own, reproducibly.
+
+Lightning's `seed_everything(s)` seeds every rank's global RNG with the same s, so anything
+that draws from the global RNG (MAE masks, augmentation parameters, random tiles) repeats on
+every GPU. Code that draws random numbers holds a `Generators` instead: a torch.Generator per
+device, created on first use in each process and seeded from (run seed, stream, rank, loader
+worker). The run seed is the one `seed_everything` recorded (PL_GLOBAL_SEED, inherited by DDP
+and loader processes), so a run repeats for a seed and every rank and worker differs.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import get_worker_info
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed mixing non-negative integer keys (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def run_seed() -> int:
+    """The run's seed: what `seed_everything` set (same on every rank), else torch's initial seed."""
+    s = os.environ.get("PL_GLOBAL_SEED")
+    return int(s) if s is not None else torch.initial_seed()
+
+
+def process_rank() -> int:
+    """This process's global rank: torch.distributed's, else the launcher's RANK, else 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def process_world() -> int:
+    """The number of processes: torch.distributed's, else the launcher's WORLD_SIZE, else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def worker_index() -> int:
+    """0 in the main process, 1 + the DataLoader worker id in a loader worker."""
+    info = get_worker_info()
+    return 0 if info is None else info.id + 1
+
+
+def stream_id(name: str) -> int:
+    """A stable integer for a stream name, so two modules never share a sequence."""
+    return zlib.crc32(name.encode())
+
+
+class Generators:
+    """torch.Generators for one named stream, one per device, seeded on first use from
+    (seed, stream, rank, worker). `seed` None = the run seed at first use.
+
+    Not saved in checkpoints: a resumed run draws a fresh (still reproducible) sequence.
+    """
+
+    def __init__(self, stream: str, seed: int | None = None) -> None:
+        self.stream, self.seed = stream, seed
+        self._by_device: dict[str, torch.Generator] = {}
+        self._owner: tuple[int, int, int] | None = None  # (pid, rank, worker) they were made in
+
+    def key(self) -> tuple[int, int, int, int]:
+        """(seed, stream, rank, worker) of this process."""
+        seed = self.seed if self.seed is not None else run_seed()
+        return seed, stream_id(self.stream), process_rank(), worker_index()
+
+    def get(self, device: torch.device | str = "cpu") -> torch.Generator:
+        # A module pickled into a loader worker, or built before torch.distributed started,
+        # must not keep the generator of the process or rank it came from.
+        owner = (os.getpid(), process_rank(), worker_index())
+        if owner != self._owner:
+            self._by_device, self._owner = {}, owner
+        device = torch.device(device)
+        name = str(device)
+        if name not in self._by_device:
+            g = torch.Generator(device=device)
+            g.manual_seed(derive_seed(*self.key()))
+            self._by_device[name] = g
+        return self._by_device[name]
+
+    def reset(self, seed: int | None = None) -> None:
+        """Start the sequence again (from `seed` if given)."""
+        if seed is not None:
+            self.seed = seed
+        self._by_device, self._owner = {}, None
+
+    def __getstate__(self) -> dict:
+        # Generators do not pickle; a copy in another process seeds its own.
+        return {"stream": self.stream, "seed": self.seed, "_by_device": {}, "_owner": None}
+
+
+def seed_process(seed: int | None = None) -> int:
+    """Re-seed this process's global RNGs (torch, numpy, random) from (seed, rank), so
+    what still draws from them (dropout, drop-path) differs between ranks. Returns the seed."""
+    import random
+
+    s = derive_seed(seed if seed is not None else run_seed(), process_rank(), 0x5EED)
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
+    return s

@@ -103,7 +103,9 @@ def series_metadata(names: Sequence[str]) -> dict:
 
 def ome_xml(images: Sequence[tuple[str, tuple[int, ...], str, tuple[float, float, float] | None]]) -> str:
     """A minimal OME-XML listing (name, (z, y, x) shape, numpy dtype, (z, y, x) nm) per image,
-    as bioformats2raw writes beside the series; readers that parse it see names and sizes."""
+    as bioformats2raw writes beside the series. Each Image's ID is "Image:<group path>":
+    napari-ome-zarr opens the group the ID names (bioformats2raw itself numbers the groups,
+    so its IDs are "Image:0", "Image:1"...). Names must hold no whitespace (OME IDs)."""
     types = {"uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "int8": "int8", "int16": "int16", "int32": "int32", "float32": "float", "float64": "double"}
     out = ['<?xml version="1.0" encoding="UTF-8"?>',
            '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
@@ -111,7 +113,7 @@ def ome_xml(images: Sequence[tuple[str, tuple[int, ...], str, tuple[float, float
     for i, (name, shape, dtype, vs) in enumerate(images):
         z, y, x = shape
         size = "" if vs is None else f' PhysicalSizeZ="{vs[0]:g}" PhysicalSizeZUnit="nm" PhysicalSizeY="{vs[1]:g}" PhysicalSizeYUnit="nm" PhysicalSizeX="{vs[2]:g}" PhysicalSizeXUnit="nm"'
-        out += [f'  <Image ID="Image:{i}" Name="{_xml_escape(name)}">',
+        out += [f'  <Image ID="Image:{_xml_escape(name)}" Name="{_xml_escape(name)}">',
                 f'    <Pixels ID="Pixels:{i}" DimensionOrder="XYZCT" Type="{types.get(str(np.dtype(dtype)), "uint8")}" SizeX="{x}" SizeY="{y}" SizeZ="{z}" SizeC="1" SizeT="1"{size}>',
                 f'      <Channel ID="Channel:{i}:0" SamplesPerPixel="1"/>',
                 "    </Pixels>",

@@ -108,3 +108,64 @@ def test_evaluate_reads_shifted_labels_back(prediction, tmp_path):
     tifffile.imwrite(tmp_path / "gt.tif", classes, photometric="minisblack")
     scores = evaluate(str(prediction), str(tmp_path / "gt.tif"), task="semantic", label_values=[0, 1, 2])
     assert scores["accuracy"] == 1.0 and list(scores["per_class"]) == CLASSES
+
+
+# -- the archive: a collection of plain NGFF images -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    import tifffile
+
+    from ssl_em.data.ingest import ingest
+
+    tmp = tmp_path_factory.mktemp("archive")
+    image = (np.random.default_rng(1).random((4, 96, 80)) * 255).astype(np.uint8)
+    sources = []
+    for name, (z, y, x) in {"aniso": (40.0, 4.0, 4.0), "iso": (8.0, 8.0, 8.0)}.items():
+        tifffile.imwrite(tmp / f"{name}.tif", image, photometric="minisblack", imagej=True, resolution=(1e3 / x, 1e3 / y),
+                         metadata={"spacing": z / 1e3, "unit": "um", "axes": "ZYX"})
+        sources.append(tmp / f"{name}.tif")
+    assert not ingest(sources, tmp / "a.zarr", tile_size=32, progress=False).failed
+    return tmp / "a.zarr"
+
+
+def test_archive_root_lists_its_images_as_a_bioformats2raw_collection(archive):
+    """The root validates as bioformats2raw (ome-zarr-models); its series and OME-XML name
+    every complete image at the path napari-ome-zarr follows (the ID after "Image:"), and
+    ome-zarr-py's Reader opens each one with its voxel sizes in nanometres."""
+    import json
+    from xml.etree import ElementTree as ET
+
+    import zarr
+    from ome_zarr.reader import Multiscales
+    from ome_zarr_models.v04 import Image
+    from ome_zarr_models.v04.bioformats2raw import BioFormats2RawAttrs
+
+    BioFormats2RawAttrs.model_validate(json.loads((archive / ".zattrs").read_text()))
+    series = json.loads((archive / "OME" / ".zattrs").read_text())["series"]
+    assert series == ["aniso", "iso"]
+    xml = ET.parse(archive / "OME" / "METADATA.ome.xml").getroot()
+    ids = [c.attrib["ID"] for c in xml if c.tag.endswith("Image")]
+    assert ids == [f"Image:{s}" for s in series]
+    pixels = [p.attrib for p in xml.iter() if p.tag.endswith("Pixels")]
+    assert [(p["SizeZ"], p["SizeY"], p["SizeX"], p["PhysicalSizeZ"]) for p in pixels] == [("4", "96", "80", "40"), ("4", "96", "80", "8")]
+    for name, voxel in zip(series, ((40.0, 4.0, 4.0), (8.0, 8.0, 8.0))):
+        Image.from_zarr(zarr.open_group(str(archive / name), mode="r"))
+        (node,) = [n for n in nodes_of(archive / name) if n.load(Multiscales)]
+        scales = [t[0]["scale"] for t in node.metadata["coordinateTransformations"]]
+        assert scales[0] == list(voxel) and len(scales) == len(node.data)
+        assert [a["unit"] for a in node.metadata["axes"]] == ["nanometer"] * 3
+        assert {d.dtype for d in node.data} <= NEUROGLANCER
+
+
+def test_archive_still_opens_in_ssl_em(archive):
+    from ssl_em.data.archive import Archive
+    from ssl_em.data.readers import open_volume
+    from ssl_em.data.volume import VolumeError
+
+    assert [im.name for im in Archive(archive).images] == ["aniso", "iso"]
+    assert open_volume(archive / "iso").voxel_size.as_tuple() == (8.0, 8.0, 8.0)
+    assert open_volume(f"{archive}:aniso").voxel_size.as_tuple() == (40.0, 4.0, 4.0)
+    with pytest.raises(VolumeError, match="holds 2 series"):
+        open_volume(archive)

@@ -40,13 +40,15 @@ class PretrainError(ValueError):
 
 
 class RecordRecipe(Callback):
-    """Puts the recipe path(s) into every checkpoint's "ssl_em" metadata, for export."""
+    """Puts the recipe into every checkpoint's "ssl_em" metadata, for export: the recipe
+    files' names and their text, never their paths (a path names the training machine)."""
 
-    def __init__(self, recipe: str | None) -> None:
-        self.recipe = recipe
+    def __init__(self, recipes: list[str]) -> None:
+        self.recipe = ",".join(Path(p).stem for p in recipes) or None
+        self.content = "\n".join(f"# {Path(p).name}\n{Path(p).read_text()}" for p in recipes if Path(p).is_file()) or None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint.setdefault("ssl_em", {})["recipe"] = self.recipe
+        checkpoint.setdefault("ssl_em", {}).update(recipe=self.recipe, recipe_content=self.content)
 
 
 class PretrainCLI(LightningCLI):
@@ -60,7 +62,7 @@ class PretrainCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config
         recipes = [str(p) for p in (cfg.get("config") or [])]
-        self.recipe = ",".join(recipes) or None
+        self.recipes = recipes
         if cfg.run_dir is None:
             stem = Path(recipes[-1]).stem if recipes else "pretrain"
             cfg.run_dir = cfg.trainer.default_root_dir or str(Path("runs") / stem)
@@ -86,7 +88,7 @@ class PretrainCLI(LightningCLI):
             save_top_k=1,  # no metric to rank by: keeps the newest, besides last.ckpt
             enable_version_counter=False,  # a resumed run overwrites last.ckpt, not last-v1.ckpt
         )
-        kwargs["callbacks"] = (given if isinstance(given, list) else [given]) + [checkpoints, RecordRecipe(self.recipe)]
+        kwargs["callbacks"] = (given if isinstance(given, list) else [given]) + [checkpoints, RecordRecipe(self.recipes)]
         return super().instantiate_trainer(**kwargs)
 
 

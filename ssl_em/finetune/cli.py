@@ -2,13 +2,15 @@
 
     ssl-em finetune --backbone checkpoints/NAME --images IMG --labels LBL --task semantic \\
         [--train-slices 0,1] [--val-slices 20-29] [--random-init] [--out DIR] \\
-        [--config recipes/finetune/semantic_vit.yaml] [--max-steps N] [--seed S]
+        [--bioimageio DIR] [--config recipes/finetune/semantic_vit.yaml] [--max-steps N] [--seed S]
 
 LightningCLI over `SegmentationModule` and `LabeledSlicesDataModule`; the short flags map
 onto its config (`--backbone` is `--model.backbone`, `--images` is `--data.images`, ...)
 and any other setting is open as usual (`--model.lr 3e-4`, `--data.tile_size 256`).
 The data's classes and tile size feed the model. At the end the model is scored on the
-validation slices (whole slices, sliding window) and exported to `--out`.
+validation slices (whole slices, sliding window) and exported to `--out`; with
+`--bioimageio DIR` it is also written as a bioimage.io model, its test tensors cut from the
+training images (`ssl_em.finetune.bioimageio`, the same as `ssl-em export-model`).
 
 `finetune(...)` does the same from Python without the command line; the label-efficiency
 benchmark calls it in a loop.
@@ -104,6 +106,7 @@ def finetune(
 class FinetuneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--out", type=str | None, default=None, help="folder to export the fine-tuned model to")
+        parser.add_argument("--bioimageio", type=str | None, default=None, help="also write the exported model as a bioimage.io model into this folder (needs --out)")
         parser.link_arguments("data.tile_size", "model.tile_size")
         parser.link_arguments("data.task", "model.task")
         parser.link_arguments("data", "model.num_classes", compute_fn=lambda d: d.num_classes, apply_on="instantiate")
@@ -160,6 +163,8 @@ def build_cli(argv: list[str]) -> FinetuneCLI:
 def run_argv(argv: list[str]) -> int:
     try:
         cli = build_cli(argv)
+        if cli.config.bioimageio and not cli.config.out:
+            raise ValueError("--bioimageio DIR writes the model exported to --out: give --out too")
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     except ValueError as e:  # BackboneError, LabelError, VolumeError: one line says what is wrong
         print(f"ssl-em finetune: error: {e}", file=sys.stderr)
@@ -170,6 +175,11 @@ def run_argv(argv: list[str]) -> int:
     if cli.config.out:
         out = cli.model.export(cli.config.out, cli.datamodule.tile_size, metrics, cli.datamodule.label_values)
         print(f"exported {out} (ssl-em predict {out} INPUT --out OUT.zarr)")
+    if cli.config.bioimageio:
+        from ssl_em.finetune.bioimageio import export_bioimageio
+
+        bmz = export_bioimageio(cli.config.out, cli.datamodule.images_volume, cli.config.bioimageio)
+        print(f"wrote {bmz / 'bioimageio.yaml'} (bioimage.io model)")
     return 0
 
 

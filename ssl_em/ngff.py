@@ -29,8 +29,6 @@ VERSION = "0.4"
 LABEL_OFFSET = 1
 #: Probabilities p in [0, 1] are stored as round(p * PROBABILITY_SCALE) in uint8.
 PROBABILITY_SCALE = 255
-#: dtypes neuroglancer's zarr (v2) source decodes.
-NEUROGLANCER_DTYPES = frozenset(np.dtype(t) for t in ("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "float32"))
 
 _AXIS_TYPES = {"c": "channel", "t": "time", "z": "space", "y": "space", "x": "space"}
 #: Distinct colours (hex RGB) for classes and channels, in order; repeats past the end.

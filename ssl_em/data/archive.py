@@ -152,7 +152,7 @@ class ArchiveWriter:
         ome.mkdir(exist_ok=True)
         ngff.write_json(ome / ".zgroup", {"zarr_format": 2})
         ngff.write_json(ome / ".zattrs", ngff.series_metadata([im.name for im in archive.images]))
-        listing = [(im.name, im.shape, str(im.levels[0].dtype), im.voxel_sizes[0].as_tuple()) for im in archive.images]
+        listing = [(im.name, im.shape, im.meta.get("dtype") or str(im.levels[0].dtype), im.voxel_sizes[0].as_tuple()) for im in archive.images]
         tmp = ome / "METADATA.ome.xml.tmp"
         tmp.write_text(ngff.ome_xml(listing))
         tmp.replace(ome / "METADATA.ome.xml")

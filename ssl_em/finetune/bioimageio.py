@@ -104,7 +104,7 @@ def export_bioimageio(model: str | Path, sample: Volume, out: str | Path, author
     torch.save({k: v.detach().cpu().contiguous() for k, v in prob.state_dict().items()}, out / "weights.pt")
     _cover(raw, y[0].numpy(), out / "cover.png")
     (out / "README.md").write_text(_documentation(meta, Path(model).name))
-    description = _description(meta, Path(model).name, sample, authors or [getpass.getuser()], license)
+    description = _description(meta, Path(model).name, sample, authors or [getpass.getuser()], license, net.extractor.spec.input_multiple)
     description["weights"] = _weights(out, meta)
     for tensor, name in ((description["inputs"][0], "test_input.npy"), (description["outputs"][0], "test_output.npy")):
         tensor["test_tensor"] = {"source": name, "sha256": _sha256(out / name)}
@@ -115,13 +115,13 @@ def export_bioimageio(model: str | Path, sample: Volume, out: str | Path, author
     return out
 
 
-def _description(meta: FinetunedMeta, name: str, sample: Volume, authors: list[str], license: str) -> dict:
+def _description(meta: FinetunedMeta, name: str, sample: Volume, authors: list[str], license: str, multiple: int) -> dict:
+    """The bioimageio.yaml content, weights and test tensors aside. `multiple`: the input side
+    must be a multiple of it (the backbone's total reduction)."""
     vs = sample.voxel_size if getattr(sample, "voxel_size_known", False) else None
     backbone = meta.backbone_meta
     method = (backbone.method or "").rsplit(".", 1)[-1]
     fixed = backbone.model_args.get("img_size") is not None  # ViTs take one tile size only
-    # The smallest size every level of the feature pyramid divides (32 for a 5-level CNN).
-    multiple = max(32, backbone.patch_size or 0)
     size = meta.tile_size if fixed else {"min": multiple, "step": multiple}
 
     def space(axis: str, size) -> dict:

@@ -180,7 +180,9 @@ class Prediction:
             labels = self.root.require_group("labels")
             names = ["semantic"] + ["instances"] * bool(settings.instances)
             labels.attrs["labels"] = names
-            for name, dtype in zip(names, ("uint8", "uint32")):
+            # Class k is stored as k + 1: uint8 holds 254 classes, more need uint16.
+            semantic_dtype = "uint8" if K + ngff.LABEL_OFFSET <= np.iinfo(np.uint8).max else "uint16"
+            for name, dtype in zip(names, (semantic_dtype, "uint32")):
                 g = labels.require_group(name)
                 g.create_array("0", shape=(Z, Y, X), chunks=(settings.slab, cy, cx), dtype=dtype, fill_value=0, overwrite=True)
                 # Instance ids name no class: image-label without colours (the viewer picks them).
@@ -316,7 +318,8 @@ def predict_volume(
             slab = np.stack([predict_plane(net, normalize_numpy(np.take(raw, i, axis=axis), stats, normalization), settings.window, settings.overlap, settings.batch_size, device) for i in range(raw.shape[axis])], axis=1 + axis)
             targets[plane][(slice(None), *region)] = ngff.encode_probabilities(slab)
             if plane == "xy" and len(settings.planes) == 1:
-                pred.array("labels/semantic/0")[tuple(region)] = _semantic(slab)
+                labels = pred.array("labels/semantic/0")
+                labels[tuple(region)] = _semantic(slab).astype(labels.dtype)
             pred.mark(plane, start, shard.rank)
     shard.barrier()  # every plane is written before any z slab is averaged
     if len(settings.planes) > 1:  # average the planes into the image, slab by slab along z
@@ -325,7 +328,8 @@ def predict_volume(
             zs = slice(start, min(start + settings.slab, Z))
             mean = sum(read_probabilities(targets[p], (slice(None), zs)) for p in settings.planes) / len(settings.planes)
             probs_arr[:, zs] = ngff.encode_probabilities(mean)
-            pred.array("labels/semantic/0")[zs] = _semantic(mean)
+            labels = pred.array("labels/semantic/0")
+            labels[zs] = _semantic(mean).astype(labels.dtype)
             pred.mark("combine", start, shard.rank)
         shard.barrier()
     if shard.main:
@@ -337,8 +341,8 @@ def predict_volume(
 
 
 def _semantic(probs: np.ndarray) -> np.ndarray:
-    """(K, ...) probabilities -> stored labels: argmax + LABEL_OFFSET, uint8."""
-    return (probs.argmax(0) + ngff.LABEL_OFFSET).astype(np.uint8)
+    """(K, ...) probabilities -> stored labels: argmax + LABEL_OFFSET (int64)."""
+    return probs.argmax(0) + ngff.LABEL_OFFSET
 
 
 def _instances(pred: Prediction, settings: PredictSettings, progress: bool) -> None:

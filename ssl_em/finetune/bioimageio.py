@@ -104,7 +104,9 @@ def export_bioimageio(model: str | Path, sample: Volume, out: str | Path, author
     torch.save({k: v.detach().cpu().contiguous() for k, v in prob.state_dict().items()}, out / "weights.pt")
     _cover(raw, y[0].numpy(), out / "cover.png")
     (out / "README.md").write_text(_documentation(meta, Path(model).name))
-    description = _description(meta, Path(model).name, sample, authors or [getpass.getuser()], license, net.extractor.spec.input_multiple)
+    # ViT-like backbones (a patch embedding) take their tile size only; CNNs any multiple.
+    fixed = getattr(net.extractor.backbone, "patch_embed", None) is not None
+    description = _description(meta, Path(model).name, sample, authors or [getpass.getuser()], license, None if fixed else net.extractor.spec.input_multiple)
     description["weights"] = _weights(out, meta)
     for tensor, name in ((description["inputs"][0], "test_input.npy"), (description["outputs"][0], "test_output.npy")):
         tensor["test_tensor"] = {"source": name, "sha256": _sha256(out / name)}
@@ -115,18 +117,18 @@ def export_bioimageio(model: str | Path, sample: Volume, out: str | Path, author
     return out
 
 
-def _description(meta: FinetunedMeta, name: str, sample: Volume, authors: list[str], license: str, multiple: int) -> dict:
+def _description(meta: FinetunedMeta, name: str, sample: Volume, authors: list[str], license: str, multiple: int | None) -> dict:
     """The bioimageio.yaml content, weights and test tensors aside. `multiple`: the input side
-    must be a multiple of it (the backbone's total reduction)."""
+    may be any multiple of it (the backbone's total reduction); None: the tile size only."""
     vs = sample.voxel_size if getattr(sample, "voxel_size_known", False) else None
     backbone = meta.backbone_meta
     method = (backbone.method or "").rsplit(".", 1)[-1]
-    fixed = backbone.model_args.get("img_size") is not None  # ViTs take one tile size only
-    size = meta.tile_size if fixed else {"min": multiple, "step": multiple}
+    size = meta.tile_size if multiple is None else {"min": multiple, "step": multiple}
 
     def space(axis: str, size) -> dict:
         scale = {} if vs is None else {"unit": "nanometer", "scale": float(getattr(vs, axis))}
-        return {"type": "space", "id": axis, "size": size} | scale
+        # a copy per axis: one shared dict would be written as a YAML anchor and alias
+        return {"type": "space", "id": axis, "size": dict(size) if isinstance(size, dict) else size} | scale
 
     cite = [c for key, c in CITATIONS.items() if method.startswith(key)] + [CEM500K, TIMM]
     norm = meta.norm

@@ -31,9 +31,11 @@ def predict_3d(model: Path, image: Path, out: Path) -> np.ndarray:
     """(K, Z, Y, X) probabilities averaged over the three planes."""
     import zarr
 
+    from ssl_em.finetune.predict import read_probabilities
+
     subprocess.run(["ssl-em", "predict", str(model), str(image), "--out", str(out), "--planes", "xy,xz,yz",
                     "--instances", "none", "--overwrite", "--no-progress"], check=True)
-    return zarr.open_group(str(out), mode="r")["0"][:].astype(np.float32)
+    return read_probabilities(zarr.open_group(str(out), mode="r")["0"])
 
 
 def sweep(probs: np.ndarray, gt: np.ndarray) -> dict[float, dict]:

@@ -10,4 +10,11 @@ def load_backbone(path, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["__version__", "load_backbone"]
+def preprocessing(path):
+    """ssl_em's exact preprocessing (stretch + standardise) for an exported backbone. See ssl_em.export."""
+    from ssl_em.export import preprocessing as _preprocessing
+
+    return _preprocessing(path)
+
+
+__all__ = ["__version__", "load_backbone", "preprocessing"]

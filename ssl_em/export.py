@@ -9,7 +9,12 @@ An exported backbone is a folder::
       README.md            model card
 
 `timm.create_model("local-dir:checkpoints/NAME", pretrained=True)` loads it with only timm
-installed; `ssl_em.load_backbone(path)` loads it strictly and returns the metadata too.
+installed, and timm's `resolve_data_config` + `create_transform` then keep EM tiles at their
+size (crop_pct 1.0, bilinear) and standardise with the recorded (mean, std); they cannot do
+the per-volume percentile stretch that comes first, which `pretrained_cfg["notes"]`
+describes and `ssl_em.preprocessing(path)` performs. `ssl_em.load_backbone(path)` loads the
+backbone strictly and returns the metadata too. Files are written with the process's
+normal permissions (umask), so a shared folder stays readable by colleagues.
 Nothing here unpickles a file that left a run: loading reads safetensors and JSON only. The
 one torch.load (of our own Lightning checkpoint, at export) uses weights_only=True.
 """
@@ -26,10 +31,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import numpy as np
+
 from ssl_em import __version__
-from ssl_em.data.normalize import Normalization
+from ssl_em.data.normalize import IntensityStats, Normalization, normalize_numpy
 
 WEIGHTS, CONFIG, META, CARD = "model.safetensors", "config.json", "ssl_em.json", "README.md"
+#: The licence weights are shared under (the model card's and pretrained_cfg's); ssl_em's own.
+LICENSE = "bsd-3-clause"
+#: What timm's transform cannot do and must come first (pretrained_cfg["notes"]).
+STRETCH = ("per volume: (x - p0.5) / (p99.5 - p0.5) with the volume's own percentiles, clipped to [0, 1], "
+           "then (x - mean) / std; ssl_em.preprocessing(path) does both")
 
 
 class BackboneError(ValueError):
@@ -48,7 +60,8 @@ class BackboneMeta:
     pixel_size_nm: float | None = None
     normalization: dict = field(default_factory=lambda: Normalization().to_dict())
     method: str | None = None
-    recipe: str | None = None
+    recipe: str | None = None  # the recipe's name(s), never a path of the training machine
+    recipe_content: str | None = None  # the recipe file(s) as they were
     steps: int | None = None
     data_fingerprint: str | None = None
     ssl_em_version: str = __version__
@@ -120,22 +133,73 @@ def export_backbone(backbone: nn.Module, out: str | Path, meta: BackboneMeta, dt
     out.mkdir(parents=True, exist_ok=True)
     cast = DTYPES[dtype]
     state = {k: (v.to(cast) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    _atomic(out / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    norm = meta.norm
-    # timm's own preprocessing fields describe ours exactly: stretched [0, 1] input, then (x - mean) / std.
-    data_config = {"mean": (norm.mean,) * meta.in_chans, "std": (norm.std,) * meta.in_chans}
-    # The tag would otherwise name the timm weights the architecture's defaults came from.
-    model_config = {"pretrained_cfg": {"tag": "ssl_em", "license": None}}
-    _atomic(out / CONFIG, lambda p: save_config_for_hf(backbone, str(p), model_config=model_config, data_config=data_config))
-    _atomic(out / META, lambda p: p.write_text(json.dumps(meta.to_dict(), indent=2) + "\n"))
-    _atomic(out / CARD, lambda p: p.write_text(model_card(meta, out.name)))
+    write_atomic(out / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    # The architecture's defaults name ImageNet weights and ImageNet preprocessing; ours
+    # replace them: grey tiles at the training size, no crop (crop_pct 1: an EM tile has no
+    # "object in the middle"), bilinear (no bicubic overshoot on membranes), the recorded
+    # standardisation, and the stretch timm cannot express, in words.
+    data_config = {"mean": (meta.norm.mean,) * meta.in_chans, "std": (meta.norm.std,) * meta.in_chans,
+                   "crop_pct": 1.0, "crop_mode": "center", "interpolation": "bilinear"}
+    if meta.img_size:
+        data_config["input_size"] = (meta.in_chans, meta.img_size, meta.img_size)
+    # timm's PretrainedCfg takes no keys of ours: the stretch goes into its free-text notes.
+    description = f"{meta.architecture} pretrained on electron microscopy by ssl_em ({meta.method})"
+    model_config = {"pretrained_cfg": {"tag": "ssl_em", "license": LICENSE, "description": description, "notes": (STRETCH,)}}
+    write_atomic(out / CONFIG, lambda p: save_config_for_hf(backbone, str(p), model_config=model_config, data_config=data_config))
+    write_atomic(out / META, lambda p: p.write_text(json.dumps(meta.to_dict(), indent=2) + "\n"))
+    write_atomic(out / CARD, lambda p: p.write_text(model_card(meta, out.name)))
     return out
 
 
-def _atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
+    """Write through a temporary file, then rename. Some writers (safetensors) create files
+    with mode 0600; the result gets the mode a plain open() would give (0666 & ~umask)."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    """The process's umask. Linux reports it in /proc; elsewhere reading it means setting it
+    (briefly, so another thread creating a file at that instant could get mode 0666)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """ssl_em's exact preprocessing for an exported backbone: stretch each volume by its own
+    p0.5..p99.5 to [0, 1], clip, then (x - mean) / std with the backbone's recorded values.
+
+    `pre = ssl_em.preprocessing("checkpoints/NAME")`; `x = pre(image)` gives a float32
+    tensor of image's shape, statistics taken from `image` itself; pass `stats=pre.stats(volume)`
+    to use a whole volume's percentiles for each of its slices, as ssl_em does."""
+
+    norm: Normalization
+
+    def stats(self, volume: np.ndarray) -> IntensityStats:
+        return IntensityStats.compute(volume)
+
+    def __call__(self, image: np.ndarray, stats: IntensityStats | None = None) -> torch.Tensor:
+        """image: (..., H, W) any real dtype -> float32 tensor of the same shape."""
+        return torch.from_numpy(normalize_numpy(np.asarray(image), stats or self.stats(image), self.norm))
+
+
+def preprocessing(path: str | Path) -> Preprocessing:
+    """The preprocessing an exported backbone (or a fine-tuned model) was trained with."""
+    path = Path(path)
+    for name in (META, "ssl_em_finetuned.json"):
+        if (path / name).is_file():
+            return Preprocessing(Normalization.from_dict(json.loads((path / name).read_text())["normalization"]))
+    raise BackboneError(f"{path}: no {META}; not an ssl_em backbone folder (make one with `ssl-em export`)")
 
 
 def load_backbone(path: str | Path, architecture: str | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, BackboneMeta]:
@@ -206,7 +270,9 @@ def backbone_from_checkpoint(ckpt: dict) -> tuple[nn.Module, BackboneMeta]:
         pixel_size_nm=run.get("pixel_size_nm"),
         normalization=run.get("normalization") or Normalization().to_dict(),
         method=run.get("method"),
-        recipe=run.get("recipe"),
+        # Checkpoints from before recipes were recorded by name held their paths.
+        recipe=",".join(Path(r).stem for r in run["recipe"].split(",")) if run.get("recipe") else None,
+        recipe_content=run.get("recipe_content"),
         steps=int(ckpt.get("global_step", 0)),
         data_fingerprint=run.get("data_fingerprint"),
     )
@@ -224,28 +290,36 @@ def export_run(run_or_ckpt: str | Path, out: str | Path, dtype: str = "float32")
 
 
 def model_card(meta: BackboneMeta, name: str) -> str:
-    norm = meta.norm
-    return f"""---
-library_name: timm
-tags: [electron-microscopy, self-supervised, ssl_em]
----
+    """README.md with the front matter the Hugging Face Hub reads. The snippet loads the
+    folder the card sits in, wherever it has been copied: run it from beside the folder, or
+    replace the folder name with its path (or `hf-hub:ORG/NAME` once uploaded)."""
+    norm, method = meta.norm, (meta.method or "unknown").rsplit(".", 1)[-1]
+    pixel = f"{meta.pixel_size_nm:g} nm" if meta.pixel_size_nm else "not recorded (native resolution of the data)"
+    tags = ["electron-microscopy", "self-supervised", "ssl_em", "timm", f"ssl-{method.lower()}"]
+    front = "\n".join(["---", f"license: {LICENSE}", "library_name: timm", "pipeline_tag: image-feature-extraction", "tags:"]
+                      + [f"- {t}" for t in tags] + ["---"])
+    return f"""{front}
 # {name}
 
-A {meta.architecture} backbone pretrained with `{meta.method}` by ssl_em {meta.ssl_em_version}
-for {meta.steps} steps on data `{meta.data_fingerprint}` (recipe: `{meta.recipe}`).
+A {meta.architecture} backbone pretrained with {method} (`{meta.method}`) by ssl_em
+{meta.ssl_em_version} for {meta.steps} steps on data `{meta.data_fingerprint}` (recipe: `{meta.recipe}`).
 
 | | |
 |---|---|
 | input | {meta.in_chans} channel(s), {meta.img_size or 'any'} px tiles{f', patch {meta.patch_size}' if meta.patch_size else ''} |
-| pixel size | {meta.pixel_size_nm if meta.pixel_size_nm is not None else 'unknown'} nm |
-| intensities | stretch each volume p0.5..p99.5 -> [0, 1], clip, then (x - {norm.mean:.4g}) / {norm.std:.4g} |
+| pixel size | {pixel} |
+| intensities | {STRETCH}; mean {norm.mean:.4g}, std {norm.std:.4g} |
 
 ```python
+from pathlib import Path
 import timm  # no ssl_em needed
-model = timm.create_model("local-dir:{name}", pretrained=True)
+folder = Path("{name}")  # this folder: its path from where you run this
+model = timm.create_model(f"local-dir:{{folder.resolve()}}", pretrained=True)
+cfg = timm.data.resolve_data_config(model=model)  # tile size, crop_pct 1.0, mean/std above
 
-import ssl_em  # or: strict load plus the metadata above
-model, meta = ssl_em.load_backbone("{name}")
+import ssl_em  # or: strict load, the metadata, and the exact preprocessing
+model, meta = ssl_em.load_backbone(folder)
+x = ssl_em.preprocessing(folder)(image)  # image: (H, W) raw EM -> stretched, standardised float32
 ```
 """
 

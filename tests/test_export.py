@@ -41,21 +41,28 @@ def test_files_and_metadata(exported):
 
 
 def test_timm_local_dir_without_ssl_em(exported, tmp_path):
+    """The model card's timm snippet, run as written from beside the folder in a process
+    where ssl_em cannot be imported, gives the same features as the exported backbone."""
+    import re
+
     model, out = exported
     x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     np.save(tmp_path / "x.npy", x.numpy())
-    script = textwrap.dedent(f"""
+    snippet = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S)[1].split("import ssl_em")[0]
+    script = textwrap.dedent("""
         import sys
         sys.modules["ssl_em"] = None  # any import of ssl_em would fail
-        import numpy as np, timm, torch
+        import numpy as np, torch
         torch.set_num_threads(1)
-        m = timm.create_model("local-dir:{out}", pretrained=True).eval()
+    """) + snippet + textwrap.dedent(f"""
+        assert cfg["crop_pct"] == 1.0
         with torch.no_grad():
-            y = m(torch.from_numpy(np.load("{tmp_path / 'x.npy'}")))
+            y = model.eval()(torch.from_numpy(np.load("{tmp_path / 'x.npy'}")))
         np.save("{tmp_path / 'y.npy'}", y.numpy())
         assert not any(k.startswith("ssl_em") for k, v in sys.modules.items() if v is not None)
     """)
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    run = subprocess.run([sys.executable, "-c", script], cwd=out.parent, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-1500:]
     with torch.no_grad():
         assert np.array_equal(np.load(tmp_path / "y.npy"), model(x).numpy())
 
@@ -100,12 +107,13 @@ def test_export_from_lightning_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = build_backbone(ARCH, img_size=32, **TINY_VIT).eval()
     state = {f"backbone.{k}": v for k, v in model.state_dict().items()} | {"momentum_backbone.cls_token": torch.zeros(1)}
-    ckpt = {"state_dict": state, "global_step": 7, "ssl_em": {**run_metadata(model, None), "method": "ssl_em.pretrain.mae.MAE", "recipe": "r.yaml"}}
+    ckpt = {"state_dict": state, "global_step": 7, "ssl_em": {**run_metadata(model, None), "method": "ssl_em.pretrain.mae.MAE", "recipe": "/home/someone/recipes/r.yaml"}}
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     torch.save(ckpt, tmp_path / "run" / "checkpoints" / "last.ckpt")
     out = export_run(tmp_path / "run", tmp_path / "bb")
     loaded, meta = load_backbone(out)
-    assert meta.steps == 7 and meta.method == "ssl_em.pretrain.mae.MAE" and meta.recipe == "r.yaml" and meta.img_size == 32
+    assert meta.steps == 7 and meta.method == "ssl_em.pretrain.mae.MAE" and meta.img_size == 32
+    assert meta.recipe == "r"  # an old checkpoint's recipe path becomes its name
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), model(x))
@@ -126,3 +134,60 @@ def test_half_precision_export_halves_the_file_and_loads_as_float32(exported, tm
         assert torch.equal(b, a.half().to(a.dtype) if a.is_floating_point() else a), k
     via_timm = timm.create_model(f"local-dir:{half}", pretrained=True)
     assert next(via_timm.parameters()).dtype == torch.float32
+
+
+def test_timm_transform_keeps_em_tiles_and_documents_the_stretch(tmp_path):
+    """timm's own data config + transform from the exported folder: a 64 px tile stays 64 px
+    (no ImageNet crop_pct resize), bilinear, standardised with the recorded mean/std; the
+    stretch it cannot do is stated in pretrained_cfg's notes and done by ssl_em.preprocessing."""
+    import timm
+    from PIL import Image
+
+    import ssl_em
+
+    torch.manual_seed(0)
+    model = build_backbone("test_resnet")
+    meta = BackboneMeta(architecture="test_resnet", model_args={"in_chans": 1}, img_size=64, normalization=Normalization(0.4, 0.2).to_dict())
+    out = export_backbone(model, tmp_path / "cnn", meta)
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
+    cfg = timm.data.resolve_data_config(model=loaded)
+    assert cfg["crop_pct"] == 1.0 and cfg["interpolation"] == "bilinear" and cfg["input_size"] == (1, 64, 64)
+    assert tuple(cfg["mean"]) == (0.4,) and tuple(cfg["std"]) == (0.2,)
+    assert "p99.5" in " ".join(loaded.pretrained_cfg["notes"])
+    tile = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    x = timm.data.create_transform(**cfg)(Image.fromarray(tile))
+    assert x.shape == (1, 64, 64)
+    np.testing.assert_allclose(x[0].numpy(), (tile / 255 - 0.4) / 0.2, atol=1e-5)  # no resampling: pixel for pixel
+
+    pre = ssl_em.preprocessing(out)
+    lo, hi = np.percentile(tile, [0.5, 99.5])
+    np.testing.assert_allclose(pre(tile).numpy(), (np.clip((tile - lo) / (hi - lo), 0, 1) - 0.4) / 0.2, atol=1e-5)
+
+
+def test_model_card_front_matter_pixel_size_and_permissions(exported, tmp_path):
+    """The Hub's own ModelCard parser reads license, library and pipeline tag; the card gives
+    the recorded pixel size; every file is readable by others under the usual umask 022."""
+    import os
+    import stat
+
+    huggingface_hub = pytest.importorskip("huggingface_hub", reason="huggingface_hub (installed with timm) parses model cards")
+    _, out = exported
+    card = huggingface_hub.ModelCard.load(out / "README.md")
+    assert card.data.license == "bsd-3-clause" and card.data.library_name == "timm"
+    assert card.data.pipeline_tag == "image-feature-extraction" and "electron-microscopy" in card.data.tags
+    assert "| pixel size | 8 nm |" in card.text and "unknown" not in card.text
+    assert str(tmp_path) not in (out / "README.md").read_text() + (out / "ssl_em.json").read_text()
+
+    old = os.umask(0o022)
+    try:
+        model, meta = _tiny()
+        export_backbone(model, tmp_path / "shared", meta)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "shared").iterdir()}
+    assert modes == dict.fromkeys(["config.json", "model.safetensors", "ssl_em.json", "README.md"], 0o644)
+
+
+def _tiny():
+    model = build_backbone(ARCH, img_size=32, **TINY_VIT)
+    return model, BackboneMeta(architecture=ARCH, model_args=run_metadata(model, None)["model_args"], img_size=32, patch_size=8)

@@ -64,7 +64,8 @@ def test_train_then_export(archive, tmp_path):
     assert rc == 0
     ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")  # weights_only=True
     assert ckpt["global_step"] == 4
-    assert ckpt["ssl_em"]["recipe"] == TINY and ckpt["ssl_em"]["data_fingerprint"]
+    assert ckpt["ssl_em"]["recipe"] == "tiny_cpu" and ckpt["ssl_em"]["data_fingerprint"]  # a name, not a path
+    assert ckpt["ssl_em"]["recipe_content"].endswith(Path(TINY).read_text())
     assert list((run).rglob("reconstructions/*.png"))
     assert list((run).rglob("reconstructions/step00000004.png"))  # a grid at the final step
     from ssl_em.cli import main
@@ -72,6 +73,7 @@ def test_train_then_export(archive, tmp_path):
     assert main(["export", str(run), "--out", str(tmp_path / "bb")]) == 0
     model, meta = load_backbone(tmp_path / "bb")
     assert meta.steps == 4 and meta.method == "ssl_em.pretrain.mae.MAE" and meta.img_size == 64 and meta.patch_size == 8
+    assert meta.pixel_size_nm == 8.0  # the archive's voxel size, streamed at native resolution
     assert model(torch.randn(1, 1, 64, 64)).shape == (1, 96)
 
     # Continued pretraining: --init_from loads the exported backbone strictly before training.

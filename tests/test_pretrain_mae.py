@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -102,3 +103,32 @@ def test_cnn_backbone_rejected_clearly():
 def test_patchify_multichannel():
     x = torch.randn(1, 3, 16, 16)
     assert torch.equal(unpatchify(patchify(x, 8), 8, h=2, c=3), x)
+
+
+def test_reconstruction_logged_to_offline_wandb_as_uint8_em(tmp_path, monkeypatch):
+    """A training step with wandb's offline logger (the default) stores the reconstruction
+    grid as a PNG of uint8 pixels spanning a real EM range, read back from the run folder."""
+    pytest.importorskip("wandb")
+    import pytorch_lightning as pl
+    from PIL import Image
+    from pytorch_lightning.loggers import WandbLogger
+
+    from ssl_em.synthetic import make_volume
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    em = make_volume(shape=(4, 32, 32), seed=0).image.astype(np.float32)
+    tiles = torch.from_numpy((em - em.mean()) / em.std())[:, None]  # (4, 1, 32, 32), standardised
+    loader = torch.utils.data.DataLoader([{"image": t} for t in tiles], batch_size=4)
+    logger = WandbLogger(project="ssl_em_test", save_dir=str(tmp_path), offline=True)
+    trainer = pl.Trainer(max_steps=1, logger=logger, accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(tiny_mae(image_every_n_steps=1), loader)
+    logger.experiment.finish()
+    (png,) = tmp_path.glob("wandb/offline-run-*/files/media/images/train/reconstruction_*.png")
+    pixels = np.asarray(Image.open(png))
+    assert pixels.dtype == np.uint8
+    assert pixels.shape == (4 * 34 + 2, 3 * 34 + 2, 3)  # rows of input | masked | reconstruction, 2 px padding
+    inputs = pixels[2:34, 2:34, 0]  # the first row's input tile, inside the 2 px padding
+    expected = np.round((tiles[0, 0].numpy() - tiles.numpy().min()) / (tiles.numpy().max() - tiles.numpy().min()) * 255)
+    np.testing.assert_allclose(inputs, expected, atol=1)  # the EM itself, at full contrast
+    assert inputs.std() > 20 and inputs.max() - inputs.min() > 128

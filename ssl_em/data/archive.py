@@ -2,10 +2,18 @@
 
 Layout (zarr v2 + NGFF 0.4, which napari and neuroglancer open)::
 
-    ARCHIVE.zarr/                 attrs: {"ssl_em": {"format": "ssl_em.archive", "version": 1}}
+    ARCHIVE.zarr/                 attrs: {"ssl_em": {"format": "ssl_em.archive", "version": 1},
+                                          "bioformats2raw.layout": 3}
+      OME/                        attrs: {"series": [complete image names]}
+        METADATA.ome.xml          one <Image ID="Image:<name>"> per complete image
       <image name>/               NGFF image group: "multiscales" + "ssl_em" attrs
         0/ 1/ 2/ ...              pyramid levels, (z, y, x), level 0 = the source, pixel-exact
         curation                  (z, ceil(y / t), ceil(x / t)) uint8 bit flags per level-0 tile
+
+The root follows the bioformats2raw layout, the form of a collection of images that
+napari-ome-zarr opens from the root: it lists the series in OME/.zattrs and finds each image
+at the path its OME-XML ID names. Each image stays a plain NGFF image, which any OME-Zarr
+reader opens as `ARCHIVE.zarr/<image name>`.
 
 The image's "ssl_em" attributes hold the source path and fingerprint, intensity
 statistics, curation settings and counts, and "complete": true, which is written last:
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from enum import IntFlag
@@ -24,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ssl_em import ngff
 from ssl_em.data.normalize import IntensityStats
 from ssl_em.data.readers.zarr_store import ZarrVolume, group_attributes, ome_zarr_levels
 from ssl_em.data.volume import VoxelSize
@@ -132,10 +142,25 @@ class ArchiveWriter:
         if self.path.exists() and any(self.path.iterdir()) and not Archive.is_archive(self.path):
             raise FileExistsError(f"{path}: exists and is not an ssl_em archive; refusing to write into it")
         self.root = zarr.open_group(str(self.path), mode="a", zarr_format=2)
+        wanted = {"ssl_em": {"format": FORMAT, "version": VERSION}} | ngff.collection_attrs()
         # Written only when missing: processes sharing an archive (ingest --shard) must not
         # rewrite the root's attributes while another reads them.
-        if self.root.attrs.get("ssl_em") != {"format": FORMAT, "version": VERSION}:
-            self.root.attrs["ssl_em"] = {"format": FORMAT, "version": VERSION}
+        if any(self.root.attrs.get(k) != v for k, v in wanted.items()):
+            self.root.attrs.update(wanted)
+        self.write_listing()
+
+    def write_listing(self) -> None:
+        """List the complete images as bioformats2raw series (OME/.zattrs and OME-XML), so
+        collection readers see exactly what ssl_em's own `Archive` sees."""
+        archive = Archive(self.path)
+        ome = self.path / "OME"
+        ome.mkdir(exist_ok=True)
+        ngff.write_json(ome / ".zgroup", {"zarr_format": 2})
+        ngff.write_json(ome / ".zattrs", ngff.series_metadata([im.name for im in archive.images]))
+        listing = [(im.name, im.shape, im.meta.get("dtype") or str(im.levels[0].dtype), im.voxel_sizes[0].as_tuple()) for im in archive.images]
+        tmp = ome / f"METADATA.ome.xml.{os.getpid()}.tmp"  # one per process: shards list concurrently
+        tmp.write_text(ngff.ome_xml(listing))
+        tmp.replace(ome / "METADATA.ome.xml")
 
     def status(self, name: str) -> dict | None:
         """The image's ssl_em attrs if it exists (complete or not), else None."""
@@ -143,7 +168,10 @@ class ArchiveWriter:
         return group_attributes(p).get("ssl_em") if p.is_dir() else None
 
     def remove(self, name: str) -> None:
+        listed = (self.path / name / ".zattrs").is_file() and group_attributes(self.path / name).get("ssl_em", {}).get("complete")
         shutil.rmtree(self.path / name, ignore_errors=True)
+        if listed:
+            self.write_listing()
 
     def create_image(
         self,
@@ -185,17 +213,9 @@ class ArchiveWriter:
 
         group = zarr.open_group(str(self.path / name), mode="r+", zarr_format=2)
         group.attrs["ssl_em"] = {**meta, "complete": True}
+        self.write_listing()
 
 
 def ngff_multiscales(name: str, voxel_sizes: list[VoxelSize]) -> dict:
     """NGFF 0.4 multiscales metadata for a (z, y, x) pyramid in nanometres."""
-    return {
-        "version": "0.4",
-        "name": name,
-        "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
-        "datasets": [
-            {"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": list(vs.as_tuple())}]}
-            for i, vs in enumerate(voxel_sizes)
-        ],
-        "type": "mean",
-    }
+    return ngff.multiscales(name, "zyx", [vs.as_tuple() for vs in voxel_sizes], kind="mean")

@@ -1,7 +1,7 @@
 """`ssl-em finetune`: fine-tune a backbone and a segmentation head on a few labeled slices, then export.
 
     ssl-em finetune --backbone checkpoints/NAME --images IMG --labels LBL --classes A,B
-        --train-slices 0,1 --val-slices 20-29 --out DIR [--config RECIPE.yaml] [--max-steps N]
+        --train-slices 0,1 --val-slices 20-29 --out DIR [--bioimageio DIR] [--config RECIPE.yaml] [--max-steps N]
 
 LightningCLI over `SegmentationModule` and `LabeledSlicesDataModule`; the short flags
 (`ssl_em.cli_flags.FINETUNE`, which `--help` prints) map onto its config (`--backbone` is
@@ -10,7 +10,9 @@ usual (`--model.lr 3e-4`, `--data.tile_size 256`); `--config` is applied first, 
 its position. Without a recipe (`CLI_DEFAULTS`): the default head alone for 100 steps, then
 the whole network, 1000 steps; a line printed before training says what is frozen and when.
 The data's classes and tile size feed the model. At the end the model is scored on the
-validation slices (whole slices, sliding window) and exported to `--out`.
+validation slices (whole slices, sliding window) and exported to `--out`; with
+`--bioimageio DIR` it is also written as a bioimage.io model, its test tensors cut from the
+training images (`ssl_em.finetune.bioimageio`, the same as `ssl-em export-model`).
 
 `finetune(...)` does the same from Python without the command line; the label-efficiency
 benchmark calls it in a loop.
@@ -142,6 +144,7 @@ class FinetuneCLI(LightningCLI):
         parser.add_argument("--out", type=str | None, default=None, help="folder to export the fine-tuned model to")
         parser.set_defaults(CLI_DEFAULTS)
         cli_flags.describe_data_flag(parser, "images, labels and slices as a YAML file (or use --images, --labels...)", "YAML")
+        parser.add_argument("--bioimageio", type=str | None, default=None, help="also write the exported model as a bioimage.io model into this folder (needs --out)")
         parser.link_arguments("data.tile_size", "model.tile_size")
         parser.link_arguments("data.task", "model.task")
         parser.link_arguments("data", "model.num_classes", compute_fn=lambda d: d.num_classes, apply_on="instantiate")
@@ -190,6 +193,8 @@ def run_argv(argv: list[str]) -> int:
     verbose = cli_flags.VERBOSE in argv
     try:
         cli = build_cli(argv)
+        if cli.config.bioimageio and not cli.config.out:
+            raise ValueError("--bioimageio DIR writes the model exported to --out: give --out too")
         dm = cli.datamodule
         print(f"ssl-em finetune: {freeze_plan(cli.model, cli.trainer.max_steps)}", flush=True)
         if dm.task == "semantic" and dm.classes == [str(v) for v in dm.label_values]:
@@ -209,6 +214,11 @@ def run_argv(argv: list[str]) -> int:
         print(f"exported {out} (ssl-em predict {out} INPUT --out OUT.zarr)")
     else:
         print("ssl-em finetune: nothing written (give --out DIR to export the model for ssl-em predict)")
+    if cli.config.bioimageio:
+        from ssl_em.finetune.bioimageio import export_bioimageio
+
+        bmz = export_bioimageio(cli.config.out, cli.datamodule.images_volume, cli.config.bioimageio)
+        print(f"wrote {bmz / 'bioimageio.yaml'} (bioimage.io model)")
     return 0
 
 

@@ -1,7 +1,7 @@
 """`ssl-em evaluate PRED GT [--task semantic|instance] [--slices 20-29] [--json OUT]`.
 
-PRED is an `ssl-em predict` output (OUT.zarr: its labels/semantic or labels/instances) or
-any volume ssl_em reads; GT any volume of the same shape. Semantic: ground-truth values map
+PRED is an `ssl-em predict` output (OUT.zarr: its labels/semantic, which stores class k as
+k + 1, or labels/instances) or any volume ssl_em reads (holding class indices or ids); GT any volume of the same shape. Semantic: ground-truth values map
 to classes by `--label-values` (default: the values the model was trained with, recorded
 in the prediction, else the values themselves); `--ignore-value` marks unannotated pixels.
 Instance: ground truth holds instance ids, 0 = background/boundary. Prints a table; `--json`
@@ -52,6 +52,10 @@ def evaluate(pred_spec: str, gt_spec: str, task: str | None = None, slices: str 
     zs = parse_slices(slices, gt.shape[0]) if slices else list(range(gt.shape[0]))
     p = np.concatenate([pred.read(z) for z in zs])
     g = np.concatenate([gt.read(z) for z in zs])
+    if task == "semantic" and attrs:
+        from ssl_em.finetune.predict import semantic_classes
+
+        p = semantic_classes(p, attrs)
     if task == "instance":
         return {"task": task, "slices": zs, **instance_scores(p, g)}
     classes = attrs.get("classes")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from torch import nn
 from ssl_em import __version__
 from ssl_em.data.normalize import Normalization
 from ssl_em.export import META as BACKBONE_META
-from ssl_em.export import BackboneError, BackboneMeta, build_backbone, load_backbone, load_strict, patch_size_of
+from ssl_em.export import BackboneError, BackboneMeta, build_backbone, load_backbone, load_strict, patch_size_of, write_atomic
 from ssl_em.finetune.features import FeatureExtractor, FeatureSpec
 
 WEIGHTS, META = "model.safetensors", "ssl_em_finetuned.json"
@@ -132,11 +131,8 @@ def export_finetuned(net: SegmentationNet, out: str | Path, meta: FinetunedMeta)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / WEIGHTS)
-    (out / (META + ".tmp")).write_text(json.dumps(asdict(meta), indent=2) + "\n")
-    os.replace(out / (META + ".tmp"), out / META)
+    write_atomic(out / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    write_atomic(out / META, lambda p: p.write_text(json.dumps(asdict(meta), indent=2) + "\n"))
     return out
 
 

@@ -7,11 +7,17 @@ is processed slab by slab (`--slab` planes at a time), so memory is bounded by o
 not by the volume, and each finished slab is recorded in OUT's attributes: after a crash,
 re-running the same command skips finished slabs. OUT is OME-Zarr (zarr v2, NGFF 0.4)::
 
-    OUT.zarr/                 image: class probabilities (c, z, y, x) float16, + "ssl_em" attrs
-      0/
-      labels/semantic/0       argmax classes (z, y, x) uint8   (NGFF labels: napari shows them)
-      labels/instances/0      instance ids (z, y, x) uint32    (task "instance")
+    OUT.zarr/                 image: class probabilities (c, z, y, x) uint8, p * 255, one
+      0/                      named channel per class (omero), + "ssl_em" attrs
+      labels/semantic/0       argmax class + 1 (z, y, x) uint8; 0 = not predicted
+      labels/instances/0      instance ids (z, y, x) uint32, 0 = background (task "instance")
       planes/{xz,yz}/0        per-plane probabilities when --planes asks for more than xy
+
+Every array carries the input's voxel size in nanometres, so it lies over the raw image in
+napari and neuroglancer. Probabilities are uint8 because neuroglancer reads no float16 and
+1/255 is finer than any threshold on a softmax (`ssl_em.ngff`); read them back with
+`read_probabilities`. Semantic labels are shifted by one because viewers draw 0 as
+background: class k is k + 1, named and coloured in the labels' `image-label` metadata.
 
 `--planes xy,xz,yz` predicts along all three axes and averages; the default, `auto`, does so
 when the voxels are near-isotropic (z within 25% of xy) and predicts xy alone otherwise.
@@ -47,12 +53,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from ssl_em import ngff
 from ssl_em.data.normalize import IntensityStats, Normalization, normalize_numpy
-from ssl_em.data.volume import Volume
+from ssl_em.data.volume import Volume, VoxelSize
 from ssl_em.finetune.data import as_volume, sample_stats
 from ssl_em.finetune.instance import foreground_boundary, merge_map, plane_merges, relabel, segment_slices, watershed_instances
 
 FORMAT = "ssl_em.prediction"
+#: Layout of OUT (uint8 probabilities, labels shifted by one): part of a prediction's identity,
+#: so a store written by an older ssl_em is never resumed into.
+LAYOUT = 2
 #: plane -> (axis sliced, output axes of the 2D image in (z, y, x) order)
 PLANES = {"xy": 0, "xz": 1, "yz": 2}
 
@@ -162,7 +172,7 @@ class Shard:
 class Prediction:
     """The OUT.zarr store: creation, the identity check, and the record of finished slabs."""
 
-    def __init__(self, path: str | Path, identity: dict, shape: tuple[int, int, int], classes: list[str], settings: PredictSettings, overwrite: bool = False, label_values: list[int] | None = None) -> None:
+    def __init__(self, path: str | Path, identity: dict, shape: tuple[int, int, int], classes: list[str], settings: PredictSettings, overwrite: bool = False, label_values: list[int] | None = None, voxel_size: VoxelSize | None = None) -> None:
         import zarr
 
         self.path = Path(path)
@@ -174,20 +184,29 @@ class Prediction:
         K, (Z, Y, X) = len(classes), shape
         cy, cx = min(Y, 512), min(X, 512)
         if existing is None:
-            self.root.create_array("0", shape=(K, Z, Y, X), chunks=(1, settings.slab, cy, cx), dtype="float16", fill_value=0, overwrite=True)
+            zyx = list((voxel_size or VoxelSize(1.0, 1.0, 1.0)).as_tuple())
+            image_attrs = {"multiscales": [ngff.multiscales("probabilities", "czyx", [[1.0, *zyx]])], "omero": ngff.omero(classes, (0, ngff.PROBABILITY_SCALE))}
+            self.root.create_array("0", shape=(K, Z, Y, X), chunks=(1, settings.slab, cy, cx), dtype="uint8", fill_value=0, overwrite=True)
             labels = self.root.require_group("labels")
             names = ["semantic"] + ["instances"] * bool(settings.instances)
             labels.attrs["labels"] = names
-            for name, dtype in zip(names, ("uint8", "uint32")):
+            # Class k is stored as k + 1: uint8 holds 254 classes, more need uint16.
+            semantic_dtype = "uint8" if K + ngff.LABEL_OFFSET <= np.iinfo(np.uint8).max else "uint16"
+            for name, dtype in zip(names, (semantic_dtype, "uint32")):
                 g = labels.require_group(name)
                 g.create_array("0", shape=(Z, Y, X), chunks=(settings.slab, cy, cx), dtype=dtype, fill_value=0, overwrite=True)
-                g.attrs.update(_multiscales(name, ("z", "y", "x")) | {"image-label": {"version": "0.4", "source": {"image": "../../"}}})
+                # Instance ids name no class: image-label without colours (the viewer picks them).
+                label = ngff.image_label(classes) if name == "semantic" else {"version": ngff.VERSION, "source": {"image": "../../"}}
+                g.attrs.update({"multiscales": [ngff.multiscales(name, "zyx", [zyx])], "image-label": label})
             for plane in settings.planes[1:] if len(settings.planes) > 1 else ():
                 # A slab along the sliced axis fills whole chunks: processes never share one.
                 chunks = [1, min(Z, 64), min(Y, 256), min(X, 256)]
                 chunks[1 + PLANES[plane]] = settings.slab
-                self.root.require_group("planes").require_group(plane).create_array("0", shape=(K, Z, Y, X), chunks=tuple(chunks), dtype="float16", fill_value=0, overwrite=True)
-            self.root.attrs.update(_multiscales("probabilities", ("c", "z", "y", "x")) | {"ssl_em": {"format": FORMAT, "identity": identity, "classes": classes, "label_values": label_values, "complete": False}})
+                g = self.root.require_group("planes").require_group(plane)
+                g.create_array("0", shape=(K, Z, Y, X), chunks=tuple(chunks), dtype="uint8", fill_value=0, overwrite=True)
+                g.attrs.update(image_attrs | {"multiscales": [ngff.multiscales(f"probabilities {plane}", "czyx", [[1.0, *zyx]])]})
+            meta = {"format": FORMAT, "identity": identity, "classes": classes, "label_values": label_values, "label_offset": ngff.LABEL_OFFSET, "complete": False}
+            self.root.attrs.update(image_attrs | {"ssl_em": meta})
         self.meta = dict(self.root.attrs["ssl_em"])
         self.progress = self.path / ".progress"
 
@@ -229,10 +248,20 @@ class Prediction:
         return self.root[name]
 
 
-def _multiscales(name: str, axes: tuple[str, ...]) -> dict:
-    kinds = {"c": "channel", "z": "space", "y": "space", "x": "space"}
-    ax = [{"name": a, "type": kinds[a]} | ({"unit": "nanometer"} if kinds[a] == "space" else {}) for a in axes]
-    return {"multiscales": [{"version": "0.4", "name": name, "axes": ax, "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0] * len(axes)}]}]}]}
+def read_probabilities(array, region: tuple = ()) -> np.ndarray:
+    """Stored probabilities (OUT.zarr's "0" or planes/*/0, or a region of them) as float32
+    in [0, 1]; predictions written as float16 by earlier versions read the same."""
+    return ngff.decode_probabilities(array[region] if region else array[...])
+
+
+def semantic_classes(stored: np.ndarray, meta: dict) -> np.ndarray:
+    """labels/semantic values -> class indices (int64); -1 where nothing was predicted.
+
+    `meta`: the prediction's "ssl_em" attributes; stores without "label_offset" (written
+    before labels were shifted) hold class indices as they are."""
+    offset = int(meta.get("label_offset", 0))
+    stored = np.asarray(stored).astype(np.int64)
+    return np.where(stored >= offset, stored - offset, -1) if offset else stored
 
 
 def volume_fingerprint(volume: Volume, spec: str | Path | None = None) -> str:
@@ -250,7 +279,7 @@ def volume_fingerprint(volume: Volume, spec: str | Path | None = None) -> str:
 
 def prediction_identity(volume: Volume, settings: PredictSettings, model_id: str, input_id: str | None = None) -> dict:
     """What OUT must hold for a run to resume it rather than refuse it."""
-    return {"model": model_id, "input": input_id or volume_fingerprint(volume), "shape": list(volume.shape), **settings.identity()}
+    return {"model": model_id, "input": input_id or volume_fingerprint(volume), "shape": list(volume.shape), "layout": LAYOUT, **settings.identity()}
 
 
 def predict_volume(
@@ -278,7 +307,7 @@ def predict_volume(
     Z, Y, X = volume.shape
     identity = prediction_identity(volume, settings, model_id, input_id)
     # Rank 0 creates (or replaces) the store; the others open it once it exists.
-    pred = Prediction(out, identity, volume.shape, classes, settings, overwrite=overwrite, label_values=label_values) if shard.main else None
+    pred = Prediction(out, identity, volume.shape, classes, settings, overwrite=overwrite, label_values=label_values, voxel_size=volume.voxel_size) if shard.main else None
     shard.barrier()
     pred = pred or Prediction(out, identity, volume.shape, classes, settings)
     if pred.meta.get("complete"):
@@ -297,18 +326,20 @@ def predict_volume(
             region[axis] = slice(start, min(start + s, n))
             raw = volume.read(*region)
             slab = np.stack([predict_plane(net, normalize_numpy(np.take(raw, i, axis=axis), stats, normalization), settings.window, settings.overlap, settings.batch_size, device) for i in range(raw.shape[axis])], axis=1 + axis)
-            targets[plane][(slice(None), *region)] = slab.astype(np.float16)
+            targets[plane][(slice(None), *region)] = ngff.encode_probabilities(slab)
             if plane == "xy" and len(settings.planes) == 1:
-                pred.array("labels/semantic/0")[tuple(region)] = slab.argmax(0).astype(np.uint8)
+                labels = pred.array("labels/semantic/0")
+                labels[tuple(region)] = _semantic(slab).astype(labels.dtype)
             pred.mark(plane, start, shard.rank)
     shard.barrier()  # every plane is written before any z slab is averaged
     if len(settings.planes) > 1:  # average the planes into the image, slab by slab along z
         done = pred.done("combine")
         for start in tqdm([z for z in shard.mine(list(range(0, Z, settings.slab))) if z not in done], desc="combine planes", disable=bar):
             zs = slice(start, min(start + settings.slab, Z))
-            mean = sum(targets[p][:, zs].astype(np.float32) for p in settings.planes) / len(settings.planes)
-            probs_arr[:, zs] = mean.astype(np.float16)
-            pred.array("labels/semantic/0")[zs] = mean.argmax(0).astype(np.uint8)
+            mean = sum(read_probabilities(targets[p], (slice(None), zs)) for p in settings.planes) / len(settings.planes)
+            probs_arr[:, zs] = ngff.encode_probabilities(mean)
+            labels = pred.array("labels/semantic/0")
+            labels[zs] = _semantic(mean).astype(labels.dtype)
             pred.mark("combine", start, shard.rank)
         shard.barrier()
     if not shard.main:
@@ -320,6 +351,11 @@ def predict_volume(
         _instances(pred, settings, progress)
     pred.update(complete=True)
     return pred.path
+
+
+def _semantic(probs: np.ndarray) -> np.ndarray:
+    """(K, ...) probabilities -> stored labels: argmax + LABEL_OFFSET (int64)."""
+    return probs.argmax(0) + ngff.LABEL_OFFSET
 
 
 def _instances(pred: Prediction, settings: PredictSettings, progress: bool) -> None:
@@ -335,7 +371,7 @@ def _instances(pred: Prediction, settings: PredictSettings, progress: bool) -> N
     kw = {"seed_threshold": settings.seed_threshold, "min_size": settings.min_size}
     for start in tqdm([z for z in range(0, Z, settings.slab) if z not in pred.done("instances")], desc="instances", disable=not progress):
         zs = slice(start, min(start + settings.slab, Z))
-        fg, bd = foreground_boundary(probs[:, zs].astype(np.float32))
+        fg, bd = foreground_boundary(read_probabilities(probs, (slice(None), zs)))
         _store_instances(pred, ids, zs, segment_slices(fg, bd, **kw), start)
 
 
@@ -364,7 +400,7 @@ def _instances_3d(pred: Prediction, settings: PredictSettings, progress: bool) -
     for k in tqdm([k for k in range(len(cores)) if k not in done], desc="instances 3d", unit="block", disable=not progress):
         core = cores[k]
         outer = tuple(slice(max(0, c.start - h), min(n, c.stop + h)) for c, n in zip(core, shape))
-        fg, bd = foreground_boundary(probs[(slice(None), *outer)].astype(np.float32))
+        fg, bd = foreground_boundary(read_probabilities(probs, (slice(None), *outer)))
         seg = watershed_instances(fg, bd, **kw)[tuple(slice(c.start - o.start, c.stop - o.start) for c, o in zip(core, outer))]
         _store_instances(pred, ids, core, seg, k)
     # The joins are computed once and kept, so a resumed relabelling uses the same ones.

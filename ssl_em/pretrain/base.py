@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -59,6 +60,18 @@ def embedding_std(z: torch.Tensor) -> torch.Tensor:
     return z.std(dim=0).mean()
 
 
+def streamed_pixel_size(datamodule) -> float | None:
+    """In-plane pixel size (nm) of the tiles the stream cut at native resolution: the
+    sources' sampling-weighted median. None when not set up or a source's size is unknown."""
+    ds = getattr(datamodule, "dataset", None)
+    if ds is None or not all(getattr(s.levels[0], "voxel_size_known", True) for s in ds.sources):
+        return None
+    sizes = [s.voxel_sizes[p.level].y * p.src_tile / ds.tile_size for s, p in zip(ds.sources, ds.plans)]
+    order = sorted(range(len(sizes)), key=sizes.__getitem__)
+    cum = np.cumsum([ds.weights[i] for i in order])
+    return float(sizes[order[int(np.searchsorted(cum, 0.5))]])
+
+
 def run_metadata(backbone: nn.Module, datamodule) -> dict:
     """What export needs to rebuild and describe the backbone: plain JSON-able values only."""
     from timm.models._input import get_model_args
@@ -68,7 +81,7 @@ def run_metadata(backbone: nn.Module, datamodule) -> dict:
         "architecture": backbone.pretrained_cfg["architecture"],
         "model_args": get_model_args(backbone),
         "normalization": norm.to_dict() if norm is not None else None,
-        "pixel_size_nm": getattr(datamodule, "pixel_size_nm", None),
+        "pixel_size_nm": getattr(datamodule, "pixel_size_nm", None) or streamed_pixel_size(datamodule),
         "data_fingerprint": getattr(datamodule, "fingerprint", None),
     }
 

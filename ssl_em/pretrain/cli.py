@@ -49,13 +49,15 @@ class PretrainError(ValueError):
 
 
 class RecordRecipe(Callback):
-    """Puts the recipe path(s) into every checkpoint's "ssl_em" metadata, for export."""
+    """Puts the recipe into every checkpoint's "ssl_em" metadata, for export: the recipe
+    files' names and their text, never their paths (a path names the training machine)."""
 
-    def __init__(self, recipe: str | None) -> None:
-        self.recipe = recipe
+    def __init__(self, recipes: list[str]) -> None:
+        self.recipe = ",".join(Path(p).stem for p in recipes) or None
+        self.content = "\n".join(f"# {Path(p).name}\n{Path(p).read_text()}" for p in recipes if Path(p).is_file()) or None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint.setdefault("ssl_em", {})["recipe"] = self.recipe
+        checkpoint.setdefault("ssl_em", {}).update(recipe=self.recipe, recipe_content=self.content)
 
 
 class SeedPerRank(Callback):
@@ -81,7 +83,7 @@ class PretrainCLI(LightningCLI):
         cfg = self.config
         check_strategy(cfg.trainer.strategy)  # before Lightning builds it (FSDP fails later, or worse, trains)
         recipes = [str(p) for p in (cfg.get("config") or [])]
-        self.recipe = ",".join(recipes) or None
+        self.recipes = recipes
         if cfg.run_dir is None:
             stem = Path(recipes[-1]).stem if recipes else "pretrain"
             cfg.run_dir = cfg.trainer.default_root_dir or str(Path("runs") / stem)
@@ -109,7 +111,7 @@ class PretrainCLI(LightningCLI):
         )
         given = given if isinstance(given, list) else [given]
         shown = run_callbacks(cfg.trainer.get("enable_progress_bar") is not False, cfg.trainer.get("enable_model_summary") is not False)
-        kwargs["callbacks"] = given + [checkpoints, RecordRecipe(self.recipe), SeedPerRank()] + shown
+        kwargs["callbacks"] = given + [checkpoints, RecordRecipe(self.recipes), SeedPerRank()] + shown
         return super().instantiate_trainer(**kwargs)
 
 

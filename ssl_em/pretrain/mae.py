@@ -188,7 +188,10 @@ class MAE(PretrainMethod):
         caption = f"step {self.global_step}: " + " | ".join(RECONSTRUCTION_COLUMNS)
         logger = self.logger
         if hasattr(logger, "log_image"):
-            logger.log_image("train/reconstruction", images=[grid], caption=[caption], step=self.global_step)
+            # uint8 (H, W, C) as it will be stored: wandb casts a float array to uint8
+            # without scaling, which turns a [0, 1] grid black.
+            pixels = (grid * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+            logger.log_image("train/reconstruction", images=[pixels], caption=[caption], step=self.global_step)
             return
         from torchvision.utils import save_image
 

@@ -58,10 +58,12 @@ def _is_bioformats2raw(p: Path) -> bool:
 
 
 def open_bioformats2raw(path: Path) -> Volume:
-    """A bioformats2raw store (what converting a microscope file gives): one OME-Zarr image
-    per series in groups 0, 1, ... Its only series opens as is; with several, one must be
-    named (`store.zarr:1`), as for a zarr group holding several arrays."""
-    series = sorted((c.name for c in path.iterdir() if c.name.isdigit() and _is_ome_zarr(c)), key=int)
+    """A bioformats2raw store (what converting a microscope file gives, and the root of an
+    ssl_em archive): one OME-Zarr image per series, in the groups OME/.zattrs "series" lists
+    or else in groups 0, 1, ... Its only series opens as is; with several, one must be named
+    (`store.zarr:1`), as for a zarr group holding several arrays."""
+    listed = group_attributes(path / "OME").get("series") if (path / "OME").is_dir() else None
+    series = [s for s in listed if _is_ome_zarr(path / s)] if listed else sorted((c.name for c in path.iterdir() if c.name.isdigit() and _is_ome_zarr(c)), key=int)
     if len(series) != 1:
         problem = "holds no OME-Zarr series" if not series else f"holds {len(series)} series ({', '.join(series[:8])}); open one as {path}:N"
         raise VolumeError(f"{path}: bioformats2raw store {problem}")

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
+import inspect
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -28,11 +30,12 @@ from torch import nn
 
 from ssl_em import __version__
 from ssl_em.data.normalize import Normalization
+from ssl_em.errors import UserError
 
 WEIGHTS, CONFIG, META, CARD = "model.safetensors", "config.json", "ssl_em.json", "README.md"
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError):
     """A backbone cannot be built or loaded as asked; the message says why in one line."""
 
 
@@ -98,6 +101,69 @@ def build_backbone(name: str, in_chans: int = 1, img_size: int | None = None, **
     return model
 
 
+@functools.lru_cache(maxsize=None)
+def _architecture_params(name: str) -> frozenset[str]:
+    """The keyword arguments the architecture's class takes, read from its __init__ after a
+    build on the meta device (no memory, no weights; 0.1 s for a ViT-B)."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    params = inspect.signature(type(model).__init__).parameters.values()
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self")
+
+
+def build_from_metadata(architecture, model_args, where: str) -> nn.Module:
+    """build_backbone from what a shared folder or checkpoint says, treated as data: the
+    architecture must be a plain timm name (no `hf-hub:` / `local-dir:` source) and only
+    the architecture's own constructor arguments pass. timm's factory options
+    (`checkpoint_path`, `pretrained`, `pretrained_cfg_overlay`, `cache_dir`...) would let a
+    model folder make timm read a file or download weights of the sender's choosing."""
+    import timm
+
+    if not isinstance(architecture, str) or ":" in architecture or not timm.is_model(architecture):
+        raise BackboneError(f"{where}: architecture {architecture!r} is not a timm model name; refusing to build it")
+    if not isinstance(model_args, dict):
+        raise BackboneError(f"{where}: model_args must be a mapping of arguments, got {type(model_args).__name__}")
+    # img_size is build_backbone's own argument (given to fixed-size models only).
+    foreign = sorted(k for k in model_args if k not in _architecture_params(architecture) | {"img_size"})
+    if foreign:
+        raise BackboneError(f"{where}: model_args {foreign} are not arguments of the {architecture} architecture; "
+                            "refusing to pass them to timm (a shared model is data, never code)")
+    try:
+        return build_backbone(architecture, **model_args)
+    except (TypeError, AssertionError, RuntimeError) as err:
+        raise BackboneError(f"{where}: cannot build {architecture} from model_args {model_args}: {err}") from err
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`; BackboneError naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BackboneError(f"{path}: not valid JSON ({err}); the {what} is damaged") from None
+    if not isinstance(data, dict):
+        raise BackboneError(f"{path}: holds a JSON {type(data).__name__}, not the {what} object")
+    return data
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; BackboneError naming the file when it is truncated or
+    not safetensors at all (safetensors' own error does not say which file)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BackboneError(f"{path}: not a readable safetensors file ({_first_line(err)}); the weights are damaged or truncated") from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:200]
+
+
 def patch_size_of(model: nn.Module) -> int | None:
     """The (square) patch size of a ViT-like model, None for CNNs."""
     pe = getattr(model, "patch_embed", None)
@@ -134,17 +200,20 @@ def _atomic(path: Path, write) -> None:
 def load_backbone(path: str | Path, architecture: str | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, BackboneMeta]:
     """Load an exported backbone strictly from safetensors + JSON. `architecture`, if given,
     must match the recorded one. Raises BackboneError with the reason otherwise."""
-    from safetensors.torch import load_file
-
     path = Path(path)
+    if not path.is_dir():
+        raise BackboneError(f"{path}: no such backbone folder (make one with `ssl-em export`)")
     for name in (WEIGHTS, META):
         if not (path / name).is_file():
             raise BackboneError(f"{path}: no {name}; not an ssl_em backbone folder (make one with `ssl-em export`)")
-    meta = BackboneMeta.from_dict(json.loads((path / META).read_text()))
+    try:
+        meta = BackboneMeta.from_dict(read_json(path / META, "backbone metadata"))
+    except TypeError as err:  # a required field missing
+        raise BackboneError(f"{path / META}: not ssl_em backbone metadata ({err})") from None
     if architecture is not None and architecture != meta.architecture:
         raise BackboneError(f"{path}: holds a {meta.architecture} backbone, not the {architecture} asked for")
-    model = build_backbone(meta.architecture, **meta.model_args)
-    load_strict(model, load_file(str(path / WEIGHTS), device="cpu"), f"{path} ({meta.architecture})")
+    model = build_from_metadata(meta.architecture, meta.model_args, str(path / META))
+    load_strict(model, read_safetensors(path / WEIGHTS), f"{path} ({meta.architecture})")
     return model.to(device), meta
 
 
@@ -186,7 +255,7 @@ def backbone_from_checkpoint(ckpt: dict) -> tuple[nn.Module, BackboneMeta]:
     run = ckpt.get("ssl_em")
     if not run:
         raise BackboneError("checkpoint has no 'ssl_em' metadata; was it written by ssl_em.pretrain?")
-    model = build_backbone(run["architecture"], **run["model_args"])
+    model = build_from_metadata(run.get("architecture"), run.get("model_args"), "checkpoint")
     prefix = "backbone."  # the method's attribute name; the backbone's own keys stay untouched
     load_strict(model, {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}, run["architecture"])
     args = run["model_args"]

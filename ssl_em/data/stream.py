@@ -27,9 +27,10 @@ from ssl_em.data.archive import Archive
 from ssl_em.data.heap import keep_freed_memory
 from ssl_em.data.normalize import IntensityStats, Normalization
 from ssl_em.data.volume import Volume, VoxelSize
+from ssl_em.errors import UserError
 
 
-class NoTilesError(ValueError):
+class NoTilesError(UserError):
     """The data cannot provide any tile (too small, or everything flagged by curation)."""
 
 

@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from ssl_em.errors import UserError
 
-class VolumeError(ValueError):
+
+class VolumeError(UserError):
     """A source cannot be read as a volume. The message names the file and the problem."""
 
 

@@ -28,12 +28,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from ssl_em.data.normalize import IntensityStats
 from ssl_em.data.volume import ArrayVolume, Volume
+from ssl_em.errors import UserError
 from ssl_em.finetune.instance import INSTANCE_CLASSES, instance_targets
 
 IGNORE = -1
 
 
-class LabelError(ValueError):
+class LabelError(UserError):
     """Labels do not fit the images or the classes; the message names files, shapes or values."""
 
 

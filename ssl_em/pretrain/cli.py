@@ -31,11 +31,12 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
 from ssl_em.data.stream import EMDataModule, NoTilesError
+from ssl_em.errors import UserError
 from ssl_em.export import BackboneError, read_checkpoint
 from ssl_em.pretrain.base import PretrainMethod, run_metadata
 
 
-class PretrainError(ValueError):
+class PretrainError(UserError):
     """A run cannot start as configured; the message says why in one line."""
 
 

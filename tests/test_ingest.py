@@ -135,13 +135,13 @@ def test_bad_sources_fail_alone(tmp_path, em, capsys):
 
     bad = [trunc, garbage, empty, mixed, constant]
     code = cli.main(["ingest", str(good), *map(str, bad), "--out", str(tmp_path / "a.zarr"), "--quiet", "--tile-size", "128"])
-    assert code == 1
+    assert code == 2
     err = capsys.readouterr().err.splitlines()
     expected = [f"{trunc / '1.png'}: unreadable or truncated image", f"{garbage}: not a readable TIFF", f"{empty}: folder holds no images",
                 f"{mixed / '2.png'}: image is 100x256 uint8 but 0.png is 256x256", f"{constant}: constant volume"]
     assert len(err) == len(expected)
     for line, start in zip(err, expected):
-        assert line.startswith(f"error: {start}"), line
+        assert line.startswith(f"ssl-em ingest: error: {start}"), line
     archive = Archive(tmp_path / "a.zarr")
     assert [im.name for im in archive.images] == ["good"] and archive.incomplete == []
     np.testing.assert_array_equal(archive["good"].levels[0].read(), em[:2])

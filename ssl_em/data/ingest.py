@@ -6,7 +6,12 @@ curation tiles and sample kept voxels for intensity statistics on the way, then 
 pyramid level by level from the previous level, and mark the image complete last.
 Re-running skips images already complete with the same source fingerprint; an image left
 incomplete by a crash or Ctrl-C is redone. A bad source is reported in one line and the
-others still ingest. Sources are only ever read.
+others still ingest (exit code 2 if any failed). Sources are only ever read.
+
+Each image is written under a lock (ARCHIVE/.locks/NAME.lock, see `ImageLock`): several
+processes may ingest into one archive at once, each writing whole images, and a second
+writer of the same source is refused with the pid and host of the first. A killed
+process's lock goes with it.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_em.data.archive import ArchiveWriter, TileFlag
+from ssl_em.data.archive import ArchiveWriter, ImageBusyError, TileFlag
 from ssl_em.data.curation import Curator, sample_value_range
 from ssl_em.data.normalize import IntensityStats
 from ssl_em.data.readers.open import detect_format, open_volume, source_fingerprint, split_spec
 from ssl_em.data.volume import Volume, VolumeError, VoxelSize
+from ssl_em.errors import UserError
 
 #: Chunks of anisotropic data (and of data whose voxel size is unknown): whole tiles of
 #: single sections, the unit the tile stream reads.
@@ -106,23 +112,44 @@ def ingest(
     workers: threads decoding source blocks ahead of the writer.
     memory_mb: rough bound on the block size, the memory one source needs.
     """
+    check_settings(tile_size if curator is None else curator.tile_size, chunks, workers, memory_mb)
+    if voxel_size is not None:
+        voxel_size = VoxelSize.parse(voxel_size)
     curator = curator or Curator(tile_size=tile_size)
     writer = ArchiveWriter(out)
     results, used_names = [], set()
     for spec in sources:
         start = time.perf_counter()
+        lock = None
         try:
             volume = open_volume(spec, voxel_size)
-            name = _unique_name(writer, spec, used_names)
+            if np.dtype(volume.dtype).kind == "b":
+                raise VolumeError(f"{spec}: a bool (mask) volume; ingest takes grayscale EM images")
+            name, lock = _claim_name(writer, spec, used_names)
             used_names.add(name)
             result = _ingest_one(writer, spec, volume, name, curator, chunks, workers, memory_mb << 20, progress, voxel_size is not None)
-        except (VolumeError, OSError, ValueError) as err:
-            message = str(err) if str(err).startswith(str(spec)) or isinstance(err, VolumeError) else f"{spec}: {err}"
-            print(f"error: {message.splitlines()[0]}", file=sys.stderr)
+        except (VolumeError, ImageBusyError, OSError, ValueError) as err:
+            message = str(err) if str(err).startswith(str(spec)) or isinstance(err, (VolumeError, ImageBusyError)) else f"{spec}: {err}"
+            print(f"ssl-em ingest: error: {message.splitlines()[0]}", file=sys.stderr)
             result = SourceResult(str(spec), "failed", error=message)
+        finally:
+            if lock is not None:
+                lock.release()
         result.seconds = time.perf_counter() - start
         results.append(result)
     return IngestSummary(Path(out), results)
+
+
+def check_settings(tile_size: int, chunks, workers: int, memory_mb: int) -> None:
+    """UserError naming the flag, before anything is written."""
+    if tile_size < 1:
+        raise UserError(f"--tile-size {tile_size}: must be a positive number of pixels")
+    if chunks is not None and (len(chunks) != 3 or min(chunks) < 1):
+        raise UserError(f"--chunks {','.join(map(str, chunks))}: give three positive sizes Z,Y,X, e.g. 1,256,256")
+    if workers < 0:
+        raise UserError(f"--workers {workers}: must be >= 0")
+    if memory_mb < 0:
+        raise UserError(f"--memory-mb {memory_mb}: must be >= 0 MiB")
 
 
 def _is_current(existing: dict | None, fingerprint: str, curator: Curator, volume: Volume, voxel_size_given: bool) -> bool:
@@ -195,6 +222,11 @@ def _copy_and_curate(writer, name, volume: Volume, level0, blocks, curator: Cura
     lo, hi = np.inf, -np.inf
     read = lambda b: volume.read(slice(b[0], b[1]), slice(b[2], b[3]))  # noqa: E731
     for (z0, z1, y0, y1), block in _prefetch(read, blocks, workers):
+        if block.dtype.kind == "f" and not np.isfinite(block).all():
+            # NaN/Inf would poison the statistics and every model fed from this image.
+            bad = int(np.count_nonzero(~np.isfinite(block)))
+            raise VolumeError(f"{volume.path}: {bad} non-finite voxels (NaN/Inf) in z {z0}..{z1 - 1}, y {y0}..{y1 - 1}; "
+                              "replace them (e.g. with the background value) before ingest")
         level0[z0:z1, y0:y1, :] = block
         f = run.flag(block, z0, y0)
         flags[z0:z1, y0 // t : y0 // t + f.shape[1]] = f
@@ -323,13 +355,42 @@ def image_name(spec: str | Path) -> str:
 
 
 def _unique_name(writer: ArchiveWriter, spec, used: set[str]) -> str:
-    """The first of name, name-2, name-3... not taken in this run nor by another source's image."""
+    """The first of name, name-2, name-3... not taken in this run, nor by another source's
+    image, nor being written by another process for another source."""
     base, source = image_name(spec), _resolved(spec)
     for i in range(1, 10_000):
         name = base if i == 1 else f"{base}-{i}"
         existing = writer.status(name)
-        if name not in used and (existing is None or existing.get("source") == source):
+        holder = writer.lock(name).holder()
+        if name not in used and (existing is None or existing.get("source") == source) and (holder is None or holder.get("source") == source):
             return name
+    raise VolumeError(f"{spec}: no free image name")
+
+
+def _claim_name(writer: ArchiveWriter, spec, used: set[str]):
+    """(name, held ImageLock): the image this source goes to, locked against other writers.
+    ImageBusyError when another process is writing this very source; a name taken by another
+    process for another source in the meantime is passed over."""
+    taken = set(used)
+    for _ in range(100):
+        name = _unique_name(writer, spec, taken)
+        lock = writer.lock(name)
+        try:
+            lock.acquire(_resolved(spec))
+        except ImageBusyError:
+            holder = lock.holder()
+            if holder is None or holder.get("source") == _resolved(spec):
+                raise
+            taken.add(name)
+            continue
+        # Another process may have finished an image of another source under this name
+        # between the check and the lock.
+        existing = writer.status(name)
+        if existing is not None and existing.get("source") != _resolved(spec):
+            lock.release()
+            taken.add(name)
+            continue
+        return name, lock
     raise VolumeError(f"{spec}: no free image name")
 
 
@@ -377,9 +438,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    chunks = tuple(int(c) for c in args.chunks.split(",")) if args.chunks else None
-    if chunks is not None and len(chunks) != 3:
-        raise SystemExit("--chunks takes three numbers Z,Y,X")
+    try:
+        chunks = tuple(int(c) for c in args.chunks.split(",")) if args.chunks else None
+    except ValueError:
+        raise UserError(f"--chunks {args.chunks}: give three positive sizes Z,Y,X, e.g. 1,256,256") from None
     start = time.perf_counter()
     summary = ingest(args.sources, args.out, voxel_size=args.voxel_size, tile_size=args.tile_size, chunks=chunks,
                      workers=args.workers, memory_mb=args.memory_mb, progress=not args.quiet)
@@ -389,4 +451,4 @@ def run(args: argparse.Namespace) -> int:
                   f"({time.perf_counter() - start:.1f} s)")
     for r in summary.failed:
         console.print(f"[red]failed[/red] {r.error}", highlight=False)
-    return 1 if summary.failed else 0
+    return 2 if summary.failed else 0

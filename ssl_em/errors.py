@@ -52,5 +52,17 @@ def one_line(err: BaseException) -> str:
     return "; ".join(lines) if len(lines) <= 3 else lines[0]
 
 
+def check_writable_file(path, flag: str) -> None:
+    """UserError naming `flag` when `path` cannot become a file: it is a folder, or its
+    folder does not exist. Checked before the work, not after it."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{flag} {p}: is a folder; give a file name")
+    if not p.parent.is_dir():
+        raise UserError(f"{flag} {p}: folder {p.parent} does not exist")
+
+
 def debug_enabled() -> bool:
     return os.environ.get("SSL_EM_DEBUG", "").strip().lower() not in ("", "0", "false", "no")

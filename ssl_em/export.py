@@ -22,6 +22,8 @@ import functools
 import inspect
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -177,24 +179,60 @@ def export_backbone(backbone: nn.Module, out: str | Path, meta: BackboneMeta) ->
     from timm.models._hub import save_config_for_hf
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    _atomic(out / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     norm = meta.norm
     # timm's own preprocessing fields describe ours exactly: stretched [0, 1] input, then (x - mean) / std.
     data_config = {"mean": (norm.mean,) * meta.in_chans, "std": (norm.std,) * meta.in_chans}
     # The tag would otherwise name the timm weights the architecture's defaults came from.
     model_config = {"pretrained_cfg": {"tag": "ssl_em", "license": None}}
-    _atomic(out / CONFIG, lambda p: save_config_for_hf(backbone, str(p), model_config=model_config, data_config=data_config))
-    _atomic(out / META, lambda p: p.write_text(json.dumps(meta.to_dict(), indent=2) + "\n"))
-    _atomic(out / CARD, lambda p: p.write_text(model_card(meta, out.name)))
+
+    def fill(folder: Path) -> None:
+        save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
+        save_config_for_hf(backbone, str(folder / CONFIG), model_config=model_config, data_config=data_config)
+        (folder / META).write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
+        (folder / CARD).write_text(model_card(meta, out.name))
+
+    return replace_folder(out, fill, META)
+
+
+def check_out_folder(out: str | Path, marker: str) -> Path:
+    """`out` may be missing, empty, or an earlier model folder (it holds `marker`); anything
+    else is refused (UserError) rather than replaced: it may be the user's own files."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file; --out must be a folder (missing, empty, or an earlier export)")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise UserError(f"{out}: is a non-empty folder without {marker}, not an earlier export; refusing to replace it (choose another --out)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{out}: {parent} is a file, not a folder")
+            break
     return out
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def replace_folder(out: str | Path, fill, marker: str) -> Path:
+    """Write a whole folder at once: `fill(tmp)` writes every file into a temporary folder
+    beside `out`, which then takes `out`'s place by rename. Readers see the old folder or
+    the new one, never weights of one run beside metadata of another; a crash leaves `out`
+    as it was (and a hidden .tmp folder). Returns `out`."""
+    out = check_out_folder(out, marker)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared model from the group
+        fill(tmp)
+        if out.exists():
+            old = tmp.with_suffix(".old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def load_backbone(path: str | Path, architecture: str | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, BackboneMeta]:
@@ -235,27 +273,39 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> 
 def find_checkpoint(run_or_ckpt: str | Path) -> Path:
     """A .ckpt as given, or a run dir's checkpoints/last.ckpt (else its newest .ckpt)."""
     p = Path(run_or_ckpt)
+    if not p.exists():
+        raise UserError(f"{p}: no such run folder or checkpoint")
     if p.is_file():
         return p
     if (p / "checkpoints" / "last.ckpt").is_file():
         return p / "checkpoints" / "last.ckpt"
     found = sorted(p.rglob("*.ckpt"), key=lambda f: f.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(f"{p}: no checkpoint (.ckpt) found")
+        raise UserError(f"{p}: no checkpoint (.ckpt) found in this run folder")
     return found[-1]
 
 
 def read_checkpoint(ckpt: str | Path) -> dict:
-    """Our own Lightning checkpoint, loaded without unpickling arbitrary objects."""
-    return torch.load(ckpt, map_location="cpu", weights_only=True)
+    """Our own Lightning checkpoint, loaded without unpickling arbitrary objects.
+    UserError naming the file when it is truncated or not a checkpoint."""
+    import pickle
+
+    try:
+        ckpt_dict = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, AttributeError) as err:
+        raise UserError(f"{ckpt}: not a readable checkpoint ({_first_line(err)}); truncated by a crash? "
+                        "use an earlier one (checkpoints/step*.ckpt)") from None
+    if not isinstance(ckpt_dict, dict) or "state_dict" not in ckpt_dict:
+        raise UserError(f"{ckpt}: not a Lightning checkpoint (no state_dict)")
+    return ckpt_dict
 
 
-def backbone_from_checkpoint(ckpt: dict) -> tuple[nn.Module, BackboneMeta]:
+def backbone_from_checkpoint(ckpt: dict, where: str = "checkpoint") -> tuple[nn.Module, BackboneMeta]:
     """Rebuild `module.backbone` from a Lightning checkpoint written by a PretrainMethod."""
     run = ckpt.get("ssl_em")
-    if not run:
-        raise BackboneError("checkpoint has no 'ssl_em' metadata; was it written by ssl_em.pretrain?")
-    model = build_from_metadata(run.get("architecture"), run.get("model_args"), "checkpoint")
+    if not run or not isinstance(run, dict):
+        raise BackboneError(f"{where}: has no 'ssl_em' metadata; was it written by `ssl-em pretrain`?")
+    model = build_from_metadata(run.get("architecture"), run.get("model_args"), where)
     prefix = "backbone."  # the method's attribute name; the backbone's own keys stay untouched
     load_strict(model, {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}, run["architecture"])
     args = run["model_args"]
@@ -280,8 +330,9 @@ def _first(size) -> int | None:
 
 
 def export_run(run_or_ckpt: str | Path, out: str | Path) -> Path:
+    check_out_folder(out, META)  # before reading a checkpoint of gigabytes
     ckpt_path = find_checkpoint(run_or_ckpt)
-    model, meta = backbone_from_checkpoint(read_checkpoint(ckpt_path))
+    model, meta = backbone_from_checkpoint(read_checkpoint(ckpt_path), str(ckpt_path))
     return export_backbone(model, out, meta)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ssl_em.data.stream import EMDataModule
+from ssl_em.errors import UserError, check_writable_file
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +46,12 @@ def sample_tiles(dm: EMDataModule, n: int, augment: bool = False) -> tuple[torch
 def run(args) -> int:
     from ssl_em.data.sheets import tile_sheet
 
+    for flag, value in (("--n", args.n), ("--tile-size", args.tile_size), ("--columns", args.columns)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be >= 1")
+    if args.pixel_size is not None and not args.pixel_size > 0:
+        raise UserError(f"--pixel-size {args.pixel_size}: must be a positive number of nm")
+    check_writable_file(args.out, "--out")
     torch.manual_seed(args.seed)
     data = args.data[0] if len(args.data) == 1 else args.data
     dm = EMDataModule(data, tile_size=args.tile_size, pixel_size_nm=args.pixel_size, batch_size=1, num_workers=0,

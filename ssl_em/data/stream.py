@@ -483,6 +483,11 @@ class EMDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        for flag, value in (("--data.tile_size", tile_size), ("--data.batch_size", batch_size), ("--data.samples_per_epoch", samples_per_epoch), ("--data.depth", depth)):
+            if value < 1:
+                raise UserError(f"{flag} {value}: must be >= 1")
+        if num_workers < 0:
+            raise UserError(f"--data.num_workers {num_workers}: must be >= 0")
         self.save_hyperparameters(ignore=["normalization"])
         self.data, self.tile_size, self.pixel_size_nm, self.depth = data, tile_size, pixel_size_nm, depth
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -493,7 +498,7 @@ class EMDataModule(pl.LightningDataModule):
         if self.dataset is not None:
             return
         if not self.data:
-            raise ValueError("no data given: pass --data ARCHIVE.zarr (make one with `ssl-em ingest SRC... --out ARCHIVE.zarr`)")
+            raise UserError("--data: no data given: pass --data ARCHIVE.zarr (make one with `ssl-em ingest SRC... --out ARCHIVE.zarr`)")
         hp = self.hparams
         sources, self.fingerprint = open_sources(self.data, voxel_size=hp.voxel_size)
         self.dataset = TileDataset(
@@ -504,7 +509,7 @@ class EMDataModule(pl.LightningDataModule):
             self.dataset.rank, self.dataset.world_size = self.trainer.global_rank, self.trainer.world_size
         self.dataset.epoch = getattr(self, "_resume_epoch", 0)
         if len(self.dataset) < self.batch_size:
-            raise ValueError(f"batch size {self.batch_size} is larger than the {len(self.dataset)} tiles per epoch per device; lower data.batch_size or raise data.samples_per_epoch")
+            raise NoTilesError(f"batch size {self.batch_size} is larger than the {len(self.dataset)} tiles per epoch per device; lower data.batch_size or raise data.samples_per_epoch")
         self.normalization = self._user_norm or pooled_normalization(self.dataset.sources, self.dataset.weights)
         self._lo = torch.tensor([s.stats.lo for s in self.dataset.sources], dtype=torch.float32)
         self._hi = torch.tensor([s.stats.hi for s in self.dataset.sources], dtype=torch.float32)

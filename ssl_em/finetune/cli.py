@@ -25,7 +25,10 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LightningCLI
 
+from ssl_em.errors import debug_enabled, find_user_error, one_line
+from ssl_em.export import check_out_folder
 from ssl_em.finetune.data import IGNORE, LabeledSlicesDataModule
+from ssl_em.finetune.export import META
 from ssl_em.finetune.heads import default_head
 from ssl_em.finetune.instance import foreground_boundary, watershed_instances
 from ssl_em.finetune.metrics import instance_scores, semantic_scores
@@ -160,9 +163,14 @@ def build_cli(argv: list[str]) -> FinetuneCLI:
 def run_argv(argv: list[str]) -> int:
     try:
         cli = build_cli(argv)
+        if cli.config.out:
+            check_out_folder(cli.config.out, META)  # refuse before training, not after
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    except ValueError as e:  # BackboneError, LabelError, VolumeError: one line says what is wrong
-        print(f"ssl-em finetune: error: {e}", file=sys.stderr)
+    except Exception as e:  # BackboneError, LabelError, VolumeError, wrapped by jsonargparse
+        cause = find_user_error(e)
+        if cause is None or debug_enabled():
+            raise
+        print(f"ssl-em finetune: error: {one_line(cause)}", file=sys.stderr)
         return 2
     metrics = score_val_slices(cli.model, cli.datamodule)
     for k, v in metrics.items():

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from torch import nn
 from ssl_em import __version__
 from ssl_em.data.normalize import Normalization
 from ssl_em.export import META as BACKBONE_META
-from ssl_em.export import BackboneError, BackboneMeta, build_backbone, build_from_metadata, load_backbone, load_strict, patch_size_of, read_json, read_safetensors
+from ssl_em.export import BackboneError, BackboneMeta, build_backbone, build_from_metadata, load_backbone, load_strict, patch_size_of, read_json, read_safetensors, replace_folder
 from ssl_em.finetune.features import FeatureExtractor, FeatureSpec
 
 WEIGHTS, META = "model.safetensors", "ssl_em_finetuned.json"
@@ -136,18 +135,17 @@ def build_head(config: dict, spec: FeatureSpec, num_classes: int, where: str = "
 
 
 def export_finetuned(net: SegmentationNet, out: str | Path, meta: FinetunedMeta) -> Path:
-    """Write net.state_dict() (safetensors) and the metadata (JSON) into `out`."""
+    """Write net.state_dict() (safetensors) and the metadata (JSON) as the folder `out`, all at
+    once (`replace_folder`)."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / WEIGHTS)
-    (out / (META + ".tmp")).write_text(json.dumps(asdict(meta), indent=2) + "\n")
-    os.replace(out / (META + ".tmp"), out / META)
-    return out
+
+    def fill(folder: Path) -> None:
+        save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
+        (folder / META).write_text(json.dumps(asdict(meta), indent=2) + "\n")
+
+    return replace_folder(out, fill, META)
 
 
 def build_net(meta: FinetunedMeta, where: str = "fine-tuned model") -> SegmentationNet:

@@ -31,8 +31,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
 from ssl_em.data.stream import EMDataModule, NoTilesError
-from ssl_em.errors import UserError
-from ssl_em.export import BackboneError, read_checkpoint
+from ssl_em.errors import UserError, debug_enabled, find_user_error, one_line
+from ssl_em.export import read_checkpoint
 from ssl_em.pretrain.base import PretrainMethod, run_metadata
 
 
@@ -117,7 +117,7 @@ def check_data(datamodule: EMDataModule) -> None:
     try:
         probe.setup("fit")
     except (NoTilesError, FileNotFoundError, ValueError) as e:
-        raise PretrainError(f"data {datamodule.data!r}: {e}") from e
+        raise PretrainError(f"data {datamodule.data!r}: {one_line(e)}") from e
 
 
 def check_resume(model: PretrainMethod, ckpt_path: Path) -> None:
@@ -156,30 +156,21 @@ def make_cli(argv: list[str]) -> PretrainCLI:
         )
 
 
-def _find(e: BaseException | None, kind: type) -> BaseException | None:
-    """The first exception of `kind` in e's chain of causes."""
-    while e is not None and not isinstance(e, kind):
-        e = e.__cause__ or e.__context__
-    return e
-
-
 def run_argv(argv: list[str]) -> int:
     try:
         cli = make_cli(argv)
-    except ValueError as e:  # jsonargparse wraps errors raised while instantiating the classes
-        cause = _find(e, BackboneError)
-        if cause is None:
-            raise
-        print(f"ssl-em pretrain: error: {cause}", file=sys.stderr)
-        return 2
-    cfg = cli.config
-    ckpt_path = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-    try:
+        cfg = cli.config
+        if cfg.checkpoint_every_n_steps < 1:
+            raise PretrainError(f"--checkpoint_every_n_steps {cfg.checkpoint_every_n_steps}: must be >= 1")
+        ckpt_path = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
         check_data(cli.datamodule)
         if cfg.resume and ckpt_path.is_file():
             check_resume(cli.model, ckpt_path)
-    except PretrainError as e:
-        print(f"ssl-em pretrain: error: {e}", file=sys.stderr)
+    except Exception as e:  # jsonargparse wraps errors raised while instantiating the classes
+        cause = find_user_error(e)
+        if cause is None or debug_enabled():
+            raise
+        print(f"ssl-em pretrain: error: {one_line(cause)}", file=sys.stderr)
         return 2
     if cfg.resume and not ckpt_path.is_file():
         print(f"ssl-em pretrain: nothing to resume in {ckpt_path.parent}; starting from scratch", file=sys.stderr)

@@ -292,7 +292,9 @@ def read_checkpoint(ckpt: str | Path) -> dict:
 
     try:
         ckpt_dict = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, AttributeError) as err:
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError) as err:
         raise UserError(f"{ckpt}: not a readable checkpoint ({_first_line(err)}); truncated by a crash? "
                         "use an earlier one (checkpoints/step*.ckpt)") from None
     if not isinstance(ckpt_dict, dict) or "state_dict" not in ckpt_dict:

@@ -12,7 +12,7 @@ import argparse
 import numpy as np
 import torch
 
-from ssl_em.data.stream import EMDataModule
+from ssl_em.data.stream import EMDataModule, NoTilesError
 from ssl_em.errors import UserError, check_writable_file
 
 
@@ -56,7 +56,10 @@ def run(args) -> int:
     data = args.data[0] if len(args.data) == 1 else args.data
     dm = EMDataModule(data, tile_size=args.tile_size, pixel_size_nm=args.pixel_size, batch_size=1, num_workers=0,
                       samples_per_epoch=max(args.n, 1), shuffle_buffer=min(256, args.n), seed=args.seed)
-    x, src = sample_tiles(dm, args.n, args.augment)
+    try:
+        x, src = sample_tiles(dm, args.n, args.augment)
+    except NoTilesError as e:
+        raise NoTilesError(f"{' '.join(args.data)}: {e}") from None
     names = [s.name for s in dm.dataset.sources]
     # Map standardised values back to a display range: mean +- 2.5 std.
     tiles = [np.clip((t[0].numpy() * 0.2 + 0.5) * 255, 0, 255).astype(np.uint8) for t in x]

@@ -60,6 +60,11 @@ class PretrainCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config
+        # Checked here, before the model is built from them (the tile size is its img_size).
+        for flag, value in (("--data.tile_size", cfg.data.tile_size), ("--data.batch_size", cfg.data.batch_size),
+                            ("--checkpoint_every_n_steps", cfg.checkpoint_every_n_steps)):
+            if value < 1:
+                raise PretrainError(f"{flag} {value}: must be >= 1")
         recipes = [str(p) for p in (cfg.get("config") or [])]
         self.recipe = ",".join(recipes) or None
         if cfg.run_dir is None:
@@ -160,8 +165,6 @@ def run_argv(argv: list[str]) -> int:
     try:
         cli = make_cli(argv)
         cfg = cli.config
-        if cfg.checkpoint_every_n_steps < 1:
-            raise PretrainError(f"--checkpoint_every_n_steps {cfg.checkpoint_every_n_steps}: must be >= 1")
         ckpt_path = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
         check_data(cli.datamodule)
         if cfg.resume and ckpt_path.is_file():

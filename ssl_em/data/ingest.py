@@ -215,7 +215,8 @@ def _copy_and_curate(writer, name, volume: Volume, level0, blocks, curator: Cura
     """Copy level 0, flag tiles and sample kept voxels, one block at a time.
     Returns all flags (z, ty, tx) (small: one byte per tile) and the intensity stats."""
     t = curator.tile_size
-    value_range = sample_value_range(volume)
+    with np.errstate(invalid="ignore"):  # NaN/Inf are refused by name at the first block below
+        value_range = sample_value_range(volume)
     run = curator.start(volume.shape, volume.dtype, value_range, volume.voxel_size if volume.voxel_size_known else None)
     flags = np.zeros(run.grid_shape, np.uint8)
     kept, anywhere = VoxelSample(STATS_SAMPLE, seed=0), VoxelSample(STATS_SAMPLE, seed=1)

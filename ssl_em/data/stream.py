@@ -172,6 +172,9 @@ class TileDataset(IterableDataset):
         sizes = np.array([float(np.prod(s.levels[p.level].shape)) for s, p in zip(self.sources, self.plans)])
         self.weights = sizes**gamma / (sizes**gamma).sum()
         self.epoch = 0
+        # Batches of the next pass already trained on before a resume (the pass is replayed
+        # to there, reading but not assembling them, so the stream continues where it stopped).
+        self.skip_batches = 0
         self.rank, self.world_size = 0, 1
         # What this copy of the dataset has read: for benchmarks and coverage checks.
         self.counters = {"blocks": 0, "voxels_decoded": 0, "tiles": 0}
@@ -209,14 +212,30 @@ class TileDataset(IterableDataset):
         Assembled in numpy (single-threaded), so no torch thread pool spins per batch.
         """
         pending: list[tuple[np.ndarray, int]] = []
+        skip, self.skip_batches = self._my_skip(self.skip_batches), 0
         for tiles in self._stream(batch_size):
             pending.extend(tiles)
             while len(pending) >= batch_size:
                 batch, pending = pending[:batch_size], pending[batch_size:]
+                if skip > 0:
+                    skip -= 1
+                    continue
                 image = np.empty((batch_size, 1, *batch[0][0].shape), batch[0][0].dtype)
                 np.stack([view for view, _ in batch], out=image[:, 0])  # one call copies all tiles
                 source = np.fromiter((i for _, i in batch), np.int64, batch_size)
                 yield {"image": torch.from_numpy(image), "source": torch.from_numpy(source)}
+
+    def _my_skip(self, batches: int) -> int:
+        """This loader worker's share of the first `batches` batches of a rank: a DataLoader
+        takes batches from its workers in turn (batch j from worker j % workers)."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return max(0, (batches - worker + workers - 1) // workers)
+
+    def batches_per_pass(self, batch_size: int, workers: int) -> int:
+        """Batches one rank's loader yields in one pass (each worker drops its last partial one)."""
+        w = max(1, workers)
+        return sum(self._count(self.rank * w + k, self.world_size * w) // batch_size for k in range(w))
 
     def _stream(self, multiple: int):
         """This reader's share of one epoch, as lists of (tile view, source index) pairs
@@ -508,6 +527,7 @@ class EMDataModule(pl.LightningDataModule):
         if self.trainer is not None:
             self.dataset.rank, self.dataset.world_size = self.trainer.global_rank, self.trainer.world_size
         self.dataset.epoch = getattr(self, "_resume_epoch", 0)
+        self.dataset.skip_batches = getattr(self, "_resume_batches", 0)
         if len(self.dataset) < self.batch_size:
             raise NoTilesError(f"batch size {self.batch_size} is larger than the {len(self.dataset)} tiles per epoch per device; lower data.batch_size or raise data.samples_per_epoch")
         self.normalization = self._user_norm or pooled_normalization(self.dataset.sources, self.dataset.weights)
@@ -528,14 +548,20 @@ class EMDataModule(pl.LightningDataModule):
         )
 
     def state_dict(self) -> dict:
-        # Saved in Lightning checkpoints, so a resumed run continues the stream's epochs
-        # instead of replaying the first one.
-        return {"epoch": self.trainer.current_epoch if self.trainer is not None else 0}
+        # Saved in Lightning checkpoints: a resumed run continues the stream where it stopped,
+        # in the same epoch after the batches already trained on, instead of replaying them.
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        batches = self._batches if getattr(self, "_batches_epoch", None) == epoch else 0
+        if self.dataset is not None and batches >= self.dataset.batches_per_pass(self.batch_size, self.num_workers):
+            epoch, batches = epoch + 1, 0  # saved on the epoch's last batch: the next one starts afresh
+        return {"epoch": epoch, "batches": batches}
 
     def load_state_dict(self, state: dict) -> None:
         self._resume_epoch = int(state.get("epoch", 0))
+        self._resume_batches = int(state.get("batches", 0))
+        self._batches_epoch, self._batches = self._resume_epoch, self._resume_batches
         if self.dataset is not None:
-            self.dataset.epoch = self._resume_epoch
+            self.dataset.epoch, self.dataset.skip_batches = self._resume_epoch, self._resume_batches
 
     def normalize_batch(self, batch: dict) -> dict:
         """Percentile-stretch each tile with its source's window, then standardise."""
@@ -544,4 +570,8 @@ class EMDataModule(pl.LightningDataModule):
         return {**batch, "image": normalize(batch["image"], lo, hi, self.normalization)}
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self.trainer is not None and self.trainer.training:  # batches of this epoch, for state_dict
+            epoch = self.trainer.current_epoch
+            self._batches = self._batches + 1 if getattr(self, "_batches_epoch", None) == epoch else 1
+            self._batches_epoch = epoch
         return self.normalize_batch(batch)

@@ -50,6 +50,69 @@ class RecordRecipe(Callback):
         checkpoint.setdefault("ssl_em", {})["recipe"] = self.recipe
 
 
+class RandomState(Callback):
+    """Saves torch's global random state (CPU and CUDA) in every checkpoint and restores it on
+    resume, so the random draws of a method (MAE's masks, augmentations drawn with torch)
+    continue as in an uninterrupted run instead of restarting from the seed. The state is put
+    back just before the first resumed batch: creating the data loader's iterator draws from
+    the same generator, which the uninterrupted run did long before."""
+
+    def __init__(self) -> None:
+        self._pending: dict | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["ssl_em_rng"] = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._pending = checkpoint.get("ssl_em_rng")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        state, self._pending = self._pending, None
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def continue_csv_metrics(trainer, resumed_step: int) -> None:
+    """On resume, CSV loggers keep writing the run's metrics file instead of a new version_N:
+    rows before the resumed step are kept (later ones are trained again and logged anew).
+    Lightning's CSV writer deletes an existing metrics.csv when it opens its folder, so the
+    file is set aside, the writer opened, and the kept rows put back under it."""
+    import csv
+
+    from pytorch_lightning.loggers import CSVLogger
+
+    for logger in trainer.loggers:
+        if not isinstance(logger, CSVLogger):
+            continue
+        metrics = Path(logger.log_dir) / "metrics.csv"
+        rows, header = [], []
+        if metrics.is_file():
+            with open(metrics, newline="") as f:
+                reader = csv.DictReader(f)
+                header = list(reader.fieldnames or [])
+                rows = [r for r in reader if r.get("step", "") != "" and int(float(r["step"])) < resumed_step]
+            metrics.unlink()
+        writer = logger.experiment  # opens the folder (and would have deleted the file)
+        if header:
+            tmp = metrics.with_suffix(".tmp")
+            with open(tmp, "w", newline="") as f:
+                out = csv.DictWriter(f, fieldnames=header)
+                out.writeheader()
+                out.writerows(rows)
+            tmp.replace(metrics)
+            writer.metrics_keys = sorted(header)
+
+
+def _latest_version(save_dir: str, name: str) -> int | None:
+    """N of the newest save_dir/name/version_N, or None."""
+    root = Path(save_dir) / (name or "")
+    versions = [int(p.name.split("_")[1]) for p in root.glob("version_*") if p.name.split("_")[1].isdigit()] if root.is_dir() else []
+    return max(versions) if versions else None
+
+
 class PretrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_dir", type=str | None, default=None, help="the run's folder (default: runs/<recipe name>)")
@@ -76,6 +139,9 @@ class PretrainCLI(LightningCLI):
             init = getattr(lg, "init_args", None)
             if init is not None and "save_dir" in init and init.save_dir in (None, "", "."):
                 init.save_dir = cfg.run_dir
+            # A resumed run logs into the run's newest version_N, not a new one.
+            if cfg.resume and init is not None and "version" in init and init.version is None and str(getattr(lg, "class_path", "")).endswith("CSVLogger"):
+                init.version = _latest_version(init.save_dir, init.get("name", "lightning_logs") or "")
 
     def instantiate_trainer(self, **kwargs):
         cfg = self.config
@@ -92,7 +158,7 @@ class PretrainCLI(LightningCLI):
             save_top_k=1,  # no metric to rank by: keeps the newest, besides last.ckpt
             enable_version_counter=False,  # a resumed run overwrites last.ckpt, not last-v1.ckpt
         )
-        kwargs["callbacks"] = (given if isinstance(given, list) else [given]) + [checkpoints, RecordRecipe(self.recipe)]
+        kwargs["callbacks"] = (given if isinstance(given, list) else [given]) + [checkpoints, RecordRecipe(self.recipe), RandomState()]
         return super().instantiate_trainer(**kwargs)
 
 
@@ -177,6 +243,8 @@ def run_argv(argv: list[str]) -> int:
         return 2
     if cfg.resume and not ckpt_path.is_file():
         print(f"ssl-em pretrain: nothing to resume in {ckpt_path.parent}; starting from scratch", file=sys.stderr)
+    if cfg.resume and ckpt_path.is_file():
+        continue_csv_metrics(cli.trainer, int(read_checkpoint(ckpt_path).get("global_step", 0)))
     if cfg.compile:
         cli.model.compile()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt_path) if cfg.resume and ckpt_path.is_file() else None)

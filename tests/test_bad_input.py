@@ -58,14 +58,33 @@ def _tif(path: Path, array: np.ndarray) -> Path:
     return path
 
 
-def build(root: Path) -> Fx:
-    """Everything the cases share; uses only APIs older than this test module."""
+def tiny_models(backbone_dir: Path, model_dir: Path):
+    """An exported tiny ViT backbone and an (untrained) fine-tuned model on it, 32 px tiles.
+    Returns (backbone module, its training-checkpoint model_args)."""
     import torch
 
     from ssl_em.export import BackboneMeta, build_backbone, export_backbone
     from ssl_em.finetune.export import FinetunedMeta, SegmentationNet, export_finetuned, head_config
     from ssl_em.finetune.features import FeatureExtractor
     from ssl_em.finetune.heads import UNETRHead
+
+    torch.manual_seed(0)
+    args = {"in_chans": 1, "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    backbone = build_backbone("vit_tiny_patch16_224", **args)
+    meta = BackboneMeta(architecture="vit_tiny_patch16_224", model_args=args, img_size=32, patch_size=8, method="test")
+    export_backbone(backbone, backbone_dir, meta)
+    extractor = FeatureExtractor(backbone)
+    head = UNETRHead(extractor.spec, 2, width=16, min_width=8, skip_width=8, stem_width=8)
+    fmeta = FinetunedMeta(task="semantic", classes=["dark", "bright"], backbone=meta.to_dict(), feature_indices=list(extractor.indices),
+                          head=head_config(head), tile_size=32, label_values=[0, 1])
+    export_finetuned(SegmentationNet(extractor, head), model_dir, fmeta)
+    return backbone, args
+
+
+def build(root: Path) -> Fx:
+    """Everything the cases share; uses only APIs older than this test module."""
+    import torch
+
     from ssl_em.synthetic import make_volume
 
     fx = Fx(root)
@@ -75,16 +94,7 @@ def build(root: Path) -> Fx:
     _tif(fx.labels_small, np.zeros((4, 32, 32), np.uint8))
     make_archive(fx.archive)
     make_archive(fx.flagged, flag_all=True)
-    torch.manual_seed(0)
-    args = {"in_chans": 1, "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
-    backbone = build_backbone("vit_tiny_patch16_224", **args)
-    meta = BackboneMeta(architecture="vit_tiny_patch16_224", model_args=args, img_size=32, patch_size=8, method="test")
-    export_backbone(backbone, fx.backbone, meta)
-    extractor = FeatureExtractor(backbone)
-    head = UNETRHead(extractor.spec, 2, width=16, min_width=8, skip_width=8, stem_width=8)
-    fmeta = FinetunedMeta(task="semantic", classes=["dark", "bright"], backbone=meta.to_dict(), feature_indices=list(extractor.indices),
-                          head=head_config(head), tile_size=32, label_values=[0, 1])
-    export_finetuned(SegmentationNet(extractor, head), fx.model, fmeta)
+    backbone, args = tiny_models(fx.backbone, fx.model)
     ckpt = {"state_dict": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}, "global_step": 3,
             "ssl_em": {"architecture": "vit_tiny_patch16_224", "model_args": args, "method": "test"}}
     (fx.run / "checkpoints").mkdir(parents=True)

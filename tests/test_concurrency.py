@@ -140,3 +140,35 @@ def test_resumed_pretraining_continues_the_stream_and_the_metrics_file(tmp_path)
     _, whole = _losses(tmp_path / "whole")
     assert steps == sorted(set(steps)) and len(steps) == 8
     assert resumed == pytest.approx(whole, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_killed_prediction_resumes_to_the_uninterrupted_result(tmp_path):
+    """kill -9 `ssl-em predict` after a few slabs, run it again: the same store, byte for byte
+    in every array, as one uninterrupted run."""
+    import tifffile
+    import zarr
+    from test_bad_input import tiny_models
+
+    from ssl_em.cli import main
+
+    tiny_models(tmp_path / "bb", tmp_path / "model")
+    volume = tmp_path / "v.tif"
+    tifffile.imwrite(volume, np.random.default_rng(0).integers(0, 255, (48, 96, 96), dtype=np.uint8), photometric="minisblack")
+    args = lambda out: ["predict", str(tmp_path / "model"), str(volume), "--out", str(out), "--slab", "1", "--batch-size", "1",  # noqa: E731
+                        "--no-progress", "--accelerator", "cpu"]
+    killed = tmp_path / "killed.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "ssl_em.cli", *args(killed)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(list((killed / ".progress" / "xy").glob("*"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = len(list((killed / ".progress" / "xy").glob("*")))
+    assert 3 <= finished < 48, proc.stderr.read().decode()[-2000:]  # killed mid-way
+    assert main(args(killed)) == 0
+    assert main(args(tmp_path / "whole.zarr")) == 0
+    a, b = zarr.open_group(str(killed), mode="r"), zarr.open_group(str(tmp_path / "whole.zarr"), mode="r")
+    for name in ("0", "labels/semantic/0"):
+        np.testing.assert_array_equal(a[name][...], b[name][...])
+    assert a.attrs["ssl_em"]["complete"]

@@ -6,6 +6,7 @@ Layout (zarr v2 + NGFF 0.4, which napari and neuroglancer open)::
       <image name>/               NGFF image group: "multiscales" + "ssl_em" attrs
         0/ 1/ 2/ ...              pyramid levels, (z, y, x), level 0 = the source, pixel-exact
         curation                  (z, ceil(y / t), ceil(x / t)) uint8 bit flags per level-0 tile
+      .locks/<image name>.lock    writer lock of each image (`ImageLock`); not a zarr group
 
 The image's "ssl_em" attributes hold the source path and fingerprint, intensity
 statistics, curation settings and counts, and "complete": true, which is written last:

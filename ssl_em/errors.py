@@ -52,6 +52,14 @@ def one_line(err: BaseException) -> str:
     return "; ".join(lines) if len(lines) <= 3 else lines[0]
 
 
+def check_at_least(least: int, flags: dict, error: type[UserError] = UserError) -> None:
+    """`error` naming the first flag whose value is below `least` (None: not given);
+    flags: {"--batch-size": 0, ...}."""
+    for flag, value in flags.items():
+        if value is not None and value < least:
+            raise error(f"{flag} {value}: must be >= {least}")
+
+
 def check_writable_file(path, flag: str) -> None:
     """UserError naming `flag` when `path` cannot become a file: it is a folder, or its
     folder does not exist. Checked before the work, not after it."""

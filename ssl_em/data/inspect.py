@@ -16,7 +16,7 @@ import numpy as np
 
 from ssl_em.data.archive import Archive, ArchiveImage, TileFlag
 from ssl_em.data.sheets import tile_sheet
-from ssl_em.errors import UserError, check_writable_file
+from ssl_em.errors import check_at_least, check_writable_file
 
 #: Frame colour of each tile on the sheet: the first (lowest) flag bit decides.
 COLOURS = {
@@ -93,9 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console(width=None if sys.stdout.isatty() else 200)
-    for flag, value in (("--n", args.n), ("--columns", args.columns)):
-        if value < 1:
-            raise UserError(f"{flag} {value}: must be >= 1")
+    check_at_least(1, {"--n": args.n, "--columns": args.columns})
     if args.sheet:
         check_writable_file(args.sheet, "--sheet")
     archive = Archive(args.archive)  # not an archive, corrupt metadata: one line from `ssl-em`

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ssl_em.data.stream import EMDataModule, NoTilesError
-from ssl_em.errors import UserError, check_writable_file
+from ssl_em.errors import UserError, check_at_least, check_writable_file
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -46,9 +46,7 @@ def sample_tiles(dm: EMDataModule, n: int, augment: bool = False) -> tuple[torch
 def run(args) -> int:
     from ssl_em.data.sheets import tile_sheet
 
-    for flag, value in (("--n", args.n), ("--tile-size", args.tile_size), ("--columns", args.columns)):
-        if value < 1:
-            raise UserError(f"{flag} {value}: must be >= 1")
+    check_at_least(1, {"--n": args.n, "--tile-size": args.tile_size, "--columns": args.columns})
     if args.pixel_size is not None and not args.pixel_size > 0:
         raise UserError(f"--pixel-size {args.pixel_size}: must be a positive number of nm")
     check_writable_file(args.out, "--out")

@@ -27,7 +27,7 @@ from ssl_em.data.archive import Archive
 from ssl_em.data.heap import keep_freed_memory
 from ssl_em.data.normalize import IntensityStats, Normalization
 from ssl_em.data.volume import Volume, VoxelSize
-from ssl_em.errors import UserError
+from ssl_em.errors import UserError, check_at_least
 
 
 class NoTilesError(UserError):
@@ -502,11 +502,8 @@ class EMDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        for flag, value in (("--data.tile_size", tile_size), ("--data.batch_size", batch_size), ("--data.samples_per_epoch", samples_per_epoch), ("--data.depth", depth)):
-            if value < 1:
-                raise UserError(f"{flag} {value}: must be >= 1")
-        if num_workers < 0:
-            raise UserError(f"--data.num_workers {num_workers}: must be >= 0")
+        check_at_least(1, {"--data.tile_size": tile_size, "--data.batch_size": batch_size, "--data.samples_per_epoch": samples_per_epoch, "--data.depth": depth})
+        check_at_least(0, {"--data.num_workers": num_workers})
         self.save_hyperparameters(ignore=["normalization"])
         self.data, self.tile_size, self.pixel_size_nm, self.depth = data, tile_size, pixel_size_nm, depth
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed

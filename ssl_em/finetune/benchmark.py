@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_em.errors import UserError
+from ssl_em.errors import UserError, check_at_least
 
 
 @dataclass(frozen=True)
@@ -312,9 +312,7 @@ def run(args) -> int:
         raise UserError(f"--seeds {args.seeds}: give integers, e.g. 0,1,2") from None
     for b in budgets:  # every mistake shows before the first of many fine-tuning runs
         choose_slices(pool, b, 0)
-    for flag, value in (("--max-steps", args.max_steps), ("--tile-size", args.tile_size), ("--batch-size", args.batch_size), ("--head-width", args.head_width)):
-        if value < 1:
-            raise UserError(f"{flag} {value}: must be >= 1")
+    check_at_least(1, {"--max-steps": args.max_steps, "--tile-size": args.tile_size, "--batch-size": args.batch_size, "--head-width": args.head_width})
     for b in args.backbones:
         check_backbone(b)
     label_efficiency(arms_for(args.backbones), args.images, args.labels, pool, val, budgets, seeds, args.out,

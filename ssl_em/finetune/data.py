@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ssl_em.data.normalize import IntensityStats
 from ssl_em.data.volume import ArrayVolume, Volume
-from ssl_em.errors import UserError
+from ssl_em.errors import UserError, check_at_least
 from ssl_em.finetune.instance import INSTANCE_CLASSES, instance_targets
 
 IGNORE = -1
@@ -178,9 +178,7 @@ class LabeledSlicesDataModule(pl.LightningDataModule):
         voxel_size: str | None = None,
     ) -> None:
         super().__init__()
-        for flag, value in (("--tile-size", tile_size), ("--data.batch_size", batch_size), ("--data.tiles_per_epoch", tiles_per_epoch)):
-            if value < 1:
-                raise LabelError(f"{flag} {value}: must be >= 1")
+        check_at_least(1, {"--tile-size": tile_size, "--data.batch_size": batch_size, "--data.tiles_per_epoch": tiles_per_epoch}, LabelError)
         self.images_volume, self.labels_volume = as_volume(images, voxel_size), as_volume(labels, voxel_size)
         iv, lv = self.images_volume, self.labels_volume
         if tuple(iv.shape) != tuple(lv.shape):

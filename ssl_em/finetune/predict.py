@@ -48,7 +48,7 @@ from torch import nn
 
 from ssl_em.data.normalize import IntensityStats, Normalization, normalize_numpy
 from ssl_em.data.volume import Volume, check_finite
-from ssl_em.errors import UserError
+from ssl_em.errors import UserError, check_at_least
 from ssl_em.finetune.data import as_volume, sample_stats
 from ssl_em.finetune.instance import foreground_boundary, merge_map, plane_merges, relabel, segment_slices, watershed_instances
 
@@ -442,10 +442,8 @@ def launch(accelerator: str, devices: str, num_nodes: int) -> tuple[Shard, torch
 
 def check_flags(args) -> None:
     """UserError naming the flag, before the model or the volume is opened."""
-    for flag, value, least in (("--window", args.window, 1), ("--slab", args.slab, 1), ("--batch-size", args.batch_size, 1),
-                               ("--min-size", args.min_size, 0), ("--halo", args.halo, 0), ("--num-nodes", args.num_nodes, 1)):
-        if value is not None and value < least:
-            raise UserError(f"{flag} {value}: must be >= {least}")
+    check_at_least(1, {"--window": args.window, "--slab": args.slab, "--batch-size": args.batch_size, "--num-nodes": args.num_nodes})
+    check_at_least(0, {"--min-size": args.min_size, "--halo": args.halo})
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; give a folder (OUT.zarr)")

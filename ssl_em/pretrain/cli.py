@@ -31,7 +31,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
 from ssl_em.data.stream import EMDataModule, NoTilesError
-from ssl_em.errors import UserError, debug_enabled, find_user_error, one_line
+from ssl_em.errors import UserError, check_at_least, debug_enabled, find_user_error, one_line
 from ssl_em.export import read_checkpoint
 from ssl_em.pretrain.base import PretrainMethod, run_metadata
 
@@ -124,10 +124,8 @@ class PretrainCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config
         # Checked here, before the model is built from them (the tile size is its img_size).
-        for flag, value in (("--data.tile_size", cfg.data.tile_size), ("--data.batch_size", cfg.data.batch_size),
-                            ("--checkpoint_every_n_steps", cfg.checkpoint_every_n_steps)):
-            if value < 1:
-                raise PretrainError(f"{flag} {value}: must be >= 1")
+        check_at_least(1, {"--data.tile_size": cfg.data.tile_size, "--data.batch_size": cfg.data.batch_size,
+                           "--checkpoint_every_n_steps": cfg.checkpoint_every_n_steps}, PretrainError)
         recipes = [str(p) for p in (cfg.get("config") or [])]
         self.recipe = ",".join(recipes) or None
         if cfg.run_dir is None:

@@ -64,8 +64,10 @@ def _arch_key(meta, fallback: str):
 
 def choose_slices(pool: list[int], budget: int, seed: int) -> list[int]:
     """`budget` training slices from the pool, a seeded random subset (sorted)."""
-    if not 1 <= budget <= len(pool):
-        raise UserError(f"--budgets: label budget {budget} is not between 1 and the {len(pool)} slices of the training pool (--pool)")
+    if budget > len(pool):
+        raise UserError(f"--budgets: label budget {budget} exceeds the {len(pool)} slices of the training pool (--pool)")
+    if budget < 1:
+        raise UserError(f"--budgets: label budget {budget} must be >= 1")
     rng = np.random.default_rng([seed, budget])
     return sorted(int(z) for z in rng.choice(pool, size=budget, replace=False))
 

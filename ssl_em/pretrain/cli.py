@@ -243,6 +243,8 @@ def run_argv(argv: list[str]) -> int:
         print(f"ssl-em pretrain: nothing to resume in {ckpt_path.parent}; starting from scratch", file=sys.stderr)
     if cfg.resume and ckpt_path.is_file():
         continue_csv_metrics(cli.trainer, int(read_checkpoint(ckpt_path).get("global_step", 0)))
+        # Lightning looks for a stateful DataLoader; ours resumes through EMDataModule.state_dict.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     if cfg.compile:
         cli.model.compile()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt_path) if cfg.resume and ckpt_path.is_file() else None)

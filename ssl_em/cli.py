@@ -34,8 +34,17 @@ SHORT_HELP = ("pretrain", "finetune")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Bad input (a `ssl_em.errors.UserError`, an OSError, a corrupt
+    JSON or safetensors file) ends as one line `ssl-em COMMAND: error: ...` on stderr and
+    exit code 2; `--debug` anywhere on the line (or SSL_EM_DEBUG=1) re-raises it instead,
+    traceback included. argparse's own errors also exit with 2."""
+    from ssl_em.errors import debug_enabled, find_user_error, one_line
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="ssl-em", description="Self-supervised foundation models for electron microscopy.")
+    debug = "--debug" in argv or debug_enabled()
+    argv = [a for a in argv if a != "--debug"]
+    parser = argparse.ArgumentParser(prog="ssl-em", description="Self-supervised foundation models for electron microscopy.",
+                                     epilog="--debug (anywhere) or SSL_EM_DEBUG=1: show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_) in COMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)
@@ -43,6 +52,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help() if not argv or argv[0] in ("-h", "--help") else parser.error(f"unknown command {argv[0]!r}")
         return 0
     name, rest = argv[0], argv[1:]
+    try:
+        return _dispatch(name, rest)
+    except Exception as err:  # noqa: BLE001 - sorted into user errors and bugs just below
+        cause = find_user_error(err)
+        if cause is None or debug:
+            raise
+        print(f"ssl-em {name}: error: {one_line(cause)}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(name: str, rest: list[str]) -> int:
     if name in SHORT_HELP and any(a in ("-h", "--help") for a in rest):
         from ssl_em.cli_flags import help_text  # no torch, no Lightning: help prints at once
 

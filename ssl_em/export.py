@@ -23,8 +23,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
+import inspect
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -35,6 +39,7 @@ import numpy as np
 
 from ssl_em import __version__
 from ssl_em.data.normalize import IntensityStats, Normalization, normalize_numpy
+from ssl_em.errors import UserError
 
 WEIGHTS, CONFIG, META, CARD = "model.safetensors", "config.json", "ssl_em.json", "README.md"
 #: The licence weights are shared under (the model card's and pretrained_cfg's); ssl_em's own.
@@ -44,7 +49,7 @@ STRETCH = ("per volume: (x - p0.5) / (p99.5 - p0.5) with the volume's own percen
            "then (x - mean) / std; ssl_em.preprocessing(path) does both")
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError):
     """A backbone cannot be built or loaded as asked; the message says why in one line."""
 
 
@@ -111,6 +116,69 @@ def build_backbone(name: str, in_chans: int = 1, img_size: int | None = None, **
     return model
 
 
+@functools.lru_cache(maxsize=None)
+def _architecture_params(name: str) -> frozenset[str]:
+    """The keyword arguments the architecture's class takes, read from its __init__ after a
+    build on the meta device (no memory, no weights; 0.1 s for a ViT-B)."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    params = inspect.signature(type(model).__init__).parameters.values()
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self")
+
+
+def build_from_metadata(architecture, model_args, where: str) -> nn.Module:
+    """build_backbone from what a shared folder or checkpoint says, treated as data: the
+    architecture must be a plain timm name (no `hf-hub:` / `local-dir:` source) and only
+    the architecture's own constructor arguments pass. timm's factory options
+    (`checkpoint_path`, `pretrained`, `pretrained_cfg_overlay`, `cache_dir`...) would let a
+    model folder make timm read a file or download weights of the sender's choosing."""
+    import timm
+
+    if not isinstance(architecture, str) or ":" in architecture or not timm.is_model(architecture):
+        raise BackboneError(f"{where}: architecture {architecture!r} is not a timm model name; refusing to build it")
+    if not isinstance(model_args, dict):
+        raise BackboneError(f"{where}: model_args must be a mapping of arguments, got {type(model_args).__name__}")
+    # img_size is build_backbone's own argument (given to fixed-size models only).
+    foreign = sorted(k for k in model_args if k not in _architecture_params(architecture) | {"img_size"})
+    if foreign:
+        raise BackboneError(f"{where}: model_args {foreign} are not arguments of the {architecture} architecture; "
+                            "refusing to pass them to timm (a shared model is data, never code)")
+    try:
+        return build_backbone(architecture, **model_args)
+    except (TypeError, AssertionError, RuntimeError) as err:
+        raise BackboneError(f"{where}: cannot build {architecture} from model_args {model_args}: {err}") from err
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`; BackboneError naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BackboneError(f"{path}: not valid JSON ({err}); the {what} is damaged") from None
+    if not isinstance(data, dict):
+        raise BackboneError(f"{path}: holds a JSON {type(data).__name__}, not the {what} object")
+    return data
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; BackboneError naming the file when it is truncated or
+    not safetensors at all (safetensors' own error does not say which file)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BackboneError(f"{path}: not a readable safetensors file ({_first_line(err)}); the weights are damaged or truncated") from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:200]
+
+
 def patch_size_of(model: nn.Module) -> int | None:
     """The (square) patch size of a ViT-like model, None for CNNs."""
     pe = getattr(model, "patch_embed", None)
@@ -130,10 +198,8 @@ def export_backbone(backbone: nn.Module, out: str | Path, meta: BackboneMeta, dt
     from timm.models._hub import save_config_for_hf
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     cast = DTYPES[dtype]
     state = {k: (v.to(cast) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    write_atomic(out / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     # The architecture's defaults name ImageNet weights and ImageNet preprocessing; ours
     # replace them: grey tiles at the training size, no crop (crop_pct 1: an EM tile has no
     # "object in the middle"), bilinear (no bicubic overshoot on membranes), the recorded
@@ -145,10 +211,14 @@ def export_backbone(backbone: nn.Module, out: str | Path, meta: BackboneMeta, dt
     # timm's PretrainedCfg takes no keys of ours: the stretch goes into its free-text notes.
     description = f"{meta.architecture} pretrained on electron microscopy by ssl_em ({meta.method})"
     model_config = {"pretrained_cfg": {"tag": "ssl_em", "license": LICENSE, "description": description, "notes": (STRETCH,)}}
-    write_atomic(out / CONFIG, lambda p: save_config_for_hf(backbone, str(p), model_config=model_config, data_config=data_config))
-    write_atomic(out / META, lambda p: p.write_text(json.dumps(meta.to_dict(), indent=2) + "\n"))
-    write_atomic(out / CARD, lambda p: p.write_text(model_card(meta, out.name)))
-    return out
+
+    def fill(folder: Path) -> None:
+        save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
+        save_config_for_hf(backbone, str(folder / CONFIG), model_config=model_config, data_config=data_config)
+        (folder / META).write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
+        (folder / CARD).write_text(model_card(meta, out.name))
+
+    return replace_folder(out, fill, META)
 
 
 def write_atomic(path: Path, write) -> None:
@@ -158,6 +228,48 @@ def write_atomic(path: Path, write) -> None:
     write(tmp)
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
+
+
+def check_out_folder(out: str | Path, marker: str) -> Path:
+    """`out` may be missing, empty, or an earlier model folder (it holds `marker`); anything
+    else is refused (UserError) rather than replaced: it may be the user's own files."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file; --out must be a folder (missing, empty, or an earlier export)")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise UserError(f"{out}: is a non-empty folder without {marker}, not an earlier export; refusing to replace it (choose another --out)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{out}: {parent} is a file, not a folder")
+            break
+    return out
+
+
+def replace_folder(out: str | Path, fill, marker: str) -> Path:
+    """Write a whole folder at once: `fill(tmp)` writes every file into a temporary folder
+    beside `out`, which then takes `out`'s place by rename. Readers see the old folder or
+    the new one, never weights of one run beside metadata of another; a crash leaves `out`
+    as it was (and a hidden .tmp folder). Returns `out`."""
+    out = check_out_folder(out, marker)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared model from the group
+        fill(tmp)
+        for f in tmp.iterdir():  # safetensors writes 0600; give what a plain open() would
+            os.chmod(f, 0o666 & ~_umask())
+        if out.exists():
+            old = tmp.with_suffix(".old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def _umask() -> int:
@@ -205,17 +317,20 @@ def preprocessing(path: str | Path) -> Preprocessing:
 def load_backbone(path: str | Path, architecture: str | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, BackboneMeta]:
     """Load an exported backbone strictly from safetensors + JSON. `architecture`, if given,
     must match the recorded one. Raises BackboneError with the reason otherwise."""
-    from safetensors.torch import load_file
-
     path = Path(path)
+    if not path.is_dir():
+        raise BackboneError(f"{path}: no such backbone folder (make one with `ssl-em export`)")
     for name in (WEIGHTS, META):
         if not (path / name).is_file():
             raise BackboneError(f"{path}: no {name}; not an ssl_em backbone folder (make one with `ssl-em export`)")
-    meta = BackboneMeta.from_dict(json.loads((path / META).read_text()))
+    try:
+        meta = BackboneMeta.from_dict(read_json(path / META, "backbone metadata"))
+    except TypeError as err:  # a required field missing
+        raise BackboneError(f"{path / META}: not ssl_em backbone metadata ({err})") from None
     if architecture is not None and architecture != meta.architecture:
         raise BackboneError(f"{path}: holds a {meta.architecture} backbone, not the {architecture} asked for")
-    model = build_backbone(meta.architecture, **meta.model_args)
-    load_strict(model, load_file(str(path / WEIGHTS), device="cpu"), f"{path} ({meta.architecture})")
+    model = build_from_metadata(meta.architecture, meta.model_args, str(path / META))
+    load_strict(model, read_safetensors(path / WEIGHTS), f"{path} ({meta.architecture})")
     return model.to(device), meta
 
 
@@ -237,27 +352,41 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> 
 def find_checkpoint(run_or_ckpt: str | Path) -> Path:
     """A .ckpt as given, or a run dir's checkpoints/last.ckpt (else its newest .ckpt)."""
     p = Path(run_or_ckpt)
+    if not p.exists():
+        raise UserError(f"{p}: no such run folder or checkpoint")
     if p.is_file():
         return p
     if (p / "checkpoints" / "last.ckpt").is_file():
         return p / "checkpoints" / "last.ckpt"
     found = sorted(p.rglob("*.ckpt"), key=lambda f: f.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(f"{p}: no checkpoint (.ckpt) found")
+        raise UserError(f"{p}: no checkpoint (.ckpt) found in this run folder")
     return found[-1]
 
 
 def read_checkpoint(ckpt: str | Path) -> dict:
-    """Our own Lightning checkpoint, loaded without unpickling arbitrary objects."""
-    return torch.load(ckpt, map_location="cpu", weights_only=True)
+    """Our own Lightning checkpoint, loaded without unpickling arbitrary objects.
+    UserError naming the file when it is truncated or not a checkpoint."""
+    import pickle
+
+    try:
+        ckpt_dict = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError) as err:
+        raise UserError(f"{ckpt}: not a readable checkpoint ({_first_line(err)}); truncated by a crash? "
+                        "use an earlier one (checkpoints/step*.ckpt)") from None
+    if not isinstance(ckpt_dict, dict) or "state_dict" not in ckpt_dict:
+        raise UserError(f"{ckpt}: not a Lightning checkpoint (no state_dict)")
+    return ckpt_dict
 
 
-def backbone_from_checkpoint(ckpt: dict) -> tuple[nn.Module, BackboneMeta]:
+def backbone_from_checkpoint(ckpt: dict, where: str = "checkpoint") -> tuple[nn.Module, BackboneMeta]:
     """Rebuild `module.backbone` from a Lightning checkpoint written by a PretrainMethod."""
     run = ckpt.get("ssl_em")
-    if not run:
-        raise BackboneError("checkpoint has no 'ssl_em' metadata; was it written by ssl_em.pretrain?")
-    model = build_backbone(run["architecture"], **run["model_args"])
+    if not run or not isinstance(run, dict):
+        raise BackboneError(f"{where}: has no 'ssl_em' metadata; was it written by `ssl-em pretrain`?")
+    model = build_from_metadata(run.get("architecture"), run.get("model_args"), where)
     prefix = "backbone."  # the method's attribute name; the backbone's own keys stay untouched
     load_strict(model, {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}, run["architecture"])
     args = run["model_args"]
@@ -284,8 +413,9 @@ def _first(size) -> int | None:
 
 
 def export_run(run_or_ckpt: str | Path, out: str | Path, dtype: str = "float32") -> Path:
+    check_out_folder(out, META)  # before reading a checkpoint of gigabytes
     ckpt_path = find_checkpoint(run_or_ckpt)
-    model, meta = backbone_from_checkpoint(read_checkpoint(ckpt_path))
+    model, meta = backbone_from_checkpoint(read_checkpoint(ckpt_path), str(ckpt_path))
     return export_backbone(model, out, meta, dtype)
 
 

@@ -192,6 +192,9 @@ def test_cli_budget_all_is_the_whole_pool(tmp_path, monkeypatch):
         return None, {"mean_iou": 0.5}
 
     monkeypatch.setattr(ft_cli, "finetune", fake_finetune)
+    import ssl_em.finetune.benchmark as bench
+
+    monkeypatch.setattr(bench, "check_backbone", lambda b: None)  # "ckpt/mae" is never loaded: finetune is faked
     argv = ["benchmark", "label-efficiency", "--backbones", "ckpt/mae", "--images", "i", "--labels", "l", "--pool", "0-3",
             "--val-slices", "4", "--budgets", "1,all", "--seeds", "0", "--out", str(tmp_path)]
     assert main(argv) == 0

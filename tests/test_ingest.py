@@ -131,14 +131,14 @@ def test_bad_sources_fail_alone(tmp_path, em, capsys):
 
     bad = [trunc, garbage, empty, constant]
     code = cli.main(["ingest", str(good), *map(str, bad), "--out", str(tmp_path / "a.zarr"), "--quiet", "--tile-size", "128"])
-    assert code == 1
+    assert code == 2
     captured = capsys.readouterr()
     err = captured.err.splitlines()
     expected = [f"{trunc / '1.png'}: unreadable or truncated image", f"{garbage}: not a readable TIFF", f"{empty}: folder holds no images",
                 f"{constant}: constant volume"]
     assert len(err) == len(expected)  # each failure said once
     for line, start in zip(err, expected):
-        assert line.startswith(f"error: {start}"), line
+        assert line.startswith(f"ssl-em ingest: error: {start}"), line
     assert "4 failed" in captured.out and "unreadable" not in captured.out  # listed, not repeated
     archive = Archive(tmp_path / "a.zarr")
     assert [im.name for im in archive.images] == ["good"] and archive.incomplete == []

@@ -143,9 +143,12 @@ def test_resume_after_kill(archive, tmp_path):
     subprocess.run(_cli(*args, "--resume", "--trainer.max_steps", str(killed_at + 4), "--checkpoint_every_n_steps", "1000"),
                    env=_env(), check=True, capture_output=True)
     assert read_checkpoint(last)["global_step"] == killed_at + 4
-    newest = max(run.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
-    steps = [int(line.split(",")[1]) for line in newest.read_text().splitlines()[1:] if line.split(",")[1]]
-    assert min(steps) >= killed_at  # the resumed run did not start again from step 0
+    (metrics,) = run.glob("version_*/metrics.csv")  # the resumed run appended to the run's metrics file
+    import csv
+
+    with open(metrics, newline="") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("step")]
+    assert steps == sorted(steps) and max(steps) >= killed_at  # no step logged twice, none replayed from 0
 
 
 def _free_port() -> str:

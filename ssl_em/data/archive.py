@@ -9,6 +9,7 @@ Layout (zarr v2 + NGFF 0.4, which napari and neuroglancer open)::
       <image name>/               NGFF image group: "multiscales" + "ssl_em" attrs
         0/ 1/ 2/ ...              pyramid levels, (z, y, x), level 0 = the source, pixel-exact
         curation                  (z, ceil(y / t), ceil(x / t)) uint8 bit flags per level-0 tile
+      .locks/<image name>.lock    writer lock of each image (`ImageLock`); not a zarr group
 
 The root follows the bioformats2raw layout, the form of a collection of images that
 napari-ome-zarr opens from the root: it lists the series in OME/.zattrs and finds each image
@@ -23,10 +24,13 @@ Curation never deletes data; it only flags tiles.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 from dataclasses import dataclass
 from enum import IntFlag
 from pathlib import Path
@@ -37,9 +41,12 @@ from ssl_em import ngff
 from ssl_em.data.normalize import IntensityStats
 from ssl_em.data.readers.zarr_store import ZarrVolume, group_attributes, ome_zarr_levels
 from ssl_em.data.volume import VoxelSize
+from ssl_em.errors import UserError
 
 FORMAT = "ssl_em.archive"
 VERSION = 1
+#: Folder of per-image writer locks inside the archive (not a zarr group: readers skip it).
+LOCKS = ".locks"
 
 
 class TileFlag(IntFlag):
@@ -103,7 +110,7 @@ class Archive:
             raise FileNotFoundError(f"{path}: not an ssl_em archive (run `ssl-em ingest SRC... --out {path}` first)")
         self.images: list[ArchiveImage] = []
         self.incomplete: list[str] = []
-        for child in sorted(p for p in self.path.iterdir() if p.is_dir()):
+        for child in sorted(p for p in self.path.iterdir() if p.is_dir() and p.name != LOCKS):
             child_attrs = group_attributes(child)
             if "ssl_em" not in child_attrs:
                 continue
@@ -132,6 +139,80 @@ class Archive:
         return h.hexdigest()[:16]
 
 
+class ImageBusyError(UserError):
+    """Another live process is writing this image; the message names it."""
+
+
+class ImageLock:
+    """One writer per image: an exclusive `flock` on ARCHIVE/.locks/NAME.lock, which holds
+    the writer's pid, host and source for the message others get.
+
+    The kernel drops a flock when its process dies (kill -9 included), so a crashed ingest
+    never leaves an image locked; the file stays behind, harmless. Locks are per image, so
+    several processes can ingest into one archive at once (each writing whole images, as
+    `ingest --shard` does) while two writers of the same image are impossible."""
+
+    def __init__(self, archive: Path, name: str) -> None:
+        self.path = Path(archive) / LOCKS / f"{name}.lock"
+        self.name = name
+        self._fd: int | None = None
+
+    def holder(self) -> dict | None:
+        """Who holds the lock now ({"pid", "host", "source", "since"}), or None if nobody."""
+        if not self.path.is_file():
+            return None
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return self._read() or {"pid": "?", "host": "?", "source": "?"}
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self, source: str) -> None:
+        """Take the lock or raise ImageBusyError naming the process that has it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                h = self._read()
+                raise ImageBusyError(f"{self.path.parent.parent / self.name}: being written by pid {h.get('pid', '?')} on {h.get('host', '?')} "
+                                     f"since {h.get('since', '?')} (source {h.get('source', '?')}); wait for it, or run again when it ends") from None
+            # The file may have been replaced between open and flock; lock the one on disk.
+            if os.path.exists(self.path) and os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "source": source,
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "ImageLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class ArchiveWriter:
     """Write side: create image groups with NGFF metadata, then mark them complete."""
 
@@ -139,8 +220,11 @@ class ArchiveWriter:
         import zarr
 
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"{path}: is a file, not an archive folder; choose another --out")
         if self.path.exists() and any(self.path.iterdir()) and not Archive.is_archive(self.path):
-            raise FileExistsError(f"{path}: exists and is not an ssl_em archive; refusing to write into it")
+            raise UserError(f"{path}: exists and is not an ssl_em archive; refusing to write into it")
+        self.path.mkdir(parents=True, exist_ok=True)  # OSError naming the path: under a file, unwritable...
         self.root = zarr.open_group(str(self.path), mode="a", zarr_format=2)
         wanted = {"ssl_em": {"format": FORMAT, "version": VERSION}} | ngff.collection_attrs()
         # Written only when missing: processes sharing an archive (ingest --shard) must not
@@ -148,6 +232,9 @@ class ArchiveWriter:
         if any(self.root.attrs.get(k) != v for k, v in wanted.items()):
             self.root.attrs.update(wanted)
         self.write_listing()
+
+    def lock(self, name: str) -> ImageLock:
+        return ImageLock(self.path, name)
 
     def write_listing(self) -> None:
         """List the complete images as bioformats2raw series (OME/.zattrs and OME-XML), so

@@ -253,7 +253,7 @@ def em_view(size: int, crop_scale: tuple[float, float] = (0.25, 1.0), blur: floa
     )
 
 
-class RandomWarp(nn.Module):
+class RandomWarp(RandomModule):
     """Small affine plus elastic deformation of an image and its label map together.
 
     Tissue in EM is soft: sections stretch, shear and wrinkle a little, so labels must follow
@@ -267,14 +267,14 @@ class RandomWarp(nn.Module):
     """
 
     def __init__(self, rotate: float = 15.0, scale: float = 0.1, shear: float = 0.05, elastic: float = 4.0, grid: int = 4,
-                 p: float = 0.5, ignore_index: int = -1) -> None:  # fmt: skip
-        super().__init__()
+                 p: float = 0.5, ignore_index: int = -1, stream: str | None = None) -> None:  # fmt: skip
+        super().__init__(stream)
         self.rotate, self.scale, self.shear, self.elastic, self.grid, self.p, self.ignore_index = rotate, scale, shear, elastic, grid, p, ignore_index
 
     def forward(self, image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, _, H, W = image.shape
         dev, dt = image.device, image.dtype
-        u = lambda: torch.rand(B, device=dev, dtype=dt) * 2 - 1  # noqa: E731
+        u = lambda: self.rand(image).to(dt) * 2 - 1  # noqa: E731
         a = u() * math.radians(self.rotate)
         s = 1 + u() * self.scale
         sh = u() * self.shear
@@ -283,11 +283,11 @@ class RandomWarp(nn.Module):
         theta[:, 1, 0], theta[:, 1, 1] = torch.sin(a) / s, torch.cos(a) / s
         grid = F.affine_grid(theta, (B, 1, H, W), align_corners=False)  # (B, H, W, 2) in [-1, 1]
         if self.elastic > 0:
-            coarse = torch.randn(B, 2, self.grid, self.grid, device=dev, dtype=dt)
+            coarse = torch.randn(B, 2, self.grid, self.grid, device=dev, generator=self.rng.get(dev)).to(dt)
             coarse = coarse / coarse.abs().amax((1, 2, 3), keepdim=True).clamp(min=1e-6)  # at most 1, then scaled to pixels
             field = F.interpolate(coarse, size=(H, W), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
             grid = grid + field * self.elastic * 2 / torch.tensor([W, H], device=dev, dtype=dt)
-        act = _chance(image, self.p)
+        act = self.chance(image, self.p)
         identity = F.affine_grid(torch.eye(2, 3, device=dev, dtype=dt).expand(B, 2, 3), (B, 1, H, W), align_corners=False)
         grid = torch.where(act[:, None, None, None], grid, identity)
         warped = F.grid_sample(image, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -6,13 +6,18 @@ curation tiles and sample kept voxels for intensity statistics on the way, then 
 pyramid level by level from the previous level, and mark the image complete last.
 Re-running skips images already complete with the same source fingerprint; an image left
 incomplete by a crash or Ctrl-C is redone. A bad source is reported in one line and the
-others still ingest. Sources are only ever read.
+others still ingest (exit code 2 if any failed). Sources are only ever read.
+
+Each image is written under a lock (ARCHIVE/.locks/NAME.lock, see `ImageLock`): several
+processes may ingest into one archive at once, each writing whole images, and a second
+writer of the same source is refused with the pid and host of the first. A killed
+process's lock goes with it.
 
 Sharding (`--shard i/N`): N processes given the same sources ingest one archive together,
 with nothing but the archive between them (a SLURM array, say). Image names are decided
 from the whole source list, the same way in every process, and process i ingests sources
 i, i+N, i+2N...: each writes (and, redoing a crashed image, removes) only its own images,
-so the archive ends as one process would have left it.
+under their locks, so the archive ends as one process would have left it.
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_em.data.archive import ArchiveWriter, TileFlag
+from ssl_em.data.archive import ArchiveWriter, ImageBusyError, TileFlag
 from ssl_em.data.curation import Curator, sample_value_range
 from ssl_em.data.normalize import IntensityStats
 from ssl_em.data.readers.image_stack import split_folder
 from ssl_em.data.readers.open import detect_format, open_volume, source_fingerprint, split_spec
 from ssl_em.data.volume import Volume, VolumeError, VoxelSize
+from ssl_em.errors import UserError
 
 #: Chunks of anisotropic data (and of data whose voxel size is unknown): whole tiles of
 #: single sections, the unit the tile stream reads.
@@ -116,25 +122,42 @@ def ingest(
     shard: (i, N): ingest only sources i, i+N, ... (see the module's docstring).
     """
     index, count = shard
+    check_settings(tile_size if curator is None else curator.tile_size, chunks, workers, memory_mb)
+    if voxel_size is not None:
+        voxel_size = VoxelSize.parse(voxel_size)
     curator = curator or Curator(tile_size=tile_size)
     writer = ArchiveWriter(out)
     expanded = expand_sources(sources)
-    names = _names(writer, expanded)
-    results = []
-    for k, (spec, _) in enumerate(expanded):
+    # Sharded: names decided from the whole list up front, the same in every shard.
+    names = _names(writer, expanded) if count > 1 else None
+    results, used_names = [], set()
+    for k, (spec, base) in enumerate(expanded):
         if k % count != index:
             continue
         start = time.perf_counter()
+        lock = None
         try:
             volume = open_volume(spec, voxel_size)
-            name = names[k]
-            if isinstance(name, Exception):
-                raise name
+            if np.dtype(volume.dtype).kind == "b":
+                raise VolumeError(f"{spec}: a bool (mask) volume; ingest takes grayscale EM images")
+            if names is None:
+                name, lock = _claim_name(writer, spec, used_names, base)
+            else:  # sharded: the name every shard agreed on, locked against a second writer
+                name = names[k]
+                if isinstance(name, Exception):
+                    raise name
+                held = writer.lock(name)
+                held.acquire(_resolved(spec))
+                lock = held
+            used_names.add(name)
             result = _ingest_one(writer, spec, volume, name, curator, chunks, workers, memory_mb << 20, progress, voxel_size is not None)
-        except (VolumeError, OSError, ValueError) as err:
-            message = str(err) if str(err).startswith(str(spec)) or isinstance(err, VolumeError) else f"{spec}: {err}"
-            print(f"error: {message.splitlines()[0]}", file=sys.stderr)  # once, as it happens
+        except (VolumeError, ImageBusyError, OSError, ValueError) as err:
+            message = str(err) if str(err).startswith(str(spec)) or isinstance(err, (VolumeError, ImageBusyError)) else f"{spec}: {err}"
+            print(f"ssl-em ingest: error: {message.splitlines()[0]}", file=sys.stderr)  # once, as it happens
             result = SourceResult(str(spec), "failed", error=message)
+        finally:
+            if lock is not None:
+                lock.release()
         result.seconds = time.perf_counter() - start
         results.append(result)
     return IngestSummary(Path(out), results)
@@ -158,6 +181,18 @@ def expand_sources(sources: list[str | Path]) -> list[tuple[str | Path, str | No
               "each is ingested as its own 2D image", file=sys.stderr)
         out += [(str(f), f"{image_name(spec)}-{image_name(f)}") for f in files]
     return out
+
+
+def check_settings(tile_size: int, chunks, workers: int, memory_mb: int) -> None:
+    """UserError naming the flag, before anything is written."""
+    if tile_size < 1:
+        raise UserError(f"--tile-size {tile_size}: must be a positive number of pixels")
+    if chunks is not None and (len(chunks) != 3 or min(chunks) < 1):
+        raise UserError(f"--chunks {','.join(map(str, chunks))}: give three positive sizes Z,Y,X, e.g. 1,256,256")
+    if workers < 0:
+        raise UserError(f"--workers {workers}: must be >= 0")
+    if memory_mb < 0:
+        raise UserError(f"--memory-mb {memory_mb}: must be >= 0 MiB")
 
 
 def _is_current(existing: dict | None, fingerprint: str, curator: Curator, volume: Volume, voxel_size_given: bool) -> bool:
@@ -223,13 +258,19 @@ def _copy_and_curate(writer, name, volume: Volume, level0, blocks, curator: Cura
     """Copy level 0, flag tiles and sample kept voxels, one block at a time.
     Returns all flags (z, ty, tx) (small: one byte per tile) and the intensity stats."""
     t = curator.tile_size
-    value_range = sample_value_range(volume)
+    with np.errstate(invalid="ignore"):  # NaN/Inf are refused by name at the first block below
+        value_range = sample_value_range(volume)
     run = curator.start(volume.shape, volume.dtype, value_range, volume.voxel_size if volume.voxel_size_known else None)
     flags = np.zeros(run.grid_shape, np.uint8)
     kept, anywhere = VoxelSample(STATS_SAMPLE, seed=0), VoxelSample(STATS_SAMPLE, seed=1)
     lo, hi = np.inf, -np.inf
     read = lambda b: volume.read(slice(b[0], b[1]), slice(b[2], b[3]))  # noqa: E731
     for (z0, z1, y0, y1), block in _prefetch(read, blocks, workers):
+        if block.dtype.kind == "f" and not np.isfinite(block).all():
+            # NaN/Inf would poison the statistics and every model fed from this image.
+            bad = int(np.count_nonzero(~np.isfinite(block)))
+            raise VolumeError(f"{volume.path}: {bad} non-finite voxels (NaN/Inf) in z {z0}..{z1 - 1}, y {y0}..{y1 - 1}; "
+                              "replace them (e.g. with the background value) before ingest")
         level0[z0:z1, y0:y1, :] = block
         f = run.flag(block, z0, y0)
         flags[z0:z1, y0 // t : y0 // t + f.shape[1]] = f
@@ -384,14 +425,43 @@ def _names(writer: ArchiveWriter, sources: list[tuple[str | Path, str | None]]) 
 
 
 def _unique_name(writer: ArchiveWriter, spec, used: set[str], base: str | None = None) -> str:
-    """The first of name, name-2, name-3... not taken in this run nor by another source's
-    image; name: `base`, or `image_name(spec)`."""
+    """The first of name, name-2, name-3... not taken in this run, nor by another source's
+    image, nor being written by another process for another source; name: `base`, or
+    `image_name(spec)`."""
     base, source = base or image_name(spec), _resolved(spec)
     for i in range(1, 10_000):
         name = base if i == 1 else f"{base}-{i}"
         existing = writer.status(name)
-        if name not in used and (existing is None or existing.get("source") == source):
+        holder = writer.lock(name).holder()
+        if name not in used and (existing is None or existing.get("source") == source) and (holder is None or holder.get("source") == source):
             return name
+    raise VolumeError(f"{spec}: no free image name")
+
+
+def _claim_name(writer: ArchiveWriter, spec, used: set[str], base: str | None = None):
+    """(name, held ImageLock): the image this source goes to, locked against other writers.
+    ImageBusyError when another process is writing this very source; a name taken by another
+    process for another source in the meantime is passed over."""
+    taken = set(used)
+    for _ in range(100):
+        name = _unique_name(writer, spec, taken, base)
+        lock = writer.lock(name)
+        try:
+            lock.acquire(_resolved(spec))
+        except ImageBusyError:
+            holder = lock.holder()
+            if holder is None or holder.get("source") == _resolved(spec):
+                raise
+            taken.add(name)
+            continue
+        # Another process may have finished an image of another source under this name
+        # between the check and the lock.
+        existing = writer.status(name)
+        if existing is not None and existing.get("source") != _resolved(spec):
+            lock.release()
+            taken.add(name)
+            continue
+        return name, lock
     raise VolumeError(f"{spec}: no free image name")
 
 
@@ -441,13 +511,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    chunks = tuple(int(c) for c in args.chunks.split(",")) if args.chunks else None
-    if chunks is not None and len(chunks) != 3:
-        raise SystemExit("--chunks takes three numbers Z,Y,X")
+    try:
+        chunks = tuple(int(c) for c in args.chunks.split(",")) if args.chunks else None
+    except ValueError:
+        raise UserError(f"--chunks {args.chunks}: give three positive sizes Z,Y,X, e.g. 1,256,256") from None
     try:
         shard = parse_shard(args.shard)
     except ValueError as e:
-        raise SystemExit(str(e)) from None
+        raise UserError(str(e)) from None
     start = time.perf_counter()
     summary = ingest(args.sources, args.out, voxel_size=args.voxel_size, tile_size=args.tile_size, chunks=chunks,
                      workers=args.workers, memory_mb=args.memory_mb, progress=not args.quiet, shard=shard)
@@ -457,4 +528,4 @@ def run(args: argparse.Namespace) -> int:
                   f"({time.perf_counter() - start:.1f} s)")
     if summary.failed:  # each reason was printed once, as it happened
         console.print(f"[red]{len(summary.failed)} failed[/red]: {', '.join(_short(r.source) for r in summary.failed)} (errors above)", highlight=False)
-    return 1 if summary.failed else 0
+    return 2 if summary.failed else 0

@@ -16,6 +16,7 @@ import numpy as np
 
 from ssl_em.data.archive import Archive, ArchiveImage, TileFlag
 from ssl_em.data.sheets import tile_sheet
+from ssl_em.errors import check_at_least, check_writable_file
 
 #: Frame colour of each tile on the sheet: the first (lowest) flag bit decides.
 COLOURS = {
@@ -92,11 +93,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console(width=None if sys.stdout.isatty() else 200)
-    try:
-        archive = Archive(args.archive)
-    except FileNotFoundError as err:
-        console.print(f"error: {err}", highlight=False)
-        return 1
+    check_at_least(1, {"--n": args.n, "--columns": args.columns})
+    if args.sheet:
+        check_writable_file(args.sheet, "--sheet")
+    archive = Archive(args.archive)  # not an archive, corrupt metadata: one line from `ssl-em`
     console.print(summary_table(archive))
     if archive.incomplete:
         console.print(f"[yellow]incomplete (interrupted ingest; re-run it to redo them):[/yellow] {', '.join(archive.incomplete)}")

@@ -12,7 +12,8 @@ import argparse
 import numpy as np
 import torch
 
-from ssl_em.data.stream import EMDataModule
+from ssl_em.data.stream import EMDataModule, NoTilesError
+from ssl_em.errors import UserError, check_at_least, check_writable_file
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -51,11 +52,18 @@ def balance(dm: EMDataModule, src: torch.Tensor) -> list[tuple[str, float, int]]
 def run(args) -> int:
     from ssl_em.data.sheets import tile_sheet
 
+    check_at_least(1, {"--n": args.n, "--tile-size": args.tile_size, "--columns": args.columns})
+    if args.pixel_size is not None and not args.pixel_size > 0:
+        raise UserError(f"--pixel-size {args.pixel_size}: must be a positive number of nm")
+    check_writable_file(args.out, "--out")
     torch.manual_seed(args.seed)
     data = args.data[0] if len(args.data) == 1 else args.data
     dm = EMDataModule(data, tile_size=args.tile_size, pixel_size_nm=args.pixel_size, batch_size=1, num_workers=0,
                       samples_per_epoch=max(args.n, 1), shuffle_buffer=min(256, args.n), seed=args.seed)
-    x, src = sample_tiles(dm, args.n, args.augment)
+    try:
+        x, src = sample_tiles(dm, args.n, args.augment)
+    except NoTilesError as e:
+        raise NoTilesError(f"{' '.join(args.data)}: {e}") from None
     ds = dm.dataset
     names = [s.name for s in ds.sources]
     # Map standardised values back to a display range: mean +- 2.5 std.

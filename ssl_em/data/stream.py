@@ -27,9 +27,10 @@ from ssl_em.data.archive import Archive
 from ssl_em.data.heap import keep_freed_memory
 from ssl_em.data.normalize import IntensityStats, Normalization
 from ssl_em.data.volume import Volume, VoxelSize
+from ssl_em.errors import UserError, check_at_least
 
 
-class NoTilesError(ValueError):
+class NoTilesError(UserError):
     """The data cannot provide any tile (too small, or everything flagged by curation)."""
 
 
@@ -195,6 +196,9 @@ class TileDataset(IterableDataset):
         sizes = np.array([float(np.prod(s.levels[p.level].shape)) for s, p in zip(self.sources, self.plans)])
         self.weights = sizes**gamma / (sizes**gamma).sum()
         self.epoch = 0
+        # Batches of the next pass already trained on before a resume (the pass is replayed
+        # to there, reading but not assembling them, so the stream continues where it stopped).
+        self.skip_batches = 0
         self.rank, self.world_size = 0, 1
         # What this copy of the dataset has read: for benchmarks and coverage checks.
         self.counters = {"blocks": 0, "voxels_decoded": 0, "tiles": 0}
@@ -232,14 +236,30 @@ class TileDataset(IterableDataset):
         Assembled in numpy (single-threaded), so no torch thread pool spins per batch.
         """
         pending: list[tuple[np.ndarray, int]] = []
+        skip, self.skip_batches = self._my_skip(self.skip_batches), 0
         for tiles in self._stream(batch_size):
             pending.extend(tiles)
             while len(pending) >= batch_size:
                 batch, pending = pending[:batch_size], pending[batch_size:]
+                if skip > 0:
+                    skip -= 1
+                    continue
                 image = np.empty((batch_size, 1, *batch[0][0].shape), batch[0][0].dtype)
                 np.stack([view for view, _ in batch], out=image[:, 0])  # one call copies all tiles
                 source = np.fromiter((i for _, i in batch), np.int64, batch_size)
                 yield {"image": torch.from_numpy(image), "source": torch.from_numpy(source)}
+
+    def _my_skip(self, batches: int) -> int:
+        """This loader worker's share of the first `batches` batches of a rank: a DataLoader
+        takes batches from its workers in turn (batch j from worker j % workers)."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return max(0, (batches - worker + workers - 1) // workers)
+
+    def batches_per_pass(self, batch_size: int, workers: int) -> int:
+        """Batches one rank's loader yields in one pass (each worker drops its last partial one)."""
+        w = max(1, workers)
+        return sum(self._count(self.rank * w + k, self.world_size * w) // batch_size for k in range(w))
 
     def _stream(self, multiple: int):
         """This reader's share of one epoch, as lists of (tile view, source index) pairs
@@ -508,6 +528,8 @@ class EMDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        check_at_least(1, {"--data.tile_size": tile_size, "--data.batch_size": batch_size, "--data.samples_per_epoch": samples_per_epoch, "--data.depth": depth})
+        check_at_least(0, {"--data.num_workers": num_workers})
         self.save_hyperparameters(ignore=["normalization"])
         self.data, self.tile_size, self.pixel_size_nm, self.depth = data, tile_size, pixel_size_nm, depth
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -518,7 +540,7 @@ class EMDataModule(pl.LightningDataModule):
         if self.dataset is not None:
             return
         if not self.data:
-            raise ValueError("no data given: pass --data ARCHIVE.zarr (make one with `ssl-em ingest SRC... --out ARCHIVE.zarr`)")
+            raise UserError("--data: no data given: pass --data ARCHIVE.zarr (make one with `ssl-em ingest SRC... --out ARCHIVE.zarr`)")
         hp = self.hparams
         sources, self.fingerprint = open_sources(self.data, voxel_size=hp.voxel_size)
         self.dataset = TileDataset(
@@ -528,8 +550,9 @@ class EMDataModule(pl.LightningDataModule):
         if self.trainer is not None:
             self.dataset.rank, self.dataset.world_size = self.trainer.global_rank, self.trainer.world_size
         self.dataset.epoch = getattr(self, "_resume_epoch", 0)
+        self.dataset.skip_batches = getattr(self, "_resume_batches", 0)
         if len(self.dataset) < self.batch_size:
-            raise ValueError(f"batch size {self.batch_size} is larger than the {len(self.dataset)} tiles per epoch per device; lower data.batch_size or raise data.samples_per_epoch")
+            raise NoTilesError(f"batch size {self.batch_size} is larger than the {len(self.dataset)} tiles per epoch per device; lower data.batch_size or raise data.samples_per_epoch")
         self.normalization = self._user_norm or pooled_normalization(self.dataset.sources, self.dataset.weights)
         self._lo = torch.tensor([s.stats.lo for s in self.dataset.sources], dtype=torch.float32)
         self._hi = torch.tensor([s.stats.hi for s in self.dataset.sources], dtype=torch.float32)
@@ -548,14 +571,20 @@ class EMDataModule(pl.LightningDataModule):
         )
 
     def state_dict(self) -> dict:
-        # Saved in Lightning checkpoints, so a resumed run continues the stream's epochs
-        # instead of replaying the first one.
-        return {"epoch": self.trainer.current_epoch if self.trainer is not None else 0}
+        # Saved in Lightning checkpoints: a resumed run continues the stream where it stopped,
+        # in the same epoch after the batches already trained on, instead of replaying them.
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        batches = self._batches if getattr(self, "_batches_epoch", None) == epoch else 0
+        if self.dataset is not None and batches >= self.dataset.batches_per_pass(self.batch_size, self.num_workers):
+            epoch, batches = epoch + 1, 0  # saved on the epoch's last batch: the next one starts afresh
+        return {"epoch": epoch, "batches": batches}
 
     def load_state_dict(self, state: dict) -> None:
         self._resume_epoch = int(state.get("epoch", 0))
+        self._resume_batches = int(state.get("batches", 0))
+        self._batches_epoch, self._batches = self._resume_epoch, self._resume_batches
         if self.dataset is not None:
-            self.dataset.epoch = self._resume_epoch
+            self.dataset.epoch, self.dataset.skip_batches = self._resume_epoch, self._resume_batches
 
     def normalize_batch(self, batch: dict) -> dict:
         """Percentile-stretch each tile with its source's window, then standardise."""
@@ -564,4 +593,8 @@ class EMDataModule(pl.LightningDataModule):
         return {**batch, "image": normalize(batch["image"], lo, hi, self.normalization)}
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self.trainer is not None and self.trainer.training:  # batches of this epoch, for state_dict
+            epoch = self.trainer.current_epoch
+            self._batches = self._batches + 1 if getattr(self, "_batches_epoch", None) == epoch else 1
+            self._batches_epoch = epoch
         return self.normalize_batch(batch)

@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from ssl_em.errors import UserError
 
-class VolumeError(ValueError):
+
+class VolumeError(UserError):
     """A source cannot be read as a volume. The message names the file and the problem."""
 
 
@@ -32,15 +34,19 @@ class VoxelSize:
         """Accept 4 (isotropic), (z, y, x), "50,4,4" or "4" (isotropic)."""
         if isinstance(value, VoxelSize):
             return value
-        if isinstance(value, str):
-            value = tuple(float(v) for v in value.replace("x", ",").split(",") if v.strip())
-        if isinstance(value, (int, float)):
-            value = (float(value),) * 3
-        value = tuple(float(v) for v in value)
+        given = value
+        try:
+            if isinstance(value, str):
+                value = tuple(float(v) for v in value.replace("x", ",").split(",") if v.strip())
+            if isinstance(value, (int, float)):
+                value = (float(value),) * 3
+            value = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            value = ()
         if len(value) == 1:
             value = value * 3
-        if len(value) != 3 or min(value) <= 0:
-            raise ValueError(f"voxel size must be one or three positive numbers (z, y, x) in nm, got {value}")
+        if len(value) != 3 or not all(np.isfinite(value)) or min(value) <= 0:
+            raise VolumeError(f"voxel size (--voxel-size) {given!r}: must be one or three positive numbers z,y,x in nm, e.g. 50,4,4")
         return cls(*value)
 
     def as_tuple(self) -> tuple[float, float, float]:
@@ -139,6 +145,14 @@ class Volume:
     def __repr__(self) -> str:
         vs = "x".join(f"{v:g}" for v in self.voxel_size.as_tuple())
         return f"{type(self).__name__}({self.path!r}, shape={self.shape}, dtype={np.dtype(self.dtype)}, voxel={vs} nm)"
+
+
+def check_finite(block: np.ndarray, where: str) -> None:
+    """VolumeError when a float block holds NaN or Inf: they would poison statistics and
+    every model fed from them, so they must never pass silently."""
+    if block.dtype.kind == "f" and not np.isfinite(block).all():
+        raise VolumeError(f"{where}: {int(np.count_nonzero(~np.isfinite(block)))} non-finite voxels (NaN/Inf); "
+                          "replace them (e.g. with the background value) first")
 
 
 def _clip(s: slice | None, n: int) -> slice:

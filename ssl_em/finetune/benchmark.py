@@ -24,12 +24,15 @@ import argparse
 import contextlib
 import csv
 import json
+import os
 import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ssl_em.errors import UserError, check_at_least
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,9 @@ def _arch_key(meta, fallback: str):
 def choose_slices(pool: list[int], budget: int, seed: int) -> list[int]:
     """`budget` training slices from the pool, a seeded random subset (sorted)."""
     if budget > len(pool):
-        raise ValueError(f"label budget {budget} exceeds the {len(pool)} slices of the training pool")
+        raise UserError(f"--budgets: label budget {budget} exceeds the {len(pool)} slices of the training pool (--pool)")
+    if budget < 1:
+        raise UserError(f"--budgets: label budget {budget} must be >= 1")
     rng = np.random.default_rng([seed, budget])
     return sorted(int(z) for z in rng.choice(pool, size=budget, replace=False))
 
@@ -166,10 +171,13 @@ def _appender(csv_path: Path, rows: list[dict]):
     """(file, DictWriter) appending to results.csv; a file with an older header is first
     rewritten with the current columns, so old and new rows stay one table."""
     if rows and list(rows[0]) != FIELDS:
-        with open(csv_path, "w", newline="") as f:
+        # Rewritten into a temporary file and renamed: a crash never leaves half the rows.
+        tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
+        os.replace(tmp, csv_path)
     with open(csv_path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         if not rows:
@@ -341,10 +349,25 @@ def report(out: str | Path, metric: str, title: str = "", merge: list[str | Path
     return table
 
 
-def _ints(spec: str) -> list[int]:
+def _ints(spec: str, flag: str) -> list[int]:
     from ssl_em.finetune.data import parse_slices
 
-    return parse_slices(spec, 1 << 30)
+    return parse_slices(spec, 1 << 30, flag)
+
+
+def check_backbone(backbone: str) -> None:
+    """An exported folder (with ssl_em.json) or a timm name, checked before any run starts."""
+    import timm
+
+    from ssl_em.export import META, load_backbone
+
+    path = Path(backbone)
+    if path.exists() or "/" in backbone:
+        if not (path / META).is_file():
+            raise UserError(f"--backbones {backbone}: not an exported backbone folder (no {META}); make one with `ssl-em export`")
+        load_backbone(path)  # damaged or foreign folders fail here, by name
+    elif not timm.is_model(backbone):
+        raise UserError(f"--backbones {backbone}: neither a folder nor a timm model name")
 
 
 def head_of_width(width: int):
@@ -410,12 +433,24 @@ def run(args) -> int:
     kwargs = {"max_steps": args.max_steps, "steps": StepSchedule(**{k: v for k, v in chosen.items() if v is not None}), "holdout": args.holdout,
               "dice_weight": args.dice_weight, "tile_size": args.tile_size, "batch_size": args.batch_size, "lr": args.lr,
               "unfreeze_at_step": args.unfreeze_at_step, "data_kwargs": data_kwargs, "head": head_of_width(args.head_width)}
-    pool = _ints(args.pool)
+    pool, val = _ints(args.pool, "--pool"), _ints(args.val_slices, "--val-slices")
+    try:
+        budgets = [len(pool) if b.strip() == "all" else int(b) for b in args.budgets.split(",")]
+    except ValueError:
+        raise UserError(f"--budgets {args.budgets}: give numbers of slices, e.g. 1,2,4,8 (or all)") from None
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds {args.seeds}: give integers, e.g. 0,1,2") from None
+    for b in budgets:  # every mistake shows before the first of many fine-tuning runs
+        choose_slices(pool, b, 0)
+    check_at_least(1, {"--max-steps": args.max_steps, "--tile-size": args.tile_size, "--batch-size": args.batch_size, "--head-width": args.head_width})
+    for b in args.backbones:
+        check_backbone(b)
     print(f"ssl-em benchmark: results go to {Path(args.out) / 'results.csv'} (a rerun skips the cells already there)", flush=True)
     with quiet():
-        label_efficiency(arms_for(args.backbones, unet_encoder=args.unet_encoder, unet_lr=args.unet_lr), args.images, args.labels, pool, _ints(args.val_slices),
-                         [len(pool) if b.strip() == "all" else int(b) for b in args.budgets.split(",")], [int(s) for s in args.seeds.split(",")], args.out,
-                         metric=args.metric, task=args.task, finetune_kwargs=kwargs)
+        label_efficiency(arms_for(args.backbones, unet_encoder=args.unet_encoder, unet_lr=args.unet_lr), args.images, args.labels, pool, val,
+                         budgets, seeds, args.out, metric=args.metric, task=args.task, finetune_kwargs=kwargs)
     print(report(args.out, args.metric))
     print(f"\nwrote {Path(args.out) / 'results.csv'}, table.md, plot.png")
     return 0

@@ -31,7 +31,10 @@ from pytorch_lightning.cli import LightningCLI
 
 from ssl_em import cli_flags
 from ssl_em.console import quiet, run_callbacks
+from ssl_em.errors import debug_enabled, find_user_error, one_line
+from ssl_em.export import check_out_folder
 from ssl_em.finetune.data import IGNORE, LabeledSlicesDataModule
+from ssl_em.finetune.export import META
 from ssl_em.finetune.heads import default_head
 from ssl_em.finetune.instance import foreground_boundary, watershed_instances
 from ssl_em.finetune.metrics import instance_scores, semantic_scores
@@ -195,14 +198,19 @@ def run_argv(argv: list[str]) -> int:
         cli = build_cli(argv)
         if cli.config.bioimageio and not cli.config.out:
             raise ValueError("--bioimageio DIR writes the model exported to --out: give --out too")
+        if cli.config.out:
+            check_out_folder(cli.config.out, META)  # refuse before training, not after
         dm = cli.datamodule
         print(f"ssl-em finetune: {freeze_plan(cli.model, cli.trainer.max_steps)}", flush=True)
         if dm.task == "semantic" and dm.classes == [str(v) for v in dm.label_values]:
             print(f"ssl-em finetune: classes named by their label values {dm.classes}; --classes A,B names them", flush=True)
         with quiet(verbose):
             cli.trainer.fit(cli.model, datamodule=dm)
-    except ValueError as e:  # BackboneError, LabelError, VolumeError: one line says what is wrong
-        print(f"ssl-em finetune: error: {e}", file=sys.stderr)
+    except Exception as e:  # BackboneError, LabelError, VolumeError, wrapped by jsonargparse
+        cause = find_user_error(e)
+        if cause is None or debug_enabled():
+            raise
+        print(f"ssl-em finetune: error: {one_line(cause)}", file=sys.stderr)
         return 2
     metrics = score_val_slices(cli.model, cli.datamodule, device=cli.trainer.strategy.root_device)
     if metrics:

@@ -28,13 +28,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ssl_em.data.normalize import IntensityStats
 from ssl_em.data.volume import ArrayVolume, Volume
+from ssl_em.errors import UserError, check_at_least
 from ssl_em.finetune.instance import INSTANCE_CLASSES, instance_targets
 from ssl_em.seeding import derive_seed, process_rank, process_world, run_seed
 
 IGNORE = -1
 
 
-class LabelError(ValueError):
+class LabelError(UserError):
     """Labels do not fit the images or the classes; the message names files, shapes or values."""
 
 
@@ -49,8 +50,9 @@ def as_volume(source: "str | Path | Volume | np.ndarray", voxel_size=None) -> Vo
     return open_volume(source, voxel_size=voxel_size)
 
 
-def parse_slices(spec: "str | Sequence[int] | None", n: int) -> list[int]:
-    """"0,1" / "20-29" (inclusive) / "0,5-7" / [3, 4] / negative ints from the end -> sorted indices."""
+def parse_slices(spec: "str | Sequence[int] | None", n: int, what: str = "slices") -> list[int]:
+    """"0,1" / "20-29" (inclusive) / "0,5-7" / [3, 4] / negative ints from the end -> sorted indices.
+    `what` names the flag in errors (LabelError)."""
     if spec is None:
         return []
     if isinstance(spec, (int, np.integer)):
@@ -59,19 +61,29 @@ def parse_slices(spec: "str | Sequence[int] | None", n: int) -> list[int]:
         out: list[int] = []
         for part in (p.strip() for p in spec.split(",") if p.strip()):
             a, sep, b = part.partition("-") if not part.startswith("-") else (part, "", "")
-            out += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+            try:
+                out += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+            except ValueError:
+                raise LabelError(f"{what} {spec!r}: {part!r} is not a slice number or range like 20-29") from None
         spec = out
-    idx = sorted({i % n if -n <= i < n else i for i in (int(s) for s in spec)})
+    try:
+        idx = sorted({i % n if -n <= i < n else i for i in (int(s) for s in spec)})
+    except (TypeError, ValueError):
+        raise LabelError(f"{what} {spec!r}: not a list of slice numbers") from None
     bad = [i for i in idx if not 0 <= i < n]
     if bad:
-        raise ValueError(f"slice indices {bad} outside the volume's {n} z-slices")
+        raise LabelError(f"{what}: slice indices {bad[:10]} outside the volume's {n} z-slices (0..{n - 1})")
     return idx
 
 
 def sample_stats(volume: Volume, max_slices: int = 16) -> IntensityStats:
     """Intensity statistics from up to `max_slices` evenly spaced z-slices (bounded memory)."""
+    from ssl_em.data.volume import check_finite
+
     zs = np.unique(np.linspace(0, volume.shape[0] - 1, min(max_slices, volume.shape[0])).round().astype(int))
-    return IntensityStats.compute(np.concatenate([volume.read(int(z)).ravel() for z in zs]))
+    values = np.concatenate([volume.read(int(z)).ravel() for z in zs])
+    check_finite(values, f"{volume.path} (z {', '.join(map(str, zs[:8]))}{'...' if len(zs) > 8 else ''})")
+    return IntensityStats.compute(values)
 
 
 def semantic_targets(raw: np.ndarray, label_values: Sequence[int], ignore_value: int | None, where: str) -> np.ndarray:
@@ -239,18 +251,19 @@ class LabeledSlicesDataModule(pl.LightningDataModule):
         holdout: float = 0.0,
     ) -> None:
         super().__init__()
+        check_at_least(1, {"--tile-size": tile_size, "--data.batch_size": batch_size, "--data.tiles_per_epoch": tiles_per_epoch}, LabelError)
         self.images_volume, self.labels_volume = as_volume(images, voxel_size), as_volume(labels, voxel_size)
         iv, lv = self.images_volume, self.labels_volume
         if tuple(iv.shape) != tuple(lv.shape):
             raise LabelError(f"labels {lv.path} shape {tuple(lv.shape)} != images {iv.path} shape {tuple(iv.shape)}")
         n = iv.shape[0]
-        self.train_slices = parse_slices(train_slices, n)
-        self.val_slices = parse_slices(val_slices, n)
+        self.train_slices = parse_slices(train_slices, n, "--train-slices")
+        self.val_slices = parse_slices(val_slices, n, "--val-slices")
         if not self.train_slices:
-            raise ValueError("no training slices given")
+            raise LabelError("--train-slices: no training slices given")
         overlap = sorted(set(self.train_slices) & set(self.val_slices))
         if overlap:
-            raise ValueError(f"slices {overlap} are both training and validation slices")
+            raise LabelError(f"--train-slices / --val-slices: slices {overlap} are both training and validation slices")
         self.task, self.tile_size, self.tiles_per_epoch = task, tile_size, tiles_per_epoch
         self.batch_size, self.num_workers = batch_size, num_workers
         self.class_balance, self.holdout = class_balance, holdout

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 from pathlib import Path
 
 import numpy as np
 
+from ssl_em.errors import check_writable_file
 from ssl_em.finetune.data import IGNORE, LabelError, as_volume, parse_slices, semantic_targets
 from ssl_em.finetune.metrics import instance_scores, semantic_scores
 
@@ -49,7 +50,7 @@ def evaluate(pred_spec: str, gt_spec: str, task: str | None = None, slices: str 
     gt = as_volume(gt_spec)
     if tuple(pred.shape) != tuple(gt.shape):
         raise LabelError(f"prediction {pred_spec} shape {tuple(pred.shape)} != ground truth {gt_spec} shape {tuple(gt.shape)}")
-    zs = parse_slices(slices, gt.shape[0]) if slices else list(range(gt.shape[0]))
+    zs = parse_slices(slices, gt.shape[0], "--slices") if slices else list(range(gt.shape[0]))
     p = np.concatenate([pred.read(z) for z in zs])
     g = np.concatenate([gt.read(z) for z in zs])
     if task == "semantic" and attrs:
@@ -85,13 +86,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    values = [int(v) for v in args.label_values.split(",")] if args.label_values else None
     try:
-        scores = evaluate(args.pred, args.gt, args.task, args.slices, values, args.ignore_value)
-    except (LabelError, ValueError) as e:
-        print(f"ssl-em evaluate: error: {e}", file=sys.stderr)
-        return 2
+        values = [int(v) for v in args.label_values.split(",")] if args.label_values else None
+    except ValueError:
+        raise LabelError(f"--label-values {args.label_values}: give integers, e.g. 255,0") from None
+    if args.json:
+        check_writable_file(args.json, "--json")  # before the work, not after it
+    scores = evaluate(args.pred, args.gt, args.task, args.slices, values, args.ignore_value)  # errors: one line from `ssl-em`
     print(format_table(scores))
     if args.json:
-        Path(args.json).write_text(json.dumps(scores, indent=2, default=float) + "\n")
+        write_atomic(args.json, json.dumps(scores, indent=2, default=float) + "\n")
     return 0
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write a temporary file beside `path`, then rename it: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ class path) and loads the weights strictly; nothing is unpickled.
 
 from __future__ import annotations
 
-import importlib
+import inspect
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -26,7 +26,7 @@ from torch import nn
 from ssl_em import __version__
 from ssl_em.data.normalize import Normalization
 from ssl_em.export import META as BACKBONE_META
-from ssl_em.export import BackboneError, BackboneMeta, build_backbone, load_backbone, load_strict, patch_size_of, write_atomic
+from ssl_em.export import BackboneError, BackboneMeta, build_backbone, build_from_metadata, load_backbone, load_strict, patch_size_of, read_json, read_safetensors, replace_folder
 from ssl_em.finetune.features import FeatureExtractor, FeatureSpec
 
 WEIGHTS, META = "model.safetensors", "ssl_em_finetuned.json"
@@ -115,44 +115,60 @@ def head_config(head: nn.Module) -> dict:
     return {"class_path": f"{type(head).__module__}.{type(head).__qualname__}", "init_args": dict(getattr(head, "init_args", {}))}
 
 
-def build_head(config: dict, spec: FeatureSpec, num_classes: int) -> nn.Module:
-    """Instantiate a head from {"class_path", "init_args"}; the class must be an nn.Module."""
-    module_name, _, cls_name = config["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise BackboneError(f"head class {config['class_path']!r} is not an nn.Module class")
-    return cls(spec, num_classes, **config.get("init_args", {}))
+def build_head(config: dict, spec: FeatureSpec, num_classes: int, where: str = "head") -> nn.Module:
+    """Instantiate a head from {"class_path", "init_args"}. The class must be one of ssl_em's
+    own heads (`ssl_em.finetune.heads.HEADS`): a model folder is data, and a class path of
+    the sender's choosing would make us import and run any module they name."""
+    from ssl_em.finetune.heads import HEADS
+
+    allowed = {f"{h.__module__}.{h.__qualname__}": h for h in HEADS}
+    path = config.get("class_path") if isinstance(config, dict) else None
+    cls = allowed.get(path) if isinstance(path, str) else None
+    if cls is None:
+        raise BackboneError(f"{where}: head class_path {path!r} is not one of ssl_em's heads ({', '.join(sorted(allowed))}); refusing to import it")
+    init_args = config.get("init_args") or {}
+    params = inspect.signature(cls.__init__).parameters
+    foreign = sorted(k for k in init_args if k not in params or k in ("self", "spec", "num_classes"))
+    if foreign:
+        raise BackboneError(f"{where}: head init_args {foreign} are not arguments of {path}")
+    return cls(spec, num_classes, **init_args)
 
 
 def export_finetuned(net: SegmentationNet, out: str | Path, meta: FinetunedMeta) -> Path:
-    """Write net.state_dict() (safetensors) and the metadata (JSON) into `out`."""
+    """Write net.state_dict() (safetensors) and the metadata (JSON) as the folder `out`, all at
+    once (`replace_folder`)."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    write_atomic(out / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    write_atomic(out / META, lambda p: p.write_text(json.dumps(asdict(meta), indent=2) + "\n"))
-    return out
+
+    def fill(folder: Path) -> None:
+        save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
+        (folder / META).write_text(json.dumps(asdict(meta), indent=2) + "\n")
+
+    return replace_folder(out, fill, META)
 
 
-def build_net(meta: FinetunedMeta) -> SegmentationNet:
+def build_net(meta: FinetunedMeta, where: str = "fine-tuned model") -> SegmentationNet:
     """The architecture a FinetunedMeta describes, with random weights."""
     bb = meta.backbone_meta
-    extractor = FeatureExtractor(build_backbone(bb.architecture, **bb.model_args), indices=meta.feature_indices)
-    return SegmentationNet(extractor, build_head(meta.head, extractor.spec, len(meta.classes)))
+    extractor = FeatureExtractor(build_from_metadata(bb.architecture, bb.model_args, where), indices=meta.feature_indices)
+    return SegmentationNet(extractor, build_head(meta.head, extractor.spec, len(meta.classes), where))
 
 
 def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tuple[SegmentationNet, FinetunedMeta]:
     """Load a fine-tuned model strictly (safetensors + JSON only). Returns (net in eval mode, meta)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not (path / META).is_file() or not (path / WEIGHTS).is_file():
         raise BackboneError(f"{path}: no {META} + {WEIGHTS}; not a fine-tuned ssl_em model (make one with `ssl-em finetune --out`)")
-    meta = FinetunedMeta.from_dict(json.loads((path / META).read_text()))
+    where = str(path / META)
+    try:
+        meta = FinetunedMeta.from_dict(read_json(path / META, "fine-tuned model metadata"))
+    except TypeError as err:  # a required field missing
+        raise BackboneError(f"{where}: not fine-tuned ssl_em metadata ({err})") from None
     if meta.format != FORMAT:
         raise BackboneError(f"{path}: {META} has format {meta.format!r}, expected {FORMAT!r}")
-    net = build_net(meta)
-    load_strict(net, load_file(str(path / WEIGHTS), device="cpu"), f"{path} (fine-tuned {meta.backbone['architecture']})")
+    if not isinstance(meta.backbone, dict) or not isinstance(meta.classes, list) or not meta.classes:
+        raise BackboneError(f"{where}: needs a backbone object and a non-empty list of classes")
+    net = build_net(meta, where)
+    load_strict(net, read_safetensors(path / WEIGHTS), f"{path} (fine-tuned {meta.backbone.get('architecture')})")
     return net.to(device).eval(), meta

@@ -170,3 +170,7 @@ def default_head(spec: FeatureSpec, num_classes: int, **kwargs) -> nn.Module:
     """UNETRHead for ViT-like backbones (one resolution), UNetHead for CNNs; kwargs (e.g.
     width, min_width) go to the chosen head, default sizes otherwise."""
     return (UNETRHead if spec.columnar else UNetHead)(spec, num_classes, **kwargs)
+
+
+#: ssl_em's own heads: the only classes a fine-tuned model folder may name (`head.class_path`).
+HEADS: tuple[type[nn.Module], ...] = (LinearProbe, UNETRHead, UNetHead)

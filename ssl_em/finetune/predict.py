@@ -55,7 +55,8 @@ from torch import nn
 
 from ssl_em import ngff
 from ssl_em.data.normalize import IntensityStats, Normalization, normalize_numpy
-from ssl_em.data.volume import Volume, VoxelSize
+from ssl_em.data.volume import Volume, VoxelSize, check_finite
+from ssl_em.errors import UserError, check_at_least
 from ssl_em.finetune.data import as_volume, sample_stats
 from ssl_em.finetune.instance import foreground_boundary, merge_map, plane_merges, relabel, segment_slices, watershed_instances
 
@@ -305,6 +306,9 @@ def predict_volume(
 
     net = net.to(device).eval()
     Z, Y, X = volume.shape
+    if not 0 <= settings.overlap < settings.window or settings.slab < 1 or settings.batch_size < 1:
+        raise UserError(f"overlap {settings.overlap} must be in [0, window {settings.window}), slab {settings.slab} and batch size {settings.batch_size} >= 1")
+    stats = stats or sample_stats(volume)  # refuses NaN/Inf before OUT is touched
     identity = prediction_identity(volume, settings, model_id, input_id)
     # Rank 0 creates (or replaces) the store; the others open it once it exists.
     pred = Prediction(out, identity, volume.shape, classes, settings, overwrite=overwrite, label_values=label_values, voxel_size=volume.voxel_size) if shard.main else None
@@ -312,7 +316,6 @@ def predict_volume(
     pred = pred or Prediction(out, identity, volume.shape, classes, settings)
     if pred.meta.get("complete"):
         return pred.path
-    stats = stats or sample_stats(volume)
     probs_arr = pred.array("0")
     targets = {"xy": probs_arr} | {p: pred.root["planes"][p]["0"] for p in settings.planes if p != "xy"}
     bar = not progress or not shard.main
@@ -325,6 +328,7 @@ def predict_volume(
             region = [slice(None)] * 3
             region[axis] = slice(start, min(start + s, n))
             raw = volume.read(*region)
+            check_finite(raw, f"{volume.path} ({plane} planes {start}..{region[axis].stop - 1})")
             slab = np.stack([predict_plane(net, normalize_numpy(np.take(raw, i, axis=axis), stats, normalization), settings.window, settings.overlap, settings.batch_size, device) for i in range(raw.shape[axis])], axis=1 + axis)
             targets[plane][(slice(None), *region)] = ngff.encode_probabilities(slab)
             if plane == "xy" and len(settings.planes) == 1:
@@ -485,14 +489,31 @@ def launch(accelerator: str, devices: str, num_nodes: int) -> tuple[Shard, torch
     return Shard(fabric.global_rank, fabric.world_size, fabric.barrier), fabric.device
 
 
+def check_flags(args) -> None:
+    """UserError naming the flag, before the model or the volume is opened."""
+    check_at_least(1, {"--window": args.window, "--slab": args.slab, "--batch-size": args.batch_size, "--num-nodes": args.num_nodes})
+    check_at_least(0, {"--min-size": args.min_size, "--halo": args.halo})
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a folder (OUT.zarr)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out {out}: {parent} is a file, not a folder")
+            break
+
+
 def run(args) -> int:
     import sys
 
     from ssl_em.finetune.export import load_finetuned
 
-    net, meta = load_finetuned(args.model, device="cpu")
+    check_flags(args)
+    net, meta = load_finetuned(args.model, device="cpu")  # errors name the file: one line from `ssl-em`
     volume = as_volume(args.input, args.voxel_size)
     window = args.window or meta.tile_size
+    if args.overlap is not None and not 0 <= args.overlap < window:
+        raise UserError(f"--overlap {args.overlap}: must be >= 0 and smaller than the window ({window} px)")
     instances = args.instances if args.instances is not None else ("2d" if meta.task == "instance" else "none")
     settings = PredictSettings(
         window=window,

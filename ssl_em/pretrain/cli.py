@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,12 +40,13 @@ from pytorch_lightning.cli import LightningCLI
 from ssl_em import cli_flags
 from ssl_em.console import quiet, run_callbacks
 from ssl_em.data.stream import EMDataModule, NoTilesError
-from ssl_em.export import BackboneError, read_checkpoint
+from ssl_em.errors import UserError, check_at_least, debug_enabled, find_user_error, one_line
+from ssl_em.export import read_checkpoint
 from ssl_em.pretrain.base import PretrainMethod, run_metadata
 from ssl_em.seeding import seed_process
 
 
-class PretrainError(ValueError):
+class PretrainError(UserError):
     """A run cannot start as configured; the message says why in one line."""
 
 
@@ -69,6 +71,69 @@ class SeedPerRank(Callback):
         seed_process()
 
 
+class RandomState(Callback):
+    """Saves torch's global random state (CPU and CUDA) in every checkpoint and restores it on
+    resume, so the random draws of a method (MAE's masks, augmentations drawn with torch)
+    continue as in an uninterrupted run instead of restarting from the seed. The state is put
+    back just before the first resumed batch: creating the data loader's iterator draws from
+    the same generator, which the uninterrupted run did long before."""
+
+    def __init__(self) -> None:
+        self._pending: dict | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["ssl_em_rng"] = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._pending = checkpoint.get("ssl_em_rng")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        state, self._pending = self._pending, None
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def continue_csv_metrics(trainer, resumed_step: int) -> None:
+    """On resume, CSV loggers keep writing the run's metrics file instead of a new version_N:
+    rows before the resumed step are kept (later ones are trained again and logged anew).
+    Lightning's CSV writer deletes an existing metrics.csv when it opens its folder, so the
+    file is set aside, the writer opened, and the kept rows put back under it."""
+    import csv
+
+    from pytorch_lightning.loggers import CSVLogger
+
+    for logger in trainer.loggers:
+        if not isinstance(logger, CSVLogger):
+            continue
+        metrics = Path(logger.log_dir) / "metrics.csv"
+        rows, header = [], []
+        if metrics.is_file():
+            with open(metrics, newline="") as f:
+                reader = csv.DictReader(f)
+                header = list(reader.fieldnames or [])
+                rows = [r for r in reader if r.get("step", "") != "" and int(float(r["step"])) < resumed_step]
+            metrics.unlink()
+        writer = logger.experiment  # opens the folder (and would have deleted the file)
+        if header:
+            tmp = metrics.with_suffix(".tmp")
+            with open(tmp, "w", newline="") as f:
+                out = csv.DictWriter(f, fieldnames=header)
+                out.writeheader()
+                out.writerows(rows)
+            tmp.replace(metrics)
+            writer.metrics_keys = sorted(header)
+
+
+def _latest_version(save_dir: str, name: str) -> int | None:
+    """N of the newest save_dir/name/version_N, or None."""
+    root = Path(save_dir) / (name or "")
+    versions = [int(p.name.split("_")[1]) for p in root.glob("version_*") if p.name.split("_")[1].isdigit()] if root.is_dir() else []
+    return max(versions) if versions else None
+
+
 class PretrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_dir", type=str | None, default=None, help="the run's folder (default: runs/<recipe name>)")
@@ -82,6 +147,9 @@ class PretrainCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config
         check_strategy(cfg.trainer.strategy)  # before Lightning builds it (FSDP fails later, or worse, trains)
+        # Checked here, before the model is built from them (the tile size is its img_size).
+        check_at_least(1, {"--data.tile_size": cfg.data.tile_size, "--data.batch_size": cfg.data.batch_size,
+                           "--checkpoint_every_n_steps": cfg.checkpoint_every_n_steps}, PretrainError)
         recipes = [str(p) for p in (cfg.get("config") or [])]
         self.recipes = recipes
         if cfg.run_dir is None:
@@ -93,6 +161,9 @@ class PretrainCLI(LightningCLI):
             init = getattr(lg, "init_args", None)
             if init is not None and "save_dir" in init and init.save_dir in (None, "", "."):
                 init.save_dir = cfg.run_dir
+            # A resumed run logs into the run's newest version_N, not a new one.
+            if cfg.resume and init is not None and "version" in init and init.version is None and str(getattr(lg, "class_path", "")).endswith("CSVLogger"):
+                init.version = _latest_version(init.save_dir, init.get("name", "lightning_logs") or "")
 
     def instantiate_trainer(self, **kwargs):
         cfg = self.config
@@ -111,7 +182,7 @@ class PretrainCLI(LightningCLI):
         )
         given = given if isinstance(given, list) else [given]
         shown = run_callbacks(cfg.trainer.get("enable_progress_bar") is not False, cfg.trainer.get("enable_model_summary") is not False)
-        kwargs["callbacks"] = given + [checkpoints, RecordRecipe(self.recipes), SeedPerRank()] + shown
+        kwargs["callbacks"] = given + [checkpoints, RecordRecipe(self.recipes), SeedPerRank(), RandomState()] + shown
         return super().instantiate_trainer(**kwargs)
 
 
@@ -122,7 +193,7 @@ def check_data(datamodule: EMDataModule) -> None:
     try:
         probe.setup("fit")
     except (NoTilesError, FileNotFoundError, ValueError) as e:
-        raise PretrainError(f"data {datamodule.data!r}: {e}") from e
+        raise PretrainError(f"data {datamodule.data!r}: {one_line(e)}") from e
     for name, why in probe.dataset.left_out:  # nothing dropped silently
         print(f"ssl-em pretrain: left out image {name}: {why}", file=sys.stderr)
 
@@ -195,41 +266,31 @@ def make_cli(argv: list[str]) -> PretrainCLI:
         )
 
 
-def _find(e: BaseException | None, kind: type) -> BaseException | None:
-    """The first exception of `kind` in e's chain of causes."""
-    while e is not None and not isinstance(e, kind):
-        e = e.__cause__ or e.__context__
-    return e
-
-
 def run_argv(argv: list[str]) -> int:
     if cli_flags.wants_short_help(argv):
         return cli_flags.print_short_help(cli_flags.help_text("pretrain"))
     verbose = cli_flags.VERBOSE in argv
     try:
         cli = make_cli(argv)
-    except PretrainError as e:
-        print(f"ssl-em pretrain: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # jsonargparse wraps errors raised while instantiating the classes
-        cause = _find(e, BackboneError)
-        if cause is None:
-            raise
-        print(f"ssl-em pretrain: error: {cause}", file=sys.stderr)
-        return 2
-    cfg = cli.config
-    ckpt_path = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-    try:
+        cfg = cli.config
+        ckpt_path = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
         check_data(cli.datamodule)
         if cfg.resume and ckpt_path.is_file():
             check_resume(cli.model, ckpt_path)
         elif cfg.init_from:
             init_from_export(cli.model, cfg.init_from)
-    except (PretrainError, BackboneError) as e:
-        print(f"ssl-em pretrain: error: {e}", file=sys.stderr)
+    except Exception as e:  # jsonargparse wraps errors raised while instantiating the classes
+        cause = find_user_error(e)
+        if cause is None or debug_enabled():
+            raise
+        print(f"ssl-em pretrain: error: {one_line(cause)}", file=sys.stderr)
         return 2
     if cfg.resume and not ckpt_path.is_file():
         print(f"ssl-em pretrain: nothing to resume in {ckpt_path.parent}; starting from scratch", file=sys.stderr)
+    if cfg.resume and ckpt_path.is_file():
+        continue_csv_metrics(cli.trainer, int(read_checkpoint(ckpt_path).get("global_step", 0)))
+        # Lightning looks for a stateful DataLoader; ours resumes through EMDataModule.state_dict.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     if cfg.compile:
         cli.model.compile()
     resume = cfg.resume and ckpt_path.is_file()

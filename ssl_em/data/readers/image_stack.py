@@ -23,6 +23,8 @@ from ssl_em.data.volume import UNKNOWN_VOXEL_SIZE, Volume, VolumeError
 #: Suffixes read as 2D images, by decoder. TIFF goes through tifffile (16-bit, float,
 #: every compression); the rest through Pillow.
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: What Pillow must recognise in a file of each suffix (it also opens HDF5 headers, as 0x0).
+_PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = PIL_SUFFIXES + TIFF_SUFFIXES
 
@@ -102,6 +104,9 @@ def _header(file: str) -> tuple[tuple[int, int], np.dtype]:
         from PIL import Image
 
         with Image.open(file) as im:
+            expected = _PIL_FORMATS.get(Path(file).suffix.lower())
+            if im.format != expected or min(im.size) == 0:
+                raise VolumeError(f"{file}: is not a {expected} image (its bytes are {im.format}, {im.width}x{im.height}); give it its real suffix")
             return (im.height, im.width), np.dtype(_PIL_GRAY.get(im.mode, np.uint8))
     except VolumeError:
         raise

@@ -8,6 +8,8 @@ decodes only the strips or tiles of the pages a region covers, never the whole s
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +35,9 @@ class TiffVolume(Volume):
         super().__init__()
         self.path = str(path)
         try:
-            with tifffile.TiffFile(self.path) as tif:
+            with _TiffComplaints() as complaints, tifffile.TiffFile(self.path) as tif:
                 series = tif.series[0]
+                _check_complete(self.path, tif, series, complaints)
                 self.shape = _zyx_shape(self.path, series.shape, series.axes)
                 self._axes = series.axes
                 # The one axis the pages are stacked along (Z, T, I, Q...), or None for 2D.
@@ -74,6 +77,47 @@ class TiffVolume(Volume):
         """(..., S) colour samples -> luminance (a gray stack some viewer saved as RGB, an
         overlay export), as colour PNGs in image folders; grayscale passes through."""
         return region if self._samples == 1 else luminance(region)
+
+
+class _TiffComplaints(logging.Handler):
+    """Collects what tifffile logs while it parses a file. tifffile only *logs* a broken page
+    chain (a file cut short) and then reads the pages before the break as the whole file."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> "_TiffComplaints":
+        logging.getLogger("tifffile").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("tifffile").removeHandler(self)
+
+
+#: What tifffile logs when the page chain or the data is cut short.
+_BROKEN = ("invalid page offset", "corrupted", "truncated", "invalid tag", "data are not contiguous")
+
+
+def _check_complete(path: str, tif, series, complaints: _TiffComplaints) -> None:
+    """Refuse a TIFF that is cut short, instead of reading the pages before the cut as the
+    whole volume: tifffile's complaints, ImageJ's recorded page count, and the end of the
+    pixel data against the file size."""
+    pages = len(tif.pages)
+    broken = [m for m in complaints.messages if any(b in m for b in _BROKEN)]
+    expected = tif.imagej_metadata.get("images") if tif.is_imagej and tif.imagej_metadata else None
+    if broken or (expected is not None and int(expected) > pages):
+        what = f"holds {pages} readable page(s)" + (f" of the {expected} its metadata records" if expected else "")
+        raise VolumeError(f"{path}: truncated or corrupt multi-page TIFF: {what} ({(broken or ['page count short'])[0].split('> ')[-1]})")
+    if series.dataoffset is not None:
+        end, size = series.dataoffset + series.nbytes, os.path.getsize(path)
+        if end > size:
+            page = series.nbytes // max(1, pages)
+            raise VolumeError(f"{path}: truncated TIFF: pixel data end at byte {end} but the file has {size} bytes "
+                              f"(pages {(size - series.dataoffset) // max(1, page)}..{pages - 1} are cut)")
 
 
 def _zyx_shape(path: str, shape: tuple[int, ...], axes: str) -> tuple[int, int, int]:

@@ -29,14 +29,18 @@ def _metadata_driver(path: Path) -> str | None:
 
 
 def group_attributes(path: Path) -> dict:
-    """Attributes of a zarr v2/v3 or N5 group (empty dict when there are none)."""
-    if (path / ".zattrs").is_file():
-        return json.loads((path / ".zattrs").read_text())
-    if (path / "zarr.json").is_file():
-        meta = json.loads((path / "zarr.json").read_text())
-        return meta.get("attributes", {})
-    if (path / "attributes.json").is_file():
-        return json.loads((path / "attributes.json").read_text())
+    """Attributes of a zarr v2/v3 or N5 group (empty dict when there are none).
+    VolumeError naming the file when the metadata is not a JSON object."""
+    for name, key in ((".zattrs", None), ("zarr.json", "attributes"), ("attributes.json", None)):
+        f = path / name
+        if f.is_file():
+            try:
+                meta = json.loads(f.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise VolumeError(f"{f}: corrupt zarr metadata (not valid JSON: {err})") from None
+            if not isinstance(meta, dict):
+                raise VolumeError(f"{f}: corrupt zarr metadata (a JSON {type(meta).__name__}, not an object)")
+            return meta.get(key, {}) if key else meta
     return {}
 
 

@@ -407,6 +407,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     le.add_argument("--lr", type=float, default=1e-3)
     le.add_argument("--head-width", type=int, default=128, help="decoder width of the default head (128; 64 is ~4x cheaper on a CPU)")
     le.add_argument("--unfreeze-at-step", type=int, default=None, help="fine-tune the backbone after N steps (default: frozen)")
+    le.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
+                    help="also train the U-Net on the whole pool, for the all-labels ceiling (default: yes)")
     le.add_argument("--out", required=True, help="folder for results.csv, table.md, plot.png")
     rep = kinds.add_parser("report", help="rewrite table.md and plot.png from results.csv, merging other result folders")
     rep.add_argument("--out", required=True, help="the benchmark folder (its results.csv is extended by --merge)")
@@ -450,7 +452,7 @@ def run(args) -> int:
     print(f"ssl-em benchmark: results go to {Path(args.out) / 'results.csv'} (a rerun skips the cells already there)", flush=True)
     with quiet():
         label_efficiency(arms_for(args.backbones, unet_encoder=args.unet_encoder, unet_lr=args.unet_lr), args.images, args.labels, pool, val,
-                         budgets, seeds, args.out, metric=args.metric, task=args.task, finetune_kwargs=kwargs)
+                         budgets, seeds, args.out, metric=args.metric, task=args.task, finetune_kwargs=kwargs, ceiling=args.ceiling)
     print(report(args.out, args.metric))
     print(f"\nwrote {Path(args.out) / 'results.csv'}, table.md, plot.png")
     return 0

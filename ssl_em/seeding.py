@@ -59,18 +59,27 @@ class Generators:
     """torch.Generators for one named stream, one per device, seeded on first use from
     (seed, stream, rank, worker). `seed` None = the run seed at first use.
 
-    Not saved in checkpoints: a resumed run draws a fresh (still reproducible) sequence.
+    `at_step(s)` (called by pretraining before every optimizer step) re-keys the stream with
+    the step, so the draws of step s are a function of (seed, stream, rank, worker, s): a
+    resumed run draws exactly what an uninterrupted one would, with no state to checkpoint.
     """
 
     def __init__(self, stream: str, seed: int | None = None) -> None:
         self.stream, self.seed = stream, seed
+        self.step: int | None = None
         self._by_device: dict[str, torch.Generator] = {}
         self._owner: tuple[int, int, int] | None = None  # (pid, rank, worker) they were made in
 
-    def key(self) -> tuple[int, int, int, int]:
-        """(seed, stream, rank, worker) of this process."""
+    def key(self) -> tuple[int, ...]:
+        """(seed, stream, rank, worker[, step]) of this process."""
         seed = self.seed if self.seed is not None else run_seed()
-        return seed, stream_id(self.stream), process_rank(), worker_index()
+        base = (seed, stream_id(self.stream), process_rank(), worker_index())
+        return base if self.step is None else (*base, self.step)
+
+    def at_step(self, step: int) -> None:
+        """Draw from the sequence of optimizer step `step` from now on."""
+        self.step = int(step)
+        self._by_device, self._owner = {}, None
 
     def get(self, device: torch.device | str = "cpu") -> torch.Generator:
         # A module pickled into a loader worker, or built before torch.distributed started,
@@ -94,16 +103,23 @@ class Generators:
 
     def __getstate__(self) -> dict:
         # Generators do not pickle; a copy in another process seeds its own.
-        return {"stream": self.stream, "seed": self.seed, "_by_device": {}, "_owner": None}
+        return {"stream": self.stream, "seed": self.seed, "step": self.step, "_by_device": {}, "_owner": None}
 
 
-def seed_process(seed: int | None = None) -> int:
-    """Re-seed this process's global RNGs (torch, numpy, random) from (seed, rank), so
-    what still draws from them (dropout, drop-path) differs between ranks. Returns the seed."""
+def seed_process(seed: int | None = None, step: int | None = None) -> int:
+    """Re-seed this process's global RNGs (torch, numpy, random) from (seed, rank[, step]),
+    so what still draws from them (dropout, drop-path) differs between ranks and, keyed by
+    the optimizer step, repeats exactly after a resume. Returns the seed."""
     import random
 
-    s = derive_seed(seed if seed is not None else run_seed(), process_rank(), 0x5EED)
+    keys = (seed if seed is not None else run_seed(), process_rank(), 0x5EED) + (() if step is None else (int(step),))
+    s = derive_seed(*keys)
     torch.manual_seed(s)
     np.random.seed(s % 2**32)
     random.seed(s)
     return s
+
+
+def generators_in(module: torch.nn.Module) -> list[Generators]:
+    """Every `Generators` held by `module` or its submodules (as attributes)."""
+    return [v for m in module.modules() for v in vars(m).values() if isinstance(v, Generators)]

@@ -127,8 +127,12 @@ def test_reconstruction_logged_to_offline_wandb_as_uint8_em(tmp_path, monkeypatc
     (png,) = tmp_path.glob("wandb/offline-run-*/files/media/images/train/reconstruction_*.png")
     pixels = np.asarray(Image.open(png))
     assert pixels.dtype == np.uint8
-    assert pixels.shape == (4 * 34 + 2, 3 * 34 + 2, 3)  # rows of input | masked | reconstruction, 2 px padding
-    inputs = pixels[2:34, 2:34, 0]  # the first row's input tile, inside the 2 px padding
+    # rows of input | masked | reconstruction with 2 px padding, enlarged k-fold under a
+    # header strip when the tiles are too narrow for the column headers
+    k = pixels.shape[1] // (3 * 34 + 2)
+    header = pixels.shape[0] - k * (4 * 34 + 2)
+    assert pixels.shape[1] == k * (3 * 34 + 2) and pixels.shape[2] == 3 and 0 < header <= 20
+    inputs = pixels[header + 2 * k : header + 34 * k : k, 2 * k : 34 * k : k, 0]  # the first row's input tile
     expected = np.round((tiles[0, 0].numpy() - tiles.numpy().min()) / (tiles.numpy().max() - tiles.numpy().min()) * 255)
     np.testing.assert_allclose(inputs, expected, atol=1)  # the EM itself, at full contrast
     assert inputs.std() > 20 and inputs.max() - inputs.min() > 128

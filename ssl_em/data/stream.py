@@ -259,7 +259,7 @@ class TileDataset(IterableDataset):
     def batches_per_pass(self, batch_size: int, workers: int) -> int:
         """Batches one rank's loader yields in one pass (each worker drops its last partial one)."""
         w = max(1, workers)
-        return sum(self._count(self.rank * w + k, self.world_size * w) // batch_size for k in range(w))
+        return sum(worker_share(self.samples_per_epoch, self.world_size, k, w, batch_size) // batch_size for k in range(w))
 
     def _stream(self, multiple: int):
         """This reader's share of one epoch, as lists of (tile view, source index) pairs

@@ -43,7 +43,7 @@ from ssl_em.data.stream import EMDataModule, NoTilesError
 from ssl_em.errors import UserError, check_at_least, debug_enabled, find_user_error, one_line
 from ssl_em.export import read_checkpoint
 from ssl_em.pretrain.base import PretrainMethod, run_metadata
-from ssl_em.seeding import seed_process
+from ssl_em.seeding import generators_in, seed_process
 
 
 class PretrainError(UserError):
@@ -63,37 +63,21 @@ class RecordRecipe(Callback):
 
 
 class SeedPerRank(Callback):
-    """LightningCLI seeds every rank with the same `seed_everything`, which keeps the initial
-    weights equal; once the processes are up, each rank's global RNG (dropout, drop-path) is
-    re-seeded from (seed, rank). Masks and views draw from `ssl_em.seeding.Generators`."""
+    """Random draws keyed by (seed, rank, optimizer step). LightningCLI seeds every rank with
+    the same `seed_everything`, which keeps the initial weights equal; from then on, before
+    every optimizer step, each rank re-seeds its global RNG (dropout, drop-path) and re-keys
+    the method's `Generators` (masks, views) from (seed, rank, step). Ranks differ, a seed
+    repeats, and a resumed run draws exactly what an uninterrupted one would, with no random
+    state to save in the checkpoint (the tile stream resumes through its datamodule state)."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         seed_process()
 
-
-class RandomState(Callback):
-    """Saves torch's global random state (CPU and CUDA) in every checkpoint and restores it on
-    resume, so the random draws of a method (MAE's masks, augmentations drawn with torch)
-    continue as in an uninterrupted run instead of restarting from the seed. The state is put
-    back just before the first resumed batch: creating the data loader's iterator draws from
-    the same generator, which the uninterrupted run did long before."""
-
-    def __init__(self) -> None:
-        self._pending: dict | None = None
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint["ssl_em_rng"] = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        self._pending = checkpoint.get("ssl_em_rng")
-
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        state, self._pending = self._pending, None
-        if state is None:
-            return
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        step = trainer.global_step
+        seed_process(step=step)
+        for g in generators_in(pl_module):
+            g.at_step(step)
 
 
 def continue_csv_metrics(trainer, resumed_step: int) -> None:
@@ -182,7 +166,7 @@ class PretrainCLI(LightningCLI):
         )
         given = given if isinstance(given, list) else [given]
         shown = run_callbacks(cfg.trainer.get("enable_progress_bar") is not False, cfg.trainer.get("enable_model_summary") is not False)
-        kwargs["callbacks"] = given + [checkpoints, RecordRecipe(self.recipes), SeedPerRank(), RandomState()] + shown
+        kwargs["callbacks"] = given + [checkpoints, RecordRecipe(self.recipes), SeedPerRank()] + shown
         return super().instantiate_trainer(**kwargs)
 
 

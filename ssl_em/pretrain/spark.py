@@ -31,6 +31,7 @@ from ssl_em.finetune.features import feature_info
 from ssl_em.finetune.heads import conv_block
 from ssl_em.pretrain.base import PretrainMethod
 from ssl_em.pretrain.mae import masked_mse, patchify, random_masking
+from ssl_em.seeding import Generators
 
 
 class SparK(PretrainMethod):
@@ -67,6 +68,7 @@ class SparK(PretrainMethod):
         for t in self.mask_tokens:
             nn.init.trunc_normal_(t, std=0.02)
         self.decoder = LightDecoder(channels, self.reductions, self.in_chans, decoder_width)
+        self.mask_rng = Generators("spark.mask")  # per (seed, rank, worker, step), see ssl_em.seeding
         self._visible: torch.Tensor | None = None  # (B, 1, H/s, W/s), 1 = visible; set during forward
         self._hooks = [m.register_forward_hook(self._sparsify) for m in self.backbone.modules() if isinstance(m, nn.Conv2d)]
 
@@ -84,7 +86,7 @@ class SparK(PretrainMethod):
         """imgs: (B, C, H, W) normalised -> {loss, pred (B, C, H, W), mask (B, L), 1 = hidden}."""
         B, _, H, W = imgs.shape
         h, w = H // self.square, W // self.square
-        _, mask, _ = random_masking(B, h * w, self.mask_ratio, imgs.device)  # (B, L), 1 = hidden
+        _, mask, _ = random_masking(B, h * w, self.mask_ratio, imgs.device, self.mask_rng.get(imgs.device))  # (B, L), 1 = hidden
         self._visible = (1 - mask).view(B, 1, h, w)
         try:
             masked = imgs * self._visible_at((H, W))

@@ -90,6 +90,12 @@ def test_backbones_of_one_architecture_share_a_random_twin_and_the_unet_is_alway
     assert [a.name for a in arms] == ["mae", "cnn", "random-init (mae arch)", unet]
     assert arms[1].twin == arms[1].baseline == unet and arms[-1].twin == arms[-1].baseline == unet
 
+    # ... also when the export records the arguments every ssl_em backbone is built with
+    # (what `ssl-em export` writes: num_classes 0, global_pool avg), as the shipped one does.
+    net = timm.create_model("test_resnet", in_chans=1, num_classes=0, pretrained=False)
+    export_backbone(net, tmp_path / "full", BackboneMeta("test_resnet", model_args={"in_chans": 1, "num_classes": 0, "global_pool": "avg"}))
+    assert [a.name for a in arms_for([str(tmp_path / "full")], unet_encoder="test_resnet")] == ["full", unet]
+
 
 def test_unet_arm_runs_every_budget_plus_the_ceiling_and_pairs_by_seed(tmp_path, monkeypatch):
     import ssl_em.finetune.cli as ft_cli

@@ -81,12 +81,17 @@ def _twin_name(backbone: str) -> str:
     return f"random-init ({Path(backbone).name} arch)"
 
 
+#: Model arguments every ssl_em backbone is built with (`build_backbone`: grayscale, no
+#: classifier); recorded in an export's model_args, they do not make another architecture.
+BUILD_DEFAULTS = {"in_chans": 1, "num_classes": 0, "global_pool": "avg"}
+
+
 def _arch_key(meta, fallback: str):
     """What makes two backbones the same architecture; a timm name (no metadata) is that
     architecture with in_chans 1 and timm's defaults, as `resolve_backbone` builds it."""
     if meta is None:
         return [fallback, {}] if not Path(fallback).exists() else fallback
-    args = {k: v for k, v in meta.model_args.items() if k not in ("in_chans", "img_size") or (k == "in_chans" and v != 1)}
+    args = {k: v for k, v in meta.model_args.items() if k != "img_size" and BUILD_DEFAULTS.get(k, object()) != v}
     return [meta.architecture, args]
 
 

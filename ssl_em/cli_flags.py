@@ -146,7 +146,7 @@ PRETRAIN_EXAMPLES = """\
 
 PRETRAIN_SUMMARY = """\
 Self-supervised pretraining of a timm backbone on tiles streamed from an archive. The recipe
-(recipes/pretrain/*.yaml) picks the method (MAE, MoCo v3, SimCLR) and the backbone. Then
+(recipes/pretrain/*.yaml) picks the method (MAE, SparK, MoCo v3, SimCLR) and the backbone. Then
 `ssl-em export <run_dir> --out checkpoints/NAME` writes the backbone for fine-tuning."""
 
 FINETUNE = [

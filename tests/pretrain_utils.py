@@ -37,3 +37,24 @@ def make_archive(path: Path, shape=(4, 128, 128), flag_all: bool = False, seed: 
     w.finish("synthetic", meta)
     return path
 
+
+
+def fixed_batch_losses(model, x, steps: int, lr: float = 2e-3) -> list[float]:
+    """Train `model` (a method returning {"loss"}) on one batch x for `steps` AdamW steps,
+    cycling through 4 fixed random draws (masks) by re-keying its generators, as
+    pretraining's SeedPerRank does per step; returns the losses."""
+    import torch
+
+    from ssl_em.seeding import generators_in
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        for g in generators_in(model):
+            g.at_step(step % 4)  # a few fixed masks
+        loss = model(x)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

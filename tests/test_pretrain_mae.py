@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from pretrain_utils import TINY_VIT
+from pretrain_utils import TINY_VIT, fixed_batch_losses
 
 from ssl_em.pretrain.mae import MAE, masked_mse, patchify, random_masking, unpatchify
 
@@ -81,15 +81,7 @@ def test_reconstruction_grid():
 def test_loss_decreases_on_fixed_batch():
     m = tiny_mae()
     x = torch.randn(8, 1, 32, 32).cumsum(-1).cumsum(-2) / 10  # smooth, learnable structure
-    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
-    losses = []
-    for step in range(40):
-        torch.manual_seed(step % 4)  # a few fixed masks
-        loss = m(x)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fixed_batch_losses(m, x, steps=40)
     assert sum(losses[-4:]) < 0.8 * sum(losses[:4])
 
 

@@ -9,12 +9,14 @@ What the viewers labs use need from a store, and why each choice here:
   1/255 resolution is finer than any threshold one sets on a softmax, the store is half
   the size of float16 and a quarter of float32, and every viewer shows it without a
   contrast setting.
-- `omero` channel names and colours, so napari names each probability layer after its class.
+- `omero` channel names and colours, so napari names each probability layer after its class
+  and each archive image after itself, opened at its robust contrast in grey.
 - `image-label` colours and properties for label images, so each class has a name and a
   colour. Label value 0 is drawn as background by napari and neuroglancer, so class k is
   stored as k + LABEL_OFFSET and 0 means "not predicted".
 - bioformats2raw layout for a collection of images (`collection_attrs`, `series_metadata`),
-  the form of a multi-image store that ome-zarr-py and napari-ome-zarr open from its root.
+  the form of a multi-image store that napari-ome-zarr opens from its root (ome-zarr-py's
+  `Reader` opens each image group).
 """
 
 from __future__ import annotations
@@ -52,12 +54,15 @@ def multiscales(name: str, axis_names: str | Sequence[str], scales: Sequence[Seq
     return entry | ({"type": kind} if kind else {})
 
 
-def omero(channel_names: Sequence[str], window: tuple[float, float]) -> dict:
-    """OMERO rendering metadata: one named, coloured channel per name, shown over `window`."""
+def omero(channel_names: Sequence[str], window: tuple[float, float], limits: tuple[float, float] | None = None, grey: bool = False) -> dict:
+    """OMERO rendering metadata: one named channel per name, shown over `window` (the
+    contrast limits viewers open with) within `limits` (the data's range; default `window`).
+    Coloured channels by default; `grey` draws them black to white, as EM is looked at."""
     lo, hi = (float(v) for v in window)
-    channels = [{"label": str(n), "color": PALETTE[k % len(PALETTE)], "active": True, "coefficient": 1.0, "family": "linear", "inverted": False,
-                 "window": {"start": lo, "end": hi, "min": lo, "max": hi}} for k, n in enumerate(channel_names)]
-    return {"version": VERSION, "channels": channels, "rdefs": {"model": "color"}}
+    low, high = (float(v) for v in (limits or window))
+    channels = [{"label": str(n), "color": "FFFFFF" if grey else PALETTE[k % len(PALETTE)], "active": True, "coefficient": 1.0, "family": "linear",
+                 "inverted": False, "window": {"start": lo, "end": hi, "min": low, "max": high}} for k, n in enumerate(channel_names)]
+    return {"version": VERSION, "channels": channels, "rdefs": {"model": "greyscale" if grey else "color"}}
 
 
 def image_label(classes: Sequence[str], source: str = "../../", offset: int = LABEL_OFFSET) -> dict:

@@ -96,6 +96,10 @@ def test_backbones_of_one_architecture_share_a_random_twin_and_the_unet_is_alway
     export_backbone(net, tmp_path / "full", BackboneMeta("test_resnet", model_args={"in_chans": 1, "num_classes": 0, "global_pool": "avg"}))
     assert [a.name for a in arms_for([str(tmp_path / "full")], unet_encoder="test_resnet")] == ["full", unet]
 
+    # Settings for the pretrained arms (--backbone-lr-scale) leave the baselines' own.
+    arms = arms_for([str(tmp_path / n) for n in ("mae", "cnn")], pretrained_settings={"backbone_lr_scale": 1.0})
+    assert [a.settings for a in arms] == [{"backbone_lr_scale": 1.0}] * 2 + [{}] * 2 + [{"lr": 1e-3, "unfreeze_at_step": 0}]
+
 
 def test_unet_arm_runs_every_budget_plus_the_ceiling_and_pairs_by_seed(tmp_path, monkeypatch):
     import ssl_em.finetune.cli as ft_cli
@@ -127,7 +131,7 @@ def test_gains_over_both_baselines_match_a_hand_computed_example():
     mae 0.80 / 0.60, twin 0.70 / 0.65, U-Net 0.75 / 0.50 (0.90 / 0.86 with all 4 slices).
     Over the twin: +0.10, -0.05 -> +0.025 ± 0.075, 1/2 wins. Over the U-Net: +0.05, +0.10
     -> +0.075 ± 0.025, 2/2 wins; the twin over the U-Net: -0.05, +0.15 -> +0.050 ± 0.100."""
-    from ssl_em.finetune.benchmark import ceiling
+    from ssl_em.finetune.benchmark import _ceiling_label, ceiling
 
     u = "U-Net from scratch (resnet18)"
     rows = [_row("mae", False, 1, 0, 0.80) | {"baseline": u}, _row("rand", True, 1, 0, 0.70) | {"baseline": u},
@@ -140,6 +144,10 @@ def test_gains_over_both_baselines_match_a_hand_computed_example():
     assert unet["mae"][1] == (pytest.approx(0.075), pytest.approx(0.025), 2, 2)
     assert unet["rand"][1] == (pytest.approx(0.05), pytest.approx(0.1), 1, 2) and u not in unet
     assert ceiling(rows)[:2] == (u, 4) and ceiling(rows)[2][:2] == (pytest.approx(0.88), pytest.approx(0.02))
+    # Rows that record their pool: the largest budget is "all labels" only if it is the pool.
+    assert _ceiling_label(ceiling(rows)) == f"ceiling: {u}, all 4 labeled slices"  # no pool recorded
+    assert _ceiling_label(ceiling([r | {"pool": "4"} for r in rows])) == f"ceiling: {u}, all 4 labeled slices"
+    assert _ceiling_label(ceiling([r | {"pool": "20"} for r in rows])) == f"top: {u}, 4 of 20 labeled slices"
     assert "+0.075 ± 0.025 (2/2 wins)" in gains_table(unet, "m", u)
 
 

@@ -159,6 +159,23 @@ def test_archive_root_lists_its_images_as_a_bioformats2raw_collection(archive):
         assert {d.dtype for d in node.data} <= NEUROGLANCER
 
 
+def test_napari_opens_the_archive_root_as_one_named_layer_per_image(archive):
+    """napari's own OME-Zarr plugin, given the root (what `napari ARCHIVE.zarr` does): one
+    grey image layer per archive image, named after it, in nanometres, at its contrast."""
+    napari_ome_zarr = pytest.importorskip("napari_ome_zarr", reason="napari-ome-zarr (dev extra) is napari's OME-Zarr reader")
+    import json
+
+    reader = napari_ome_zarr.napari_get_reader(str(archive))
+    assert reader is not None
+    layers = reader(str(archive))
+    assert [(kind, meta["name"]) for _, meta, kind in layers] == [("image", "aniso: aniso"), ("image", "iso: iso")]
+    for (data, meta, _), voxel in zip(layers, ((40.0, 4.0, 4.0), (8.0, 8.0, 8.0))):
+        assert data[0].shape == (4, 96, 80) and meta["scale"] == list(voxel)
+        assert meta["units"] == ("nanometer",) * 3
+        stats = json.loads((archive / meta["name"].split(":")[0] / ".zattrs").read_text())["ssl_em"]["stats"]
+        assert meta["contrast_limits"] == [stats["lo"], stats["hi"]] and stats["lo"] < stats["hi"]
+
+
 def test_archive_still_opens_in_ssl_em(archive):
     from ssl_em.data.archive import Archive
     from ssl_em.data.readers import open_volume

@@ -6,15 +6,18 @@ Layout (zarr v2 + NGFF 0.4, which napari and neuroglancer open)::
                                           "bioformats2raw.layout": 3}
       OME/                        attrs: {"series": [complete image names]}
         METADATA.ome.xml          one <Image ID="Image:<name>"> per complete image
-      <image name>/               NGFF image group: "multiscales" + "ssl_em" attrs
+      <image name>/               NGFF image group: "multiscales", "omero" (a grey channel named
+                                  after the image, its robust contrast) + "ssl_em" attrs
         0/ 1/ 2/ ...              pyramid levels, (z, y, x), level 0 = the source, pixel-exact
         curation                  (z, ceil(y / t), ceil(x / t)) uint8 bit flags per level-0 tile
       .locks/<image name>.lock    writer lock of each image (`ImageLock`); not a zarr group
 
 The root follows the bioformats2raw layout, the form of a collection of images that
-napari-ome-zarr opens from the root: it lists the series in OME/.zattrs and finds each image
-at the path its OME-XML ID names. Each image stays a plain NGFF image, which any OME-Zarr
-reader opens as `ARCHIVE.zarr/<image name>`.
+napari-ome-zarr (0.10, tested) opens from the root, one layer per image: it lists the
+series in OME/.zattrs and finds each image at the path its OME-XML ID names. Each image
+stays a plain NGFF image, which any OME-Zarr reader opens as `ARCHIVE.zarr/<image name>`;
+ome-zarr-py's own `Reader` (0.18) knows no collection but plates and label groups, so it
+opens the images, not the root.
 
 The image's "ssl_em" attributes hold the source path and fingerprint, intensity
 statistics, curation settings and counts, and "complete": true, which is written last:
@@ -24,6 +27,7 @@ Curation never deletes data; it only flags tiles.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -222,16 +226,36 @@ class ArchiveWriter:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"{path}: is a file, not an archive folder; choose another --out")
-        if self.path.exists() and any(self.path.iterdir()) and not Archive.is_archive(self.path):
-            raise UserError(f"{path}: exists and is not an ssl_em archive; refusing to write into it")
+        # A folder with .locks is an archive another writer is creating (checked again below,
+        # under the lock); without, a non-empty folder that is no archive is the user's.
+        if self.path.exists() and not (self.path / LOCKS).is_dir():
+            self._refuse_foreign()
         self.path.mkdir(parents=True, exist_ok=True)  # OSError naming the path: under a file, unwritable...
-        self.root = zarr.open_group(str(self.path), mode="a", zarr_format=2)
-        wanted = {"ssl_em": {"format": FORMAT, "version": VERSION}} | ngff.collection_attrs()
-        # Written only when missing: processes sharing an archive (ingest --shard) must not
-        # rewrite the root's attributes while another reads them.
-        if any(self.root.attrs.get(k) != v for k, v in wanted.items()):
-            self.root.attrs.update(wanted)
+        with self._root_lock():  # shards starting at once: one creates the root, the others see it
+            self._refuse_foreign()
+            self.root = zarr.open_group(str(self.path), mode="a", zarr_format=2)
+            wanted = {"ssl_em": {"format": FORMAT, "version": VERSION}} | ngff.collection_attrs()
+            # Written only when missing: processes sharing an archive (ingest --shard) must not
+            # rewrite the root's attributes while another reads them.
+            if any(self.root.attrs.get(k) != v for k, v in wanted.items()):
+                self.root.attrs.update(wanted)
         self.write_listing()
+
+    def _refuse_foreign(self) -> None:
+        if any(p.name != LOCKS for p in self.path.iterdir()) and not Archive.is_archive(self.path):
+            raise UserError(f"{self.path}: exists and is not an ssl_em archive; refusing to write into it")
+
+    @contextlib.contextmanager
+    def _root_lock(self):
+        """Exclusive flock on ARCHIVE/.locks/.archive.lock, for what several writers of one
+        archive change together: the root's creation and the listing of complete images."""
+        (self.path / LOCKS).mkdir(exist_ok=True)
+        fd = os.open(self.path / LOCKS / ".archive.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
     def lock(self, name: str) -> ImageLock:
         return ImageLock(self.path, name)
@@ -239,15 +263,16 @@ class ArchiveWriter:
     def write_listing(self) -> None:
         """List the complete images as bioformats2raw series (OME/.zattrs and OME-XML), so
         collection readers see exactly what ssl_em's own `Archive` sees."""
-        archive = Archive(self.path)
-        ome = self.path / "OME"
-        ome.mkdir(exist_ok=True)
-        ngff.write_json(ome / ".zgroup", {"zarr_format": 2})
-        ngff.write_json(ome / ".zattrs", ngff.series_metadata([im.name for im in archive.images]))
-        listing = [(im.name, im.shape, im.meta.get("dtype") or str(im.levels[0].dtype), im.voxel_sizes[0].as_tuple()) for im in archive.images]
-        tmp = ome / f"METADATA.ome.xml.{os.getpid()}.tmp"  # one per process: shards list concurrently
-        tmp.write_text(ngff.ome_xml(listing))
-        tmp.replace(ome / "METADATA.ome.xml")
+        with self._root_lock():  # else a shard's older listing could replace a newer one
+            archive = Archive(self.path)
+            ome = self.path / "OME"
+            ome.mkdir(exist_ok=True)
+            ngff.write_json(ome / ".zgroup", {"zarr_format": 2})
+            ngff.write_json(ome / ".zattrs", ngff.series_metadata([im.name for im in archive.images]))
+            listing = [(im.name, im.shape, im.meta.get("dtype") or str(im.levels[0].dtype), im.voxel_sizes[0].as_tuple()) for im in archive.images]
+            tmp = ome / f"METADATA.ome.xml.{os.getpid()}.tmp"
+            tmp.write_text(ngff.ome_xml(listing))
+            tmp.replace(ome / "METADATA.ome.xml")
 
     def status(self, name: str) -> dict | None:
         """The image's ssl_em attrs if it exists (complete or not), else None."""
@@ -299,7 +324,11 @@ class ArchiveWriter:
         import zarr
 
         group = zarr.open_group(str(self.path / name), mode="r+", zarr_format=2)
-        group.attrs["ssl_em"] = {**meta, "complete": True}
+        stats = meta.get("stats")
+        # omero: viewers name the layer after the image and open it at the EM's robust
+        # contrast. One attrs write: other shards' listings read these attrs meanwhile.
+        shown = {"omero": ngff.omero([name], (stats["lo"], stats["hi"]), (stats["min"], stats["max"]), grey=True)} if stats else {}
+        group.attrs.update(shown | {"ssl_em": {**meta, "complete": True}})
         self.write_listing()
 
 

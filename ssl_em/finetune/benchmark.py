@@ -56,11 +56,14 @@ def unet_name(encoder: str) -> str:
     return f"U-Net from scratch ({encoder})"
 
 
-def arms_for(backbones: list[str], random_twins: bool = True, unet_encoder: str | None = "resnet18", unet_lr: float = 1e-3) -> list[Arm]:
+def arms_for(backbones: list[str], random_twins: bool = True, unet_encoder: str | None = "resnet18", unet_lr: float = 1e-3,
+             pretrained_settings: dict | None = None) -> list[Arm]:
     """The pretrained arms, one random-init arm per distinct architecture (backbones of one
     architecture, MAE and MoCo of one ViT say, share it), then the U-Net from scratch
     (`unet_encoder` None leaves it out). A backbone whose architecture is the U-Net's
-    encoder (timm name, in_chans 1, no other model arguments) has the U-Net as its twin."""
+    encoder (timm name, in_chans 1, no other model arguments) has the U-Net as its twin.
+    pretrained_settings: `finetune` keyword arguments for the pretrained arms only (their
+    backbone_lr_scale, say), so the baselines keep their own."""
     from ssl_em.export import BackboneMeta
 
     unet = Arm(unet_name(unet_encoder), unet_encoder, True, unet_name(unet_encoder), unet_name(unet_encoder), {"lr": unet_lr, "unfreeze_at_step": 0}) if unet_encoder else None
@@ -73,7 +76,7 @@ def arms_for(backbones: list[str], random_twins: bool = True, unet_encoder: str 
             twin = unet
         else:
             twin = twins.setdefault(arch, Arm(_twin_name(b), b, True, _twin_name(b), unet.name if unet else ""))
-        pretrained.append(Arm(Path(b).name, b, False, twin.name, unet.name if unet else ""))
+        pretrained.append(Arm(Path(b).name, b, False, twin.name, unet.name if unet else "", dict(pretrained_settings or {})))
     return pretrained + (list(twins.values()) if random_twins else []) + ([unet] if unet else [])
 
 
@@ -105,7 +108,7 @@ def choose_slices(pool: list[int], budget: int, seed: int) -> list[int]:
     return sorted(int(z) for z in rng.choice(pool, size=budget, replace=False))
 
 
-FIELDS = ["arm", "backbone", "random_init", "twin", "baseline", "budget", "seed", "train_slices", "metric", "score", "seconds", "metrics_json"]
+FIELDS = ["arm", "backbone", "random_init", "twin", "baseline", "budget", "seed", "train_slices", "metric", "score", "seconds", "metrics_json", "pool"]
 
 
 def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slices: list[int], budgets: list[int], seeds: list[int],
@@ -139,7 +142,7 @@ def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slice
                 raise KeyError(f"metric {metric!r} not among {sorted(metrics)}")
             row = {"arm": arm.name, "backbone": arm.backbone, "random_init": arm.random_init, "twin": arm.twin, "baseline": arm.baseline, "budget": budget, "seed": seed,
                    "train_slices": " ".join(map(str, train)), "metric": metric, "score": metrics[metric],
-                   "seconds": round(time.time() - t0, 1), "metrics_json": json.dumps(metrics)}
+                   "seconds": round(time.time() - t0, 1), "metrics_json": json.dumps(metrics), "pool": len(pool)}
             writer.writerow(row)
             f.flush()  # a crash loses at most the run in progress
             rows.append({k: str(v) for k, v in row.items()})
@@ -198,19 +201,25 @@ def summarize(rows: list[dict]) -> dict[str, dict[int, tuple[float, float, int]]
     return {a: {b: (float(np.mean(v)), float(np.std(v)), len(v)) for b, v in sorted(d.items())} for a, d in table.items()}
 
 
-def ceiling(rows: list[dict]) -> tuple[str, int, tuple[float, float, int]] | None:
-    """(arm, budget, (mean, std, n)) of the baseline arm (the U-Net, the arm that is its own
-    baseline) at its largest budget, the whole pool: the "all labels" ceiling. None
-    without baseline rows."""
+def ceiling(rows: list[dict]) -> tuple[str, int, tuple[float, float, int], int | None] | None:
+    """(arm, budget, (mean, std, n), pool size) of the baseline arm (the U-Net, the arm that
+    is its own baseline) at its largest budget, normally the whole pool: the "all labels"
+    ceiling. The pool size is None for rows written before it was recorded. None without
+    baseline rows."""
     base = [r for r in rows if r.get("baseline") and r["baseline"] == r["arm"]]
     if not base:
         return None
     arm = base[0]["arm"]
     top = max(int(r["budget"]) for r in base if r["arm"] == arm)
-    return arm, top, summarize([r for r in base if r["arm"] == arm and int(r["budget"]) == top])[arm][top]
+    pools = {int(r["pool"]) for r in base if r["arm"] == arm and int(r["budget"]) == top and r.get("pool")}
+    return arm, top, summarize([r for r in base if r["arm"] == arm and int(r["budget"]) == top])[arm][top], max(pools, default=None)
 
 
 def _ceiling_label(c) -> str:
+    """"all N" only when the rows say N is the whole pool (a --no-ceiling run's largest
+    budget is not the ceiling); rows without the pool size keep the old reading."""
+    if c[3] is not None and c[1] < c[3]:
+        return f"top: {c[0]}, {c[1]} of {c[3]} labeled slices"
     return f"ceiling: {c[0]}, all {c[1]} labeled slices"
 
 
@@ -412,6 +421,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     le.add_argument("--lr", type=float, default=1e-3)
     le.add_argument("--head-width", type=int, default=128, help="decoder width of the default head (128; 64 is ~4x cheaper on a CPU)")
     le.add_argument("--unfreeze-at-step", type=int, default=None, help="fine-tune the backbone after N steps (default: frozen)")
+    le.add_argument("--backbone-lr-scale", type=float, default=None,
+                    help="backbone lr / head lr for the pretrained arms (default 0.1; 1.0 fine-tunes them exactly as the U-Net)")
     le.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
                     help="also train the U-Net on the whole pool, for the all-labels ceiling (default: yes)")
     le.add_argument("--out", required=True, help="folder for results.csv, table.md, plot.png")
@@ -456,7 +467,8 @@ def run(args) -> int:
         check_backbone(b)
     print(f"ssl-em benchmark: results go to {Path(args.out) / 'results.csv'} (a rerun skips the cells already there)", flush=True)
     with quiet():
-        label_efficiency(arms_for(args.backbones, unet_encoder=args.unet_encoder, unet_lr=args.unet_lr), args.images, args.labels, pool, val,
+        pretrained = {"backbone_lr_scale": args.backbone_lr_scale} if args.backbone_lr_scale is not None else {}
+        label_efficiency(arms_for(args.backbones, unet_encoder=args.unet_encoder, unet_lr=args.unet_lr, pretrained_settings=pretrained), args.images, args.labels, pool, val,
                          budgets, seeds, args.out, metric=args.metric, task=args.task, finetune_kwargs=kwargs, ceiling=args.ceiling)
     print(report(args.out, args.metric))
     print(f"\nwrote {Path(args.out) / 'results.csv'}, table.md, plot.png")

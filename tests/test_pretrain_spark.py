@@ -46,6 +46,26 @@ def test_hidden_squares_carry_no_information_from_visible_ones():
     assert not torch.allclose(deep_a[..., 0, 0], deep_b[..., 0, 0])
 
 
+def test_batchnorm_is_sparse_its_statistics_come_from_visible_positions_only():
+    """SparK's sparse BatchNorm: the first norm's running statistics move toward the mean and
+    variance of the visible positions of its input (hidden ones are zeros, which dense
+    statistics would count), and its output is zero on hidden squares."""
+    m = tiny_spark(mask_ratio=0.5).train()
+    seen = {}
+    m.backbone.conv1.register_forward_hook(lambda mod, i, o: seen.setdefault("conv", o.detach()))
+    m.backbone.bn1.register_forward_hook(lambda mod, i, o: seen.setdefault("norm", o.detach()))
+    m(torch.randn(4, 1, 64, 64) + 0.5)
+    x = seen["conv"]  # (4, 64, 32, 32), zero on hidden squares
+    hidden = (x == 0).all(1, keepdim=True)  # (4, 1, 32, 32)
+    assert 0.3 < hidden.float().mean() < 0.7
+    visible = x.permute(0, 2, 3, 1)[~hidden[:, 0]]  # (N visible, 64)
+    bn = m.backbone.bn1
+    assert torch.allclose(bn.running_mean, 0.1 * visible.mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var, 0.9 + 0.1 * visible.var(0), atol=1e-4)
+    assert not torch.allclose(bn.running_mean, 0.1 * x.mean((0, 2, 3)), atol=1e-3)  # what dense BN gives
+    assert (seen["norm"] * hidden).abs().max() == 0 and bn.momentum == 0.1
+
+
 def test_loss_decreases_on_fixed_batch():
     m = tiny_spark()
     x = torch.randn(8, 1, 64, 64).cumsum(-1).cumsum(-2) / 20  # smooth, learnable structure

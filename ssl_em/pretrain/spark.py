@@ -14,8 +14,11 @@ at once (pixel shuffle): full-resolution decoder convolutions would cost more CP
 encoder itself. The loss is the mean squared error on hidden squares only, against
 per-square standardised pixels.
 
-Simplification against SparK: BatchNorm statistics include the zeroed positions (SparK's
-sparse BatchNorm excludes them); ResNet's max-pool likewise sees the zeros.
+BatchNorm is sparse too, as in SparK: a hook on every BatchNorm2d normalises with the mean
+and variance of the visible positions only, updates the running statistics with them, and
+leaves hidden positions at zero. Dense statistics would count 60% zeros, so the learned
+scales and shifts would fit activations the fine-tuned (dense) network never sees. ResNet's
+max-pool sees the zeros, which after a ReLU cannot win over visible values.
 
 Shapes: B batch, C channels (1 for EM), H W tile, s mask square (px), L = (H/s)(W/s) squares.
 """
@@ -71,12 +74,51 @@ class SparK(PretrainMethod):
         self.mask_rng = Generators("spark.mask")  # per (seed, rank, worker, step), see ssl_em.seeding
         self._visible: torch.Tensor | None = None  # (B, 1, H/s, W/s), 1 = visible; set during forward
         self._hooks = [m.register_forward_hook(self._sparsify) for m in self.backbone.modules() if isinstance(m, nn.Conv2d)]
+        norms = [m for m in self.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+        self._momentum: dict[nn.Module, float | None] = {}  # a norm's own momentum while its dense update is off
+        self._hooks += [m.register_forward_pre_hook(self._freeze_dense_stats) for m in norms]
+        self._hooks += [m.register_forward_hook(self._sparse_norm) for m in norms]
 
     def _sparsify(self, module: nn.Module, inputs, out: torch.Tensor) -> torch.Tensor | None:
         """Zero a convolution's output on hidden squares (SparK's sparse convolution)."""
         if self._visible is None:
             return None
         return out * self._visible_at(out.shape[-2:]).to(out.dtype)
+
+    def _freeze_dense_stats(self, module: nn.BatchNorm2d, inputs) -> None:
+        """Before a BatchNorm2d in sparse training: momentum 0, so its own (dense) update of
+        the running statistics leaves them as they are; `_sparse_norm` makes the update."""
+        if self._visible is not None and module.training and module.track_running_stats:
+            self._momentum[module] = module.momentum
+            module.momentum = 0.0
+
+    def _sparse_norm(self, module: nn.BatchNorm2d, inputs, out: torch.Tensor) -> torch.Tensor | None:
+        """Redo a BatchNorm2d over visible positions only (SparK's sparse BatchNorm).
+
+        inputs[0]: (B, C, h, w), zero on hidden squares -> (B, C, h, w) normalised with the
+        visible positions' mean and variance in training (which also move the running
+        statistics, by the module's momentum), with the running ones in eval; zero on hidden
+        squares, so the next convolution sees them empty."""
+        if self._visible is None:
+            return None
+        x = inputs[0]
+        v = self._visible_at(x.shape[-2:]).to(x.dtype)  # (B, 1, h, w)
+        if module.training:
+            n = v.sum().clamp_min(2.0)  # visible positions (each channel has them all)
+            mean = (x * v).sum((0, 2, 3)) / n  # (C,)
+            var = ((x - mean.view(1, -1, 1, 1)) ** 2 * v).sum((0, 2, 3)) / n
+            if module in self._momentum:
+                momentum = module.momentum = self._momentum.pop(module)
+                m = momentum if momentum is not None else 1.0 / float(module.num_batches_tracked)
+                with torch.no_grad():
+                    module.running_mean.lerp_(mean.detach(), m)
+                    module.running_var.lerp_(var.detach() * n / (n - 1), m)
+        else:
+            mean, var = module.running_mean, module.running_var
+        y = (x - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + module.eps)
+        if module.affine:
+            y = y * module.weight.view(1, -1, 1, 1) + module.bias.view(1, -1, 1, 1)
+        return y * v
 
     def _visible_at(self, size) -> torch.Tensor:
         """The visible-square mask (B, 1, h, w) at a feature map's resolution (nearest)."""
@@ -93,6 +135,9 @@ class SparK(PretrainMethod):
             feats = self.backbone.forward_intermediates(masked, indices=len(self.reductions), intermediates_only=True)
         finally:
             visible, self._visible = self._visible, None
+            for norm, momentum in self._momentum.items():  # an error midway leaves none at 0
+                norm.momentum = momentum
+            self._momentum.clear()
         # Densify: hidden positions of every level take that level's learned token.
         dense = []
         for f, token in zip(feats, self.mask_tokens):

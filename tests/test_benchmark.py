@@ -216,3 +216,22 @@ def test_cli_budget_all_is_the_whole_pool(tmp_path, monkeypatch):
     unet = "U-Net from scratch (resnet18)"
     assert [(r["arm"], r["twin"]) for r in read_rows(tmp_path / "results.csv")][:3] == [
         ("mae", "random-init (mae arch)"), ("random-init (mae arch)", "random-init (mae arch)"), (unet, unet)]
+
+
+def test_cli_backbone_lr_scale_reaches_the_pretrained_arms_only(tmp_path, monkeypatch):
+    import ssl_em.finetune.benchmark as bench
+    import ssl_em.finetune.cli as ft_cli
+    from ssl_em.cli import main
+
+    scales = {}
+
+    def fake_finetune(backbone, images, labels, train, val, **kw):
+        scales[(backbone, kw["random_init"])] = kw.get("backbone_lr_scale")
+        return None, {"mean_iou": 0.5}
+
+    monkeypatch.setattr(ft_cli, "finetune", fake_finetune)
+    monkeypatch.setattr(bench, "check_backbone", lambda b: None)
+    argv = ["benchmark", "label-efficiency", "--backbones", "ckpt/mae", "--images", "i", "--labels", "l", "--pool", "0-3",
+            "--val-slices", "4", "--budgets", "1", "--seeds", "0", "--no-ceiling", "--backbone-lr-scale", "1.0", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert scales == {("ckpt/mae", False): 1.0, ("ckpt/mae", True): None, ("resnet18", True): None}  # baselines: their own default

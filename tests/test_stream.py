@@ -106,6 +106,22 @@ def test_images_left_out_are_named_with_the_reason():
     assert TileDataset([known, unknown], tile_size=32).left_out == []  # native pixels: both usable
 
 
+def test_streamed_pixel_size_is_unknown_when_a_source_size_is(tmp_path):
+    """What export records as the backbone's pixel size: a placeholder voxel size (1 nm for
+    an image ingested without one) must not pass for a measured one."""
+    from types import SimpleNamespace
+
+    from ssl_em.pretrain.base import streamed_pixel_size
+
+    img = np.random.default_rng(0).integers(0, 255, (2, 96, 96), dtype=np.uint8)
+    path = write_archive(tmp_path / "a.zarr", {"a": img, "mystery": img}, unknown={"mystery"})
+    both = TileDataset(StreamSource.from_archive(path), tile_size=32)
+    assert [s.voxel_size_known for s in both.sources] == [True, False]
+    assert streamed_pixel_size(SimpleNamespace(dataset=both)) is None
+    known = TileDataset(StreamSource.from_archive(path)[:1], tile_size=32)
+    assert streamed_pixel_size(SimpleNamespace(dataset=known)) == 8.0
+
+
 def test_sample_sheet_names_what_was_left_out_and_shows_balance(tmp_path, synthetic_small, capsys):
     from PIL import Image
 

@@ -64,7 +64,7 @@ def streamed_pixel_size(datamodule) -> float | None:
     """In-plane pixel size (nm) of the tiles the stream cut at native resolution: the
     sources' sampling-weighted median. None when not set up or a source's size is unknown."""
     ds = getattr(datamodule, "dataset", None)
-    if ds is None or not all(getattr(s.levels[0], "voxel_size_known", True) for s in ds.sources):
+    if ds is None or not all(s.voxel_size_known for s in ds.sources):
         return None
     sizes = [s.voxel_sizes[p.level].y * p.src_tile / ds.tile_size for s, p in zip(ds.sources, ds.plans)]
     order = sorted(range(len(sizes)), key=sizes.__getitem__)

@@ -74,3 +74,15 @@ def check_writable_file(path, flag: str) -> None:
 
 def debug_enabled() -> bool:
     return os.environ.get("SSL_EM_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def check_parent_folders(out, label: str) -> None:
+    """UserError "`label`: PARENT is a file, not a folder" when the nearest existing parent
+    of the output path `out` is a file (it could never be created)."""
+    from pathlib import Path
+
+    for parent in Path(out).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{label}: {parent} is a file, not a folder")
+            return

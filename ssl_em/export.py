@@ -39,7 +39,7 @@ import numpy as np
 
 from ssl_em import __version__
 from ssl_em.data.normalize import IntensityStats, Normalization, normalize_numpy
-from ssl_em.errors import UserError
+from ssl_em.errors import UserError, check_parent_folders
 
 WEIGHTS, CONFIG, META, CARD = "model.safetensors", "config.json", "ssl_em.json", "README.md"
 #: The licence weights are shared under (the model card's and pretrained_cfg's); ssl_em's own.
@@ -238,11 +238,7 @@ def check_out_folder(out: str | Path, marker: str) -> Path:
         raise UserError(f"{out}: is a file; --out must be a folder (missing, empty, or an earlier export)")
     if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
         raise UserError(f"{out}: is a non-empty folder without {marker}, not an earlier export; refusing to replace it (choose another --out)")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"{out}: {parent} is a file, not a folder")
-            break
+    check_parent_folders(out, str(out))
     return out
 
 

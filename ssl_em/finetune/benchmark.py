@@ -29,6 +29,7 @@ import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -201,7 +202,16 @@ def summarize(rows: list[dict]) -> dict[str, dict[int, tuple[float, float, int]]
     return {a: {b: (float(np.mean(v)), float(np.std(v)), len(v)) for b, v in sorted(d.items())} for a, d in table.items()}
 
 
-def ceiling(rows: list[dict]) -> tuple[str, int, tuple[float, float, int], int | None] | None:
+class Ceiling(NamedTuple):
+    """The baseline arm at its largest budget (see `ceiling`); still a plain tuple."""
+
+    arm: str
+    budget: int
+    stats: tuple[float, float, int]  # (mean, std, n) over seeds
+    pool: int | None  # slices in the pool; None for rows written before it was recorded
+
+
+def ceiling(rows: list[dict]) -> Ceiling | None:
     """(arm, budget, (mean, std, n), pool size) of the baseline arm (the U-Net, the arm that
     is its own baseline) at its largest budget, normally the whole pool: the "all labels"
     ceiling. The pool size is None for rows written before it was recorded. None without
@@ -212,18 +222,18 @@ def ceiling(rows: list[dict]) -> tuple[str, int, tuple[float, float, int], int |
     arm = base[0]["arm"]
     top = max(int(r["budget"]) for r in base if r["arm"] == arm)
     pools = {int(r["pool"]) for r in base if r["arm"] == arm and int(r["budget"]) == top and r.get("pool")}
-    return arm, top, summarize([r for r in base if r["arm"] == arm and int(r["budget"]) == top])[arm][top], max(pools, default=None)
+    return Ceiling(arm, top, summarize([r for r in base if r["arm"] == arm and int(r["budget"]) == top])[arm][top], max(pools, default=None))
 
 
-def _ceiling_label(c) -> str:
+def _ceiling_label(c: Ceiling) -> str:
     """"all N" only when the rows say N is the whole pool (a --no-ceiling run's largest
     budget is not the ceiling); rows without the pool size keep the old reading."""
-    if c[3] is not None and c[1] < c[3]:
-        return f"top: {c[0]}, {c[1]} of {c[3]} labeled slices"
-    return f"ceiling: {c[0]}, all {c[1]} labeled slices"
+    if c.pool is not None and c.budget < c.pool:
+        return f"top: {c.arm}, {c.budget} of {c.pool} labeled slices"
+    return f"ceiling: {c.arm}, all {c.budget} labeled slices"
 
 
-def markdown_table(summary: dict, metric: str, top: tuple | None = None) -> str:
+def markdown_table(summary: dict, metric: str, top: Ceiling | None = None) -> str:
     """Scores, one row per arm; `top` (see `ceiling`) adds the ceiling as the last row,
     its score in every column."""
     budgets = sorted({b for d in summary.values() for b in d})
@@ -233,7 +243,7 @@ def markdown_table(summary: dict, metric: str, top: tuple | None = None) -> str:
         cells = [f"{d[b][0]:.3f} ± {d[b][1]:.3f} (n={d[b][2]})" if b in d else "-" for b in budgets]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     if top is not None:
-        m, sd, n = top[2]
+        m, sd, n = top.stats
         lines.append(f"| {_ceiling_label(top)} | " + " | ".join(f"{m:.3f} ± {sd:.3f} (n={n})" for _ in budgets) + " |")
     return "\n".join(lines)
 
@@ -293,7 +303,7 @@ def y_limits(lows: list[float], highs: list[float], span: float = MIN_Y_SPAN, bo
     return lo, hi
 
 
-def plot(summary: dict, metric: str, path: str | Path, title: str = "", top: tuple | None = None) -> None:
+def plot(summary: dict, metric: str, path: str | Path, title: str = "", top: Ceiling | None = None) -> None:
     """Score against labeled slices for every arm (twins dashed, the U-Net baseline in
     black), mean ± std over seeds, the all-labels ceiling (`top`, see `ceiling`) as a dotted
     line; the y-axis names the metric and spans at least MIN_Y_SPAN."""
@@ -311,12 +321,12 @@ def plot(summary: dict, metric: str, path: str | Path, title: str = "", top: tup
         n_seeds |= {d[x][2] for x in b}
         lows.append(float((m - s).min()))
         highs.append(float((m + s).max()))
-        style = {"color": "black"} if top is not None and arm == top[0] else {"linestyle": "--" if "random" in arm else "-"}
+        style = {"color": "black"} if top is not None and arm == top.arm else {"linestyle": "--" if "random" in arm else "-"}
         ax.errorbar(b, m, yerr=s, marker="o", capsize=3, label=arm, **style)
     if top is not None:
-        ax.axhline(top[2][0], color="black", linestyle=":", linewidth=1, label=_ceiling_label(top))
-        lows.append(top[2][0])
-        highs.append(top[2][0])
+        ax.axhline(top.stats[0], color="black", linestyle=":", linewidth=1, label=_ceiling_label(top))
+        lows.append(top.stats[0])
+        highs.append(top.stats[0])
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({x for d in summary.values() for x in d}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -351,12 +361,12 @@ def report(out: str | Path, metric: str, title: str = "", merge: list[str | Path
     summary = summarize(rows)
     top = ceiling(rows)
     tables = [markdown_table(summary, metric, top)]
-    for against, over in (("twin", "random init"), ("baseline", top[0] if top else "the U-Net")):
+    for against, over in (("twin", "random init"), ("baseline", top.arm if top else "the U-Net")):
         gains = paired_gains(rows, against)
         if gains:
             tables.append(gains_table(gains, metric, over))
     if top is not None:
-        tables.append(f"{_ceiling_label(top)}: {top[2][0]:.3f} ± {top[2][1]:.3f} (n={top[2][2]})")
+        tables.append(f"{_ceiling_label(top)}: {top.stats[0]:.3f} ± {top.stats[1]:.3f} (n={top.stats[2]})")
     table = "\n\n".join(tables)
     (out / "table.md").write_text(table + "\n")
     plot(summary, metric, out / "plot.png", title, top)

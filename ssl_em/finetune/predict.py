@@ -56,7 +56,7 @@ from torch import nn
 from ssl_em import ngff
 from ssl_em.data.normalize import IntensityStats, Normalization, normalize_numpy
 from ssl_em.data.volume import Volume, VoxelSize, check_finite
-from ssl_em.errors import UserError, check_at_least
+from ssl_em.errors import UserError, check_at_least, check_parent_folders
 from ssl_em.finetune.data import as_volume, sample_stats
 from ssl_em.finetune.instance import foreground_boundary, merge_map, plane_merges, relabel, segment_slices, watershed_instances
 
@@ -496,11 +496,7 @@ def check_flags(args) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; give a folder (OUT.zarr)")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"--out {out}: {parent} is a file, not a folder")
-            break
+    check_parent_folders(out, f"--out {out}")
 
 
 def run(args) -> int:

@@ -52,6 +52,18 @@ def one_line(err: BaseException) -> str:
     return "; ".join(lines) if len(lines) <= 3 else lines[0]
 
 
+def read_json_object(path, what: str, error: type[UserError] = UserError) -> dict:
+    """The JSON object in the file `path`; `error` naming the file and `what` it should hold
+    when the text is not JSON or holds another JSON value (a list, a number)."""
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({err}); the {what} is damaged") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: holds a JSON {type(data).__name__}, not the {what} object")
+    return data
+
+
 def check_at_least(least: int, flags: dict, error: type[UserError] = UserError) -> None:
     """`error` naming the first flag whose value is below `least` (None: not given);
     flags: {"--batch-size": 0, ...}."""

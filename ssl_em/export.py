@@ -39,7 +39,7 @@ import numpy as np
 
 from ssl_em import __version__
 from ssl_em.data.normalize import IntensityStats, Normalization, normalize_numpy
-from ssl_em.errors import UserError, check_parent_folders
+from ssl_em.errors import UserError, check_parent_folders, read_json_object
 
 WEIGHTS, CONFIG, META, CARD = "model.safetensors", "config.json", "ssl_em.json", "README.md"
 #: The licence weights are shared under (the model card's and pretrained_cfg's); ssl_em's own.
@@ -153,13 +153,7 @@ def build_from_metadata(architecture, model_args, where: str) -> nn.Module:
 
 def read_json(path: Path, what: str) -> dict:
     """A JSON object from `path`; BackboneError naming the file when it is not one."""
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BackboneError(f"{path}: not valid JSON ({err}); the {what} is damaged") from None
-    if not isinstance(data, dict):
-        raise BackboneError(f"{path}: holds a JSON {type(data).__name__}, not the {what} object")
-    return data
+    return read_json_object(path, what, BackboneError)
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

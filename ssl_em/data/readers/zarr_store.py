@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ssl_em.data.volume import UNKNOWN_VOXEL_SIZE, Volume, VolumeError, VoxelSize
+from ssl_em.errors import read_json_object
 
 
 def _metadata_driver(path: Path) -> str | None:
@@ -34,12 +35,7 @@ def group_attributes(path: Path) -> dict:
     for name, key in ((".zattrs", None), ("zarr.json", "attributes"), ("attributes.json", None)):
         f = path / name
         if f.is_file():
-            try:
-                meta = json.loads(f.read_text())
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise VolumeError(f"{f}: corrupt zarr metadata (not valid JSON: {err})") from None
-            if not isinstance(meta, dict):
-                raise VolumeError(f"{f}: corrupt zarr metadata (a JSON {type(meta).__name__}, not an object)")
+            meta = read_json_object(f, "zarr metadata", VolumeError)
             return meta.get(key, {}) if key else meta
     return {}
 

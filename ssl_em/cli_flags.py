@@ -53,6 +53,43 @@ def config_first(argv: list[str]) -> list[str]:
     return configs + rest
 
 
+def given_keys(argv: list[str]) -> set[str]:
+    """Every full key the user set, on the command line or in a `--config` recipe, as dotted
+    keys ("model.lr", "model.head.init_args.width"): argv as `prepare` returns it. The keys
+    left out are at their defaults, which a backbone's own recommendations may replace."""
+    keys, i = set(), 0
+    while i < len(argv):
+        a = argv[i]
+        if a in CONFIG_FLAGS or a.startswith("--config="):
+            path = argv[i + 1] if a in CONFIG_FLAGS and i + 1 < len(argv) else a.partition("=")[2]
+            keys |= _recipe_keys(path)
+            i += 2 if a in CONFIG_FLAGS else 1
+            continue
+        if a.startswith("--"):
+            keys.add(a[2:].partition("=")[0])
+        i += 1
+    return keys
+
+
+def _recipe_keys(path: str) -> set[str]:
+    """Dotted keys of a YAML recipe; none when it cannot be read (jsonargparse then says why)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            tree = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return set()
+
+    def walk(node, prefix: str) -> set[str]:
+        keys = set()
+        for k, v in node.items() if isinstance(node, dict) else ():
+            keys |= {f"{prefix}{k}"} | walk(v, f"{prefix}{k}.")
+        return keys
+
+    return walk(tree, "")
+
+
 def expand(argv: list[str], shortcuts: list[Shortcut]) -> list[str]:
     """Translate short flags into LightningCLI keys; everything else passes unchanged."""
     table = {s.flag: s for s in shortcuts}

@@ -69,6 +69,10 @@ class BackboneMeta:
     recipe_content: str | None = None  # the recipe file(s) as they were
     steps: int | None = None
     data_fingerprint: str | None = None
+    # SegmentationModule settings that fine-tune this backbone best, as its pretraining
+    # method measured them ({"unfreeze_at_step": 0, "backbone_lr_scale": 1.0} for SparK);
+    # `ssl-em finetune` and the benchmark use them unless the user sets those keys.
+    finetune: dict = field(default_factory=dict)
     ssl_em_version: str = __version__
 
     @property
@@ -304,6 +308,12 @@ def preprocessing(path: str | Path) -> Preprocessing:
     raise BackboneError(f"{path}: no {META}; not an ssl_em backbone folder (make one with `ssl-em export`)")
 
 
+def backbone_meta(backbone: str | Path) -> BackboneMeta | None:
+    """The metadata of an exported backbone folder; None for anything else (a timm name)."""
+    path = Path(backbone) / META
+    return BackboneMeta.from_dict(read_json(path, "backbone metadata")) if path.is_file() else None
+
+
 def load_backbone(path: str | Path, architecture: str | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, BackboneMeta]:
     """Load an exported backbone strictly from safetensors + JSON. `architecture`, if given,
     must match the recorded one. Raises BackboneError with the reason otherwise."""
@@ -394,6 +404,7 @@ def backbone_from_checkpoint(ckpt: dict, where: str = "checkpoint") -> tuple[nn.
         recipe_content=run.get("recipe_content"),
         steps=int(ckpt.get("global_step", 0)),
         data_fingerprint=run.get("data_fingerprint"),
+        finetune=dict(run.get("finetune") or {}),
     )
     return model, meta
 
@@ -407,6 +418,12 @@ def export_run(run_or_ckpt: str | Path, out: str | Path, dtype: str = "float32")
     ckpt_path = find_checkpoint(run_or_ckpt)
     model, meta = backbone_from_checkpoint(read_checkpoint(ckpt_path), str(ckpt_path))
     return export_backbone(model, out, meta, dtype)
+
+
+def _recipe_text(recipe: dict) -> str:
+    if not recipe:
+        return "ssl-em finetune's defaults"
+    return ", ".join(f"`{k}: {v}`" for k, v in recipe.items()) + " (recorded in ssl_em.json; `ssl-em finetune` and the benchmark use them unless set)"
 
 
 def model_card(meta: BackboneMeta, name: str) -> str:
@@ -429,6 +446,7 @@ A {meta.architecture} backbone pretrained with {method} (`{meta.method}`) by ssl
 | input | {meta.in_chans} channel(s), {meta.img_size or 'any'} px tiles{f', patch {meta.patch_size}' if meta.patch_size else ''} |
 | pixel size | {pixel} |
 | intensities | {STRETCH}; mean {norm.mean:.4g}, std {norm.std:.4g} |
+| fine-tuning | {_recipe_text(meta.finetune)} |
 
 ```python
 from pathlib import Path

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ssl_em.finetune.benchmark import Arm, choose_slices, gains_table, label_efficiency, markdown_table, paired_gains, read_rows, report, summarize
@@ -99,6 +101,12 @@ def test_backbones_of_one_architecture_share_a_random_twin_and_the_unet_is_alway
     # Settings for the pretrained arms (--backbone-lr-scale) leave the baselines' own.
     arms = arms_for([str(tmp_path / n) for n in ("mae", "cnn")], pretrained_settings={"backbone_lr_scale": 1.0})
     assert [a.settings for a in arms] == [{"backbone_lr_scale": 1.0}] * 2 + [{}] * 2 + [{"lr": 1e-3, "unfreeze_at_step": 0}]
+
+    # A backbone's own recommendation (ssl_em.json "finetune") sets its arm; flags beat it.
+    export_backbone(net, tmp_path / "spark", BackboneMeta("test_resnet", model_args={"in_chans": 1}, finetune={"unfreeze_at_step": 0, "backbone_lr_scale": 1.0}))
+    arms = arms_for([str(tmp_path / "spark"), str(tmp_path / "cnn")])
+    assert [a.settings for a in arms[:2]] == [{"unfreeze_at_step": 0, "backbone_lr_scale": 1.0}, {}]
+    assert arms_for([str(tmp_path / "spark")], pretrained_settings={"backbone_lr_scale": 0.5})[0].settings == {"unfreeze_at_step": 0, "backbone_lr_scale": 0.5}
 
 
 def test_unet_arm_runs_every_budget_plus_the_ceiling_and_pairs_by_seed(tmp_path, monkeypatch):
@@ -235,3 +243,6 @@ def test_cli_backbone_lr_scale_reaches_the_pretrained_arms_only(tmp_path, monkey
             "--val-slices", "4", "--budgets", "1", "--seeds", "0", "--no-ceiling", "--backbone-lr-scale", "1.0", "--out", str(tmp_path)]
     assert main(argv) == 0
     assert scales == {("ckpt/mae", False): 1.0, ("ckpt/mae", True): None, ("resnet18", True): None}  # baselines: their own default
+    recorded = {r["arm"]: json.loads(r["settings"]) for r in read_rows(tmp_path / "results.csv")}
+    assert recorded["mae"] == {"lr": 1e-3, "unfreeze_at_step": None, "backbone_lr_scale": 1.0}  # each row says how it was fine-tuned
+    assert recorded["U-Net from scratch (resnet18)"] == {"lr": 1e-3, "unfreeze_at_step": 0}

@@ -65,6 +65,45 @@ def test_finetune_flag_order_and_defaults(synthetic_small, tmp_path, capsys):
     assert "frozen for all 500 steps" in freeze_plan(probe.model, probe.trainer.max_steps)
 
 
+def test_given_keys_are_the_flags_and_recipe_keys_a_user_set(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  lr: 0.01\n  head:\n    init_args: {width: 64}\ntrainer: {max_steps: 5}\n")
+    argv, _ = cli_flags.prepare(["--backbone", "b", "--model.unfreeze_at_step=3", "--config", str(recipe)], cli_flags.FINETUNE)
+    keys = cli_flags.given_keys(argv)
+    assert {"model.backbone", "model.unfreeze_at_step", "model.lr", "model.head.init_args.width", "trainer.max_steps"} <= keys
+    assert "model.backbone_lr_scale" not in keys and "config" not in keys
+    assert cli_flags.given_keys(["--config", str(tmp_path / "missing.yaml")]) == set()  # jsonargparse reports it
+
+
+def test_finetune_takes_the_backbones_recommended_settings_unless_the_user_sets_them(synthetic_small, tmp_path, capsys):
+    """An export whose ssl_em.json recommends a fine-tuning recipe (SparK's: the whole
+    network at full lr from step 0) is fine-tuned so by default; a flag, a recipe file or
+    --random-init each keep their own settings."""
+    import tifffile
+    import timm
+
+    from ssl_em.export import BackboneMeta, export_backbone
+    from ssl_em.finetune.cli import build_cli, freeze_plan
+
+    net = timm.create_model("test_resnet", in_chans=1, num_classes=0, pretrained=False)
+    export_backbone(net, tmp_path / "cnn", BackboneMeta("test_resnet", model_args={"in_chans": 1}, finetune={"unfreeze_at_step": 0, "backbone_lr_scale": 1.0}))
+    tifffile.imwrite(tmp_path / "im.tif", synthetic_small.image[:4], photometric="minisblack")
+    tifffile.imwrite(tmp_path / "lb.tif", synthetic_small.semantic[:4], photometric="minisblack")
+    data = ["--backbone", str(tmp_path / "cnn"), "--images", str(tmp_path / "im.tif"), "--labels", str(tmp_path / "lb.tif"),
+            "--train-slices", "0", "--val-slices", "3", "--tile-size", "64"]
+
+    def settings(*extra):
+        cli = build_cli([*data, *extra])
+        h = cli.model.hparams
+        return h.unfreeze_at_step, h.backbone_lr_scale, freeze_plan(cli.model, cli.trainer.max_steps)
+
+    unfreeze, scale, plan = settings()
+    assert (unfreeze, scale) == (0, 1.0) and "whole network (backbone lr x1) trains for all" in plan
+    assert settings("--model.unfreeze_at_step", "7")[:2] == (7, 1.0)
+    assert settings("--config", str(ROOT / "recipes" / "finetune" / "semantic_cnn.yaml"))[:2] == (200, 0.1)
+    assert settings("--random-init")[:2] == (100, None)  # a random init keeps the defaults
+
+
 def _run(*argv, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, cwd=ROOT, **kw)
 

@@ -86,3 +86,18 @@ def test_backbone_is_unmodified_timm_and_hooks_do_not_travel():
 def test_vit_rejected_clearly():
     with pytest.raises(BackboneError, match="MAE"):
         SparK(backbone="vit_tiny_patch16_224", img_size=64, backbone_kwargs={"patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 3})
+
+
+def test_export_records_the_fine_tuning_recipe_spark_backbones_were_measured_with():
+    """A SparK checkpoint names its recommended fine-tuning settings; the exported metadata
+    carries them, so `ssl-em finetune` and the benchmark can use them without flags."""
+    from types import SimpleNamespace
+
+    from ssl_em.export import backbone_from_checkpoint
+
+    m = tiny_spark()
+    m._trainer = SimpleNamespace(datamodule=None)  # on_save_checkpoint reads the run's data from it
+    ckpt = {"state_dict": m.state_dict(), "global_step": 3}
+    m.on_save_checkpoint(ckpt)
+    _, meta = backbone_from_checkpoint(ckpt)
+    assert meta.finetune == SparK.finetune_recipe == {"unfreeze_at_step": 0, "backbone_lr_scale": 1.0}

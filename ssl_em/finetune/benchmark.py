@@ -64,20 +64,22 @@ def arms_for(backbones: list[str], random_twins: bool = True, unet_encoder: str 
     (`unet_encoder` None leaves it out). A backbone whose architecture is the U-Net's
     encoder (timm name, in_chans 1, no other model arguments) has the U-Net as its twin.
     pretrained_settings: `finetune` keyword arguments for the pretrained arms only (their
-    backbone_lr_scale, say), so the baselines keep their own."""
-    from ssl_em.export import BackboneMeta
+    backbone_lr_scale, say), so the baselines keep their own. A pretrained arm starts from
+    the settings its backbone recommends (`BackboneMeta.finetune`); pretrained_settings
+    override them."""
+    from ssl_em.export import backbone_meta
 
     unet = Arm(unet_name(unet_encoder), unet_encoder, True, unet_name(unet_encoder), unet_name(unet_encoder), {"lr": unet_lr, "unfreeze_at_step": 0}) if unet_encoder else None
     pretrained, twins = [], {}
     for b in backbones:
-        meta_file = Path(b) / "ssl_em.json"
-        meta = BackboneMeta.from_dict(json.loads(meta_file.read_text())) if meta_file.is_file() else None
+        meta = backbone_meta(b)
         arch = json.dumps(_arch_key(meta, b))
         if unet is not None and arch == json.dumps(_arch_key(None, unet_encoder)):
             twin = unet
         else:
             twin = twins.setdefault(arch, Arm(_twin_name(b), b, True, _twin_name(b), unet.name if unet else ""))
-        pretrained.append(Arm(Path(b).name, b, False, twin.name, unet.name if unet else "", dict(pretrained_settings or {})))
+        settings = {**(meta.finetune if meta else {}), **(pretrained_settings or {})}
+        pretrained.append(Arm(Path(b).name, b, False, twin.name, unet.name if unet else "", settings))
     return pretrained + (list(twins.values()) if random_twins else []) + ([unet] if unet else [])
 
 
@@ -109,7 +111,9 @@ def choose_slices(pool: list[int], budget: int, seed: int) -> list[int]:
     return sorted(int(z) for z in rng.choice(pool, size=budget, replace=False))
 
 
-FIELDS = ["arm", "backbone", "random_init", "twin", "baseline", "budget", "seed", "train_slices", "metric", "score", "seconds", "metrics_json", "pool"]
+FIELDS = ["arm", "backbone", "random_init", "twin", "baseline", "budget", "seed", "train_slices", "metric", "score", "seconds", "metrics_json", "pool", "settings"]
+#: The fine-tuning settings a row records (what an arm's recipe or the flags made them).
+RECORDED = ("lr", "unfreeze_at_step", "backbone_lr_scale")
 
 
 def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slices: list[int], budgets: list[int], seeds: list[int],
@@ -138,12 +142,14 @@ def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slice
             if progress:
                 print(f"[cell {i + 1}/{len(todo)}] {arm.name}, {budget} labeled slice(s) {train}, seed {seed}", flush=True)
             t0 = time.time()
-            _, metrics = finetune(arm.backbone, images, labels, train, val_slices, task=task, random_init=arm.random_init, seed=seed, progress=progress, **{**(finetune_kwargs or {}), **arm.settings})
+            settings = {**(finetune_kwargs or {}), **arm.settings}
+            _, metrics = finetune(arm.backbone, images, labels, train, val_slices, task=task, random_init=arm.random_init, seed=seed, progress=progress, **settings)
             if metric not in metrics:
                 raise KeyError(f"metric {metric!r} not among {sorted(metrics)}")
             row = {"arm": arm.name, "backbone": arm.backbone, "random_init": arm.random_init, "twin": arm.twin, "baseline": arm.baseline, "budget": budget, "seed": seed,
                    "train_slices": " ".join(map(str, train)), "metric": metric, "score": metrics[metric],
-                   "seconds": round(time.time() - t0, 1), "metrics_json": json.dumps(metrics), "pool": len(pool)}
+                   "seconds": round(time.time() - t0, 1), "metrics_json": json.dumps(metrics), "pool": len(pool),
+                   "settings": json.dumps({k: settings[k] for k in RECORDED if k in settings})}
             writer.writerow(row)
             f.flush()  # a crash loses at most the run in progress
             rows.append({k: str(v) for k, v in row.items()})
@@ -430,9 +436,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     le.add_argument("--batch-size", type=int, default=8)
     le.add_argument("--lr", type=float, default=1e-3)
     le.add_argument("--head-width", type=int, default=128, help="decoder width of the default head (128; 64 is ~4x cheaper on a CPU)")
-    le.add_argument("--unfreeze-at-step", type=int, default=None, help="fine-tune the backbone after N steps (default: frozen)")
+    le.add_argument("--unfreeze-at-step", type=int, default=None, help="fine-tune the backbone after N steps (default: what the backbone's ssl_em.json recommends, else frozen)")
     le.add_argument("--backbone-lr-scale", type=float, default=None,
-                    help="backbone lr / head lr for the pretrained arms (default 0.1; 1.0 fine-tunes them exactly as the U-Net)")
+                    help="backbone lr / head lr for the pretrained arms (default: the backbone's recommendation, else 0.1; 1.0 fine-tunes them exactly as the U-Net)")
     le.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
                     help="also train the U-Net on the whole pool, for the all-labels ceiling (default: yes)")
     le.add_argument("--out", required=True, help="folder for results.csv, table.md, plot.png")
@@ -477,7 +483,9 @@ def run(args) -> int:
         check_backbone(b)
     print(f"ssl-em benchmark: results go to {Path(args.out) / 'results.csv'} (a rerun skips the cells already there)", flush=True)
     with quiet():
-        pretrained = {"backbone_lr_scale": args.backbone_lr_scale} if args.backbone_lr_scale is not None else {}
+        # What the user typed beats what a backbone recommends (its ssl_em.json).
+        typed = {"backbone_lr_scale": args.backbone_lr_scale, "unfreeze_at_step": args.unfreeze_at_step}
+        pretrained = {k: v for k, v in typed.items() if v is not None}
         label_efficiency(arms_for(args.backbones, unet_encoder=args.unet_encoder, unet_lr=args.unet_lr, pretrained_settings=pretrained), args.images, args.labels, pool, val,
                          budgets, seeds, args.out, metric=args.metric, task=args.task, finetune_kwargs=kwargs, ceiling=args.ceiling)
     print(report(args.out, args.metric))

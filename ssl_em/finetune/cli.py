@@ -32,7 +32,7 @@ from pytorch_lightning.cli import LightningCLI
 from ssl_em import cli_flags
 from ssl_em.console import quiet, run_callbacks
 from ssl_em.errors import debug_enabled, find_user_error, one_line
-from ssl_em.export import check_out_folder
+from ssl_em.export import backbone_meta, check_out_folder
 from ssl_em.finetune.data import IGNORE, LabeledSlicesDataModule
 from ssl_em.finetune.export import META
 from ssl_em.finetune.heads import default_head
@@ -142,7 +142,26 @@ CLI_DEFAULTS = {"model.head": default_head, "model.unfreeze_at_step": 100, "data
 MAX_STEPS = 1000
 
 
+def backbone_recipe(backbone, random_init: bool, given: set[str]) -> dict:
+    """The fine-tuning settings an exported backbone recommends (`BackboneMeta.finetune`),
+    less those the user set (`given`, dotted keys): {} for a timm name or a random init,
+    which keep the defaults."""
+    meta = None if random_init or not isinstance(backbone, (str, Path)) else backbone_meta(backbone)
+    return {k: v for k, v in (meta.finetune if meta else {}).items() if f"model.{k}" not in given}
+
+
 class FinetuneCLI(LightningCLI):
+    def __init__(self, *args, given: set[str] = frozenset(), **kwargs) -> None:
+        self.given, self.recipe = given, {}
+        super().__init__(*args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        """Settings the backbone recommends replace the defaults the user left alone."""
+        model = self.config.model
+        self.recipe = backbone_recipe(model.backbone, model.random_init, self.given)
+        for key, value in self.recipe.items():
+            setattr(model, key, value)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--out", type=str | None, default=None, help="folder to export the fine-tuned model to")
         parser.set_defaults(CLI_DEFAULTS)
@@ -179,8 +198,9 @@ def build_cli(argv: list[str]) -> FinetuneCLI:
     args, verbose = cli_flags.prepare(argv, cli_flags.FINETUNE)
     with quiet(verbose):
         return FinetuneCLI(
-            SegmentationModule,
-            LabeledSlicesDataModule,
+            given=cli_flags.given_keys(args),
+            model_class=SegmentationModule,
+            datamodule_class=LabeledSlicesDataModule,
             run=False,
             args=args,
             seed_everything_default=0,
@@ -202,6 +222,9 @@ def run_argv(argv: list[str]) -> int:
             check_out_folder(cli.config.out, META)  # refuse before training, not after
         dm = cli.datamodule
         print(f"ssl-em finetune: {freeze_plan(cli.model, cli.trainer.max_steps)}", flush=True)
+        if cli.recipe:
+            told = ", ".join(f"{k} {v}" for k, v in cli.recipe.items())
+            print(f"ssl-em finetune: {told}: the backbone's recommended settings (its ssl_em.json); --model.KEY VALUE overrides", flush=True)
         if dm.task == "semantic" and dm.classes == [str(v) for v in dm.label_values]:
             print(f"ssl-em finetune: classes named by their label values {dm.classes}; --classes A,B names them", flush=True)
         with quiet(verbose):

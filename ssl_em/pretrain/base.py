@@ -91,6 +91,10 @@ class PretrainMethod(pl.LightningModule):
     a subclass must set `self.backbone` (an unmodified timm model)."""
 
     backbone: nn.Module
+    #: Fine-tuning settings this method's backbones do best with, measured (see
+    #: `BackboneMeta.finetune`); written into every checkpoint and export. Empty: the
+    #: fine-tuning defaults.
+    finetune_recipe: dict = {}
 
     def __init__(
         self,
@@ -155,4 +159,4 @@ class PretrainMethod(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         meta = run_metadata(self.backbone, getattr(self.trainer, "datamodule", None))
-        checkpoint.setdefault("ssl_em", {}).update(meta, method=f"{type(self).__module__}.{type(self).__qualname__}")
+        checkpoint.setdefault("ssl_em", {}).update(meta, method=f"{type(self).__module__}.{type(self).__qualname__}", finetune=dict(self.finetune_recipe))

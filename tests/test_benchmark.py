@@ -217,6 +217,7 @@ def test_cli_budget_all_is_the_whole_pool(tmp_path, monkeypatch):
     import ssl_em.finetune.benchmark as bench
 
     monkeypatch.setattr(bench, "check_backbone", lambda b: None)  # "ckpt/mae" is never loaded: finetune is faked
+    monkeypatch.setattr(bench, "check_data", lambda *a: None)  # nor are "i" and "l"
     argv = ["benchmark", "label-efficiency", "--backbones", "ckpt/mae", "--images", "i", "--labels", "l", "--pool", "0-3",
             "--val-slices", "4", "--budgets", "1,all", "--seeds", "0", "--out", str(tmp_path)]
     assert main(argv) == 0
@@ -239,6 +240,7 @@ def test_cli_backbone_lr_scale_reaches_the_pretrained_arms_only(tmp_path, monkey
 
     monkeypatch.setattr(ft_cli, "finetune", fake_finetune)
     monkeypatch.setattr(bench, "check_backbone", lambda b: None)
+    monkeypatch.setattr(bench, "check_data", lambda *a: None)
     argv = ["benchmark", "label-efficiency", "--backbones", "ckpt/mae", "--images", "i", "--labels", "l", "--pool", "0-3",
             "--val-slices", "4", "--budgets", "1", "--seeds", "0", "--no-ceiling", "--backbone-lr-scale", "1.0", "--out", str(tmp_path)]
     assert main(argv) == 0
@@ -246,3 +248,28 @@ def test_cli_backbone_lr_scale_reaches_the_pretrained_arms_only(tmp_path, monkey
     recorded = {r["arm"]: json.loads(r["settings"]) for r in read_rows(tmp_path / "results.csv")}
     assert recorded["mae"] == {"lr": 1e-3, "unfreeze_at_step": None, "backbone_lr_scale": 1.0}  # each row says how it was fine-tuned
     assert recorded["U-Net from scratch (resnet18)"] == {"lr": 1e-3, "unfreeze_at_step": 0}
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ({"--pool": "0-9"}, "--train-slices"),  # the stack has 6 slices
+    ({"--pool": "0-3", "--val-slices": "3-5"}, "both training and validation"),
+    ({"--labels": "missing.tif"}, "missing.tif"),
+    ({"--label-values": "0,9"}, "label"),
+])
+def test_cli_data_mistakes_fail_before_any_run(synthetic_small, tmp_path, monkeypatch, capsys, mistake, message):
+    import tifffile
+
+    import ssl_em.finetune.benchmark as bench
+    import ssl_em.finetune.cli as ft_cli
+    from ssl_em.cli import main
+
+    tifffile.imwrite(tmp_path / "im.tif", synthetic_small.image[:6], photometric="minisblack")
+    tifffile.imwrite(tmp_path / "lb.tif", synthetic_small.semantic[:6], photometric="minisblack")
+    runs = []
+    monkeypatch.setattr(ft_cli, "finetune", lambda *a, **kw: runs.append(a) or (None, {"mean_iou": 0.5}))
+    flags = {"--images": str(tmp_path / "im.tif"), "--labels": str(tmp_path / "lb.tif"), "--pool": "0-3", "--val-slices": "4-5", "--label-values": "0,1,2"}
+    flags.update({k: str(tmp_path / v) if k == "--labels" else v for k, v in mistake.items()})
+    argv = ["benchmark", "label-efficiency", "--backbones", "test_resnet", "--budgets", "1", "--seeds", "0", "--out", str(tmp_path / "out"),
+            *[x for kv in flags.items() for x in kv]]
+    assert main(argv) == 2 and runs == []
+    assert message in capsys.readouterr().err

@@ -400,6 +400,15 @@ def check_backbone(backbone: str) -> None:
         raise UserError(f"--backbones {backbone}: neither a folder nor a timm model name")
 
 
+def check_data(images, labels, pool: list[int], val: list[int], task: str, data_kwargs: dict) -> None:
+    """Load the pool and the scored slices once, as every run will: a wrong path, shapes that
+    differ, a slice out of range, a pool slice that is also scored, or labels outside
+    --label-values then fail before the first of many runs, not in the middle of the grid."""
+    from ssl_em.finetune.data import LabeledSlicesDataModule
+
+    LabeledSlicesDataModule(images, labels, pool, val, task=task, **data_kwargs)
+
+
 def head_of_width(width: int):
     """The default head (UNETR for ViTs, U-Net for CNNs) scaled by one width knob."""
     import functools
@@ -481,6 +490,7 @@ def run(args) -> int:
     check_at_least(1, {"--max-steps": args.max_steps, "--tile-size": args.tile_size, "--batch-size": args.batch_size, "--head-width": args.head_width})
     for b in args.backbones:
         check_backbone(b)
+    check_data(args.images, args.labels, pool, val, args.task, data_kwargs)
     print(f"ssl-em benchmark: results go to {Path(args.out) / 'results.csv'} (a rerun skips the cells already there)", flush=True)
     with quiet():
         # What the user typed beats what a backbone recommends (its ssl_em.json).

@@ -64,6 +64,7 @@ def test_batchnorm_is_sparse_its_statistics_come_from_visible_positions_only():
     assert torch.allclose(bn.running_var, 0.9 + 0.1 * visible.var(0), atol=1e-4)
     assert not torch.allclose(bn.running_mean, 0.1 * x.mean((0, 2, 3)), atol=1e-3)  # what dense BN gives
     assert (seen["norm"] * hidden).abs().max() == 0 and bn.momentum == 0.1
+    assert int(bn.num_batches_tracked) == 1 and "forward" not in vars(bn)  # counted once; dense again after
 
 
 def test_loss_decreases_on_fixed_batch():

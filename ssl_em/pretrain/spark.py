@@ -14,8 +14,9 @@ at once (pixel shuffle): full-resolution decoder convolutions would cost more CP
 encoder itself. The loss is the mean squared error on hidden squares only, against
 per-square standardised pixels.
 
-BatchNorm is sparse too, as in SparK: a hook on every BatchNorm2d normalises with the mean
-and variance of the visible positions only, updates the running statistics with them, and
+BatchNorm is sparse too, as in SparK: during the masked forward every BatchNorm2d runs
+`_sparse_norm` instead of its own forward, which normalises with the mean and variance of
+the visible positions only, updates the running statistics with them, and
 leaves hidden positions at zero. Dense statistics would count 60% zeros, so the learned
 scales and shifts would fit activations the fine-tuned (dense) network never sees. ResNet's
 max-pool sees the zeros, which after a ReLU cannot win over visible values.
@@ -24,6 +25,8 @@ Shapes: B batch, C channels (1 for EM), H W tile, s mask square (px), L = (H/s)(
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -80,10 +83,7 @@ class SparK(PretrainMethod):
         self.mask_rng = Generators("spark.mask")  # per (seed, rank, worker, step), see ssl_em.seeding
         self._visible: torch.Tensor | None = None  # (B, 1, H/s, W/s), 1 = visible; set during forward
         self._hooks = [m.register_forward_hook(self._sparsify) for m in self.backbone.modules() if isinstance(m, nn.Conv2d)]
-        norms = [m for m in self.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
-        self._momentum: dict[nn.Module, float | None] = {}  # a norm's own momentum while its dense update is off
-        self._hooks += [m.register_forward_pre_hook(self._freeze_dense_stats) for m in norms]
-        self._hooks += [m.register_forward_hook(self._sparse_norm) for m in norms]
+        self._norms = [m for m in self.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
 
     def _sparsify(self, module: nn.Module, inputs, out: torch.Tensor) -> torch.Tensor | None:
         """Zero a convolution's output on hidden squares (SparK's sparse convolution)."""
@@ -91,34 +91,24 @@ class SparK(PretrainMethod):
             return None
         return out * self._visible_at(out.shape[-2:]).to(out.dtype)
 
-    def _freeze_dense_stats(self, module: nn.BatchNorm2d, inputs) -> None:
-        """Before a BatchNorm2d in sparse training: momentum 0, so its own (dense) update of
-        the running statistics leaves them as they are; `_sparse_norm` makes the update."""
-        if self._visible is not None and module.training and module.track_running_stats:
-            self._momentum[module] = module.momentum
-            module.momentum = 0.0
+    def _sparse_norm(self, module: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+        """A BatchNorm2d's forward during masked training (SparK's sparse BatchNorm).
 
-    def _sparse_norm(self, module: nn.BatchNorm2d, inputs, out: torch.Tensor) -> torch.Tensor | None:
-        """Redo a BatchNorm2d over visible positions only (SparK's sparse BatchNorm).
-
-        inputs[0]: (B, C, h, w), zero on hidden squares -> (B, C, h, w) normalised with the
-        visible positions' mean and variance in training (which also move the running
-        statistics, by the module's momentum), with the running ones in eval; zero on hidden
+        x: (B, C, h, w), zero on hidden squares -> (B, C, h, w) normalised with the visible
+        positions' mean and variance in training (which also move the running statistics,
+        as the module's own forward would), with the running ones in eval; zero on hidden
         squares, so the next convolution sees them empty."""
-        if self._visible is None:
-            return None
-        x = inputs[0]
         v = self._visible_at(x.shape[-2:]).to(x.dtype)  # (B, 1, h, w)
-        if module.training:
+        if module.training or module.running_mean is None:
             n = v.sum().clamp_min(2.0)  # visible positions (each channel has them all)
             mean = (x * v).sum((0, 2, 3)) / n  # (C,)
             var = ((x - mean.view(1, -1, 1, 1)) ** 2 * v).sum((0, 2, 3)) / n
-            if module in self._momentum:
-                momentum = module.momentum = self._momentum.pop(module)
-                m = momentum if momentum is not None else 1.0 / float(module.num_batches_tracked)
+            if module.training and module.track_running_stats:
                 with torch.no_grad():
+                    module.num_batches_tracked.add_(1)
+                    m = module.momentum if module.momentum is not None else 1.0 / float(module.num_batches_tracked)
                     module.running_mean.lerp_(mean.detach(), m)
-                    module.running_var.lerp_(var.detach() * n / (n - 1), m)
+                    module.running_var.lerp_(var.detach() * n / (n - 1), m)  # unbiased, as torch keeps it
         else:
             mean, var = module.running_mean, module.running_var
         y = (x - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + module.eps)
@@ -136,14 +126,16 @@ class SparK(PretrainMethod):
         h, w = H // self.square, W // self.square
         _, mask, _ = random_masking(B, h * w, self.mask_ratio, imgs.device, self.mask_rng.get(imgs.device))  # (B, L), 1 = hidden
         self._visible = (1 - mask).view(B, 1, h, w)
+        # Each BatchNorm2d runs `_sparse_norm` instead of its dense forward, for this call only.
+        for norm in self._norms:
+            norm.forward = functools.partial(self._sparse_norm, norm)
         try:
             masked = imgs * self._visible_at((H, W))
             feats = self.backbone.forward_intermediates(masked, indices=len(self.reductions), intermediates_only=True)
-        finally:
+        finally:  # an error midway leaves every norm dense again
             visible, self._visible = self._visible, None
-            for norm, momentum in self._momentum.items():  # an error midway leaves none at 0
-                norm.momentum = momentum
-            self._momentum.clear()
+            for norm in self._norms:
+                del norm.forward
         # Densify: hidden positions of every level take that level's learned token.
         dense = []
         for f, token in zip(feats, self.mask_tokens):

@@ -35,6 +35,7 @@ def make_archive(path: Path, shape=(4, 128, 128), flag_all: bool = False, seed: 
     if flag_all:
         w.curation_array("synthetic")[...] = int(TileFlag.LOW_INFORMATION)
     w.finish("synthetic", meta)
+    w.close()
     return path
 
 

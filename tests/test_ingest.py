@@ -3,6 +3,7 @@ re-runs that skip, crash recovery, and bad sources that fail alone with a named 
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -114,6 +115,38 @@ def test_rerun_skips_crash_is_redone(tmp_path, em):
     assert ingest([src], out, voxel_size=5, progress=False).results[0].status == "ingested"  # new voxel size: redo
     assert ingest([src], out, progress=False).results[0].status == "skipped"  # none given: keep what is there
     assert ingest([src], out, tile_size=64, progress=False).results[0].status == "ingested"  # new curation: redo
+
+
+def _listed(archive: Path) -> list[str]:
+    return json.loads((archive / "OME" / ".zattrs").read_text())["series"]
+
+
+def test_listing_rereads_only_changed_images_and_waits_while_costly(tmp_path, em, monkeypatch):
+    """Listing after every finished image would read every image again (quadratic in the
+    image count): a writer reads an image's attributes only when they changed, and while a
+    listing is costly, finished images wait for the next one or for close()."""
+    for i in range(3):
+        _write_tif(tmp_path / f"v{i}.tif", em[:1] + i)
+    out = tmp_path / "a.zarr"
+    ingest([tmp_path / f"v{i}.tif" for i in range(3)], out, progress=False)
+    reads = []
+    original = ArchiveWriter._entry
+    monkeypatch.setattr(ArchiveWriter, "_entry", staticmethod(lambda p: reads.append(p.name) or original(p)))
+    writer = ArchiveWriter(out)
+    assert sorted(reads) == ["v0", "v1", "v2"] and _listed(out) == ["v0", "v1", "v2"]
+    reads.clear()
+    writer.write_listing()
+    assert reads == []  # nothing changed: nothing read
+    meta = writer.status("v1")
+    writer.root["v1"].attrs["ssl_em"] = {**meta, "complete": False}  # v1 changed (a crash mid-redo)
+    writer.write_listing()
+    assert reads == ["v1"] and _listed(out) == ["v0", "v2"]
+
+    writer._listing_cost = 3600.0  # as if listing were slow: finish() leaves it to close()
+    writer.finish("v1", meta)
+    assert _listed(out) == ["v0", "v2"] and Archive(out)["v1"]  # ssl_em's reader sees it already
+    writer.close()
+    assert _listed(out) == ["v0", "v1", "v2"]
 
 
 def test_bad_sources_fail_alone(tmp_path, em, capsys):

@@ -131,35 +131,38 @@ def ingest(
     # Sharded: names decided from the whole list up front, the same in every shard.
     names = _names(writer, expanded) if count > 1 else None
     results, used_names = [], set()
-    for k, (spec, base) in enumerate(expanded):
-        if k % count != index:
-            continue
-        start = time.perf_counter()
-        lock = None
-        try:
-            volume = open_volume(spec, voxel_size)
-            if np.dtype(volume.dtype).kind == "b":
-                raise VolumeError(f"{spec}: a bool (mask) volume; ingest takes grayscale EM images")
-            if names is None:
-                name, lock = _claim_name(writer, spec, used_names, base)
-            else:  # sharded: the name every shard agreed on, locked against a second writer
-                name = names[k]
-                if isinstance(name, Exception):
-                    raise name
-                held = writer.lock(name)
-                held.acquire(_resolved(spec))
-                lock = held
-            used_names.add(name)
-            result = _ingest_one(writer, spec, volume, name, curator, chunks, workers, memory_mb << 20, progress, voxel_size is not None)
-        except (VolumeError, ImageBusyError, OSError, ValueError) as err:
-            message = str(err) if str(err).startswith(str(spec)) or isinstance(err, (VolumeError, ImageBusyError)) else f"{spec}: {err}"
-            print(f"ssl-em ingest: error: {message.splitlines()[0]}", file=sys.stderr)  # once, as it happens
-            result = SourceResult(str(spec), "failed", error=message)
-        finally:
-            if lock is not None:
-                lock.release()
-        result.seconds = time.perf_counter() - start
-        results.append(result)
+    try:
+        for k, (spec, base) in enumerate(expanded):
+            if k % count != index:
+                continue
+            start = time.perf_counter()
+            lock = None
+            try:
+                volume = open_volume(spec, voxel_size)
+                if np.dtype(volume.dtype).kind == "b":
+                    raise VolumeError(f"{spec}: a bool (mask) volume; ingest takes grayscale EM images")
+                if names is None:
+                    name, lock = _claim_name(writer, spec, used_names, base)
+                else:  # sharded: the name every shard agreed on, locked against a second writer
+                    name = names[k]
+                    if isinstance(name, Exception):
+                        raise name
+                    held = writer.lock(name)
+                    held.acquire(_resolved(spec))
+                    lock = held
+                used_names.add(name)
+                result = _ingest_one(writer, spec, volume, name, curator, chunks, workers, memory_mb << 20, progress, voxel_size is not None)
+            except (VolumeError, ImageBusyError, OSError, ValueError) as err:
+                message = str(err) if str(err).startswith(str(spec)) or isinstance(err, (VolumeError, ImageBusyError)) else f"{spec}: {err}"
+                print(f"ssl-em ingest: error: {message.splitlines()[0]}", file=sys.stderr)  # once, as it happens
+                result = SourceResult(str(spec), "failed", error=message)
+            finally:
+                if lock is not None:
+                    lock.release()
+            result.seconds = time.perf_counter() - start
+            results.append(result)
+    finally:  # the images finished since the last listing, after an error too
+        writer.close()
     return IngestSummary(Path(out), results)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 
 class UserError(ValueError):
@@ -91,8 +92,6 @@ def debug_enabled() -> bool:
 def check_parent_folders(out, label: str) -> None:
     """UserError "`label`: PARENT is a file, not a folder" when the nearest existing parent
     of the output path `out` is a file (it could never be created)."""
-    from pathlib import Path
-
     for parent in Path(out).parents:
         if parent.exists():
             if not parent.is_dir():

@@ -311,7 +311,12 @@ def preprocessing(path: str | Path) -> Preprocessing:
 def backbone_meta(backbone: str | Path) -> BackboneMeta | None:
     """The metadata of an exported backbone folder; None for anything else (a timm name)."""
     path = Path(backbone) / META
-    return BackboneMeta.from_dict(read_json(path, "backbone metadata")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return BackboneMeta.from_dict(read_json(path, "backbone metadata"))
+    except TypeError as err:  # a required field missing
+        raise BackboneError(f"{path}: not ssl_em backbone metadata ({err})") from None
 
 
 def load_backbone(path: str | Path, architecture: str | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, BackboneMeta]:
@@ -323,10 +328,7 @@ def load_backbone(path: str | Path, architecture: str | None = None, device: str
     for name in (WEIGHTS, META):
         if not (path / name).is_file():
             raise BackboneError(f"{path}: no {name}; not an ssl_em backbone folder (make one with `ssl-em export`)")
-    try:
-        meta = BackboneMeta.from_dict(read_json(path / META, "backbone metadata"))
-    except TypeError as err:  # a required field missing
-        raise BackboneError(f"{path / META}: not ssl_em backbone metadata ({err})") from None
+    meta = backbone_meta(path)
     if architecture is not None and architecture != meta.architecture:
         raise BackboneError(f"{path}: holds a {meta.architecture} backbone, not the {architecture} asked for")
     model = build_from_metadata(meta.architecture, meta.model_args, str(path / META))

@@ -225,8 +225,8 @@ class ArchiveWriter:
     small patches spent 44% of their ingest in it. Two things bound it: attributes are
     re-read only for images whose `.zattrs` changed since this writer last listed them, and
     a finished image is listed at once only while listing is cheap; once a listing costs
-    more than `LISTING_SHARE` of the time since the last one, listings wait. `close` (or
-    leaving a `with` block) lists what is left; ssl_em's own reader never needs the listing.
+    more than `LISTING_SHARE` of the time since the last one, listings wait. `close` lists
+    what is left; ssl_em's own reader never needs the listing.
     """
 
     #: Upper bound on the share of wall time spent rewriting the listing during an ingest.
@@ -255,12 +255,6 @@ class ArchiveWriter:
         self._entries: dict[str, tuple[tuple, tuple | None]] = {}
         self._listed_at, self._listing_cost, self._unlisted = 0.0, 0.0, False
         self.write_listing()
-
-    def __enter__(self) -> "ArchiveWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def close(self) -> None:
         """List the images finished since the last listing."""

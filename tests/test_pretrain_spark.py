@@ -102,3 +102,66 @@ def test_export_records_the_fine_tuning_recipe_spark_backbones_were_measured_wit
     m.on_save_checkpoint(ckpt)
     _, meta = backbone_from_checkpoint(ckpt)
     assert meta.finetune == SparK.finetune_recipe == {"unfreeze_at_step": 0, "backbone_lr_scale": 1.0}
+
+
+def test_bf16_autocast_trains_with_float32_statistics():
+    """Under bf16 autocast (the default on GPUs and on CPUs with bf16 units) the sparse norm
+    computes its statistics in float32, keeps float32 running buffers, and gives the loss of
+    float32 within bf16's rounding."""
+    m = tiny_spark(mask_ratio=0.5).train()
+    x = torch.randn(4, 1, 64, 64).cumsum(-1) / 8
+    ref = tiny_spark(mask_ratio=0.5).train()
+    ref.load_state_dict(m.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    out["loss"].backward()
+    fp32 = ref(x)["loss"]
+    bn = m.backbone.bn1
+    assert bn.running_mean.dtype == torch.float32 and int(bn.num_batches_tracked) == 1
+    assert torch.isfinite(out["loss"]) and abs(out["loss"].item() - fp32.item()) < 0.05 * fp32.item()
+    assert torch.allclose(bn.running_mean, ref.backbone.bn1.running_mean, atol=2e-2, rtol=5e-2)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_batchnormact_keeps_its_activation_in_the_sparse_pass():
+    """timm's BatchNormAct2d subclasses BatchNorm2d; the sparse pass must apply its activation
+    (a leaky ReLU here, so the output has negatives only where the norm's input gives them),
+    not drop it as a plain BatchNorm2d forward would."""
+    from timm.layers import BatchNormAct2d
+
+    m = tiny_spark(mask_ratio=0.5).train()
+    old = m.backbone.bn1
+    act = BatchNormAct2d(old.num_features, act_layer=torch.nn.Hardtanh)  # clamps to [-1, 1]
+    m.backbone.bn1 = act
+    seen = {}
+    act.register_forward_hook(lambda mod, i, o: seen.setdefault("out", o.detach()))
+    m(torch.randn(2, 1, 64, 64) * 10)
+    assert seen["out"].abs().max() <= 1.0 + 1e-6  # the activation ran
+    assert seen["out"].abs().max() > 0.5
+
+
+def test_unsupported_norm_layers_are_refused_by_name():
+    class MyNorm(torch.nn.BatchNorm2d):
+        pass
+
+    m = tiny_spark()
+    m.backbone.bn1 = MyNorm(64)
+    with pytest.raises(BackboneError, match=r"bn1 \(MyNorm\)"):
+        m(torch.randn(1, 1, 64, 64))
+
+
+def test_norms_are_found_after_sync_batchnorm_conversion():
+    """Lightning's sync_batchnorm swaps every BatchNorm2d for a SyncBatchNorm after the method
+    is built: the sparse pass must run on the live modules (one process: SyncBatchNorm's own
+    statistics, the sparse ones, equal plain BatchNorm's)."""
+    m = tiny_spark(mask_ratio=0.5).train()
+    m.backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m.backbone)
+    seen = {}
+    m.backbone.conv1.register_forward_hook(lambda mod, i, o: seen.setdefault("conv", o.detach()))
+    m(torch.randn(4, 1, 64, 64) + 0.5)
+    bn = m.backbone.bn1
+    assert isinstance(bn, torch.nn.SyncBatchNorm) and "forward" not in vars(bn)
+    x = seen["conv"]
+    hidden = (x == 0).all(1, keepdim=True)
+    visible = x.permute(0, 2, 3, 1)[~hidden[:, 0]]
+    assert torch.allclose(bn.running_mean, 0.1 * visible.mean(0), atol=1e-5)

@@ -20,7 +20,10 @@ mask_ratio 0.6`, `--data.batch_size 32`, `--trainer.max_steps 1000`). On top of 
   strategy (one device or DDP only: FSDP and DeepSpeed are refused), tile size not a
   multiple of the patch size, nothing left after curation, batch larger than the data,
   a checkpoint of another architecture or method;
-- bf16-mixed on GPU, 32-bit on CPU; `--compile` wraps the method's forward in torch.compile;
+- precision and layout from `ssl_em.precision.choose` (bf16-mixed where the GPU or CPU has
+  bf16 units, else 32-true; channels_last for CNNs on GPUs), printed once;
+  `--trainer.precision 32-true` and `--channels_last true/false` override it;
+  `--compile` wraps the method's forward in torch.compile;
 - logs go to Weights & Biases in offline mode by default (`wandb sync` later if you want);
   recipes may choose `pytorch_lightning.loggers.CSVLogger` instead.
 """
@@ -32,12 +35,11 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
 from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
-from ssl_em import cli_flags
+from ssl_em import cli_flags, precision
 from ssl_em.console import quiet, run_callbacks
 from ssl_em.data.stream import EMDataModule, NoTilesError
 from ssl_em.errors import UserError, check_at_least, debug_enabled, find_user_error, one_line
@@ -125,6 +127,7 @@ class PretrainCLI(LightningCLI):
         parser.add_argument("--resume", type=bool, default=False, help="continue from <run_dir>/checkpoints/last.ckpt")
         parser.add_argument("--compile", type=bool, default=False, help="torch.compile the method's forward")
         parser.add_argument("--init_from", type=str | None, default=None, help="start the backbone from an exported backbone folder (continued pretraining)")
+        parser.add_argument("--channels_last", type=bool | None, default=None, help="NHWC layout for convolutions (default: ssl_em.precision decides)")
         parser.link_arguments("data.tile_size", "model.init_args.img_size")
         cli_flags.describe_data_flag(parser, "an ssl_em archive (ARCHIVE.zarr), raw volumes, or a YAML file of data settings")
 
@@ -229,6 +232,16 @@ def init_from_export(model: PretrainMethod, folder: str | Path) -> None:
     load_strict(model.backbone, loaded.state_dict(), str(folder))
 
 
+def chosen_precision(cli: PretrainCLI) -> precision.Precision:
+    """The run's precision and layout: ssl_em's choice for its device, or what the user set."""
+    cfg = cli.config
+    accel = str(cfg.trainer.accelerator or "auto")
+    device = "cpu" if accel == "cpu" else ("cuda" if accel in ("gpu", "cuda") else "auto")
+    auto = precision.choose(device, model=cli.model)
+    given = str(cfg.trainer.precision)
+    return precision.choose(device, requested=None if given == auto.lightning else given, channels_last=cfg.channels_last, model=cli.model)
+
+
 def make_cli(argv: list[str]) -> PretrainCLI:
     """Parse `argv` (short flags, any order: see ssl_em.cli_flags) and instantiate model,
     datamodule and trainer; does not train."""
@@ -243,7 +256,7 @@ def make_cli(argv: list[str]) -> PretrainCLI:
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
-                "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
+                "precision": precision.choose().lightning,
                 "logger": {"class_path": "pytorch_lightning.loggers.WandbLogger", "init_args": {"project": "ssl_em", "offline": True}},
             },
             parser_kwargs={"prog": "ssl-em pretrain", "description": __doc__.split("\n")[0]},
@@ -275,6 +288,9 @@ def run_argv(argv: list[str]) -> int:
         continue_csv_metrics(cli.trainer, int(read_checkpoint(ckpt_path).get("global_step", 0)))
         # Lightning looks for a stateful DataLoader; ours resumes through EMDataModule.state_dict.
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    chosen = chosen_precision(cli)
+    chosen.apply(cli.model)
+    print(f"ssl-em pretrain: precision {chosen.why}", flush=True)
     if cfg.compile:
         cli.model.compile()
     resume = cfg.resume and ckpt_path.is_file()

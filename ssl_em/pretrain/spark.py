@@ -30,6 +30,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from timm.layers import BatchNormAct2d, SyncBatchNormAct
 from torch import nn
 
 from ssl_em.export import BackboneError, build_backbone
@@ -83,7 +84,7 @@ class SparK(PretrainMethod):
         self.mask_rng = Generators("spark.mask")  # per (seed, rank, worker, step), see ssl_em.seeding
         self._visible: torch.Tensor | None = None  # (B, 1, H/s, W/s), 1 = visible; set during forward
         self._hooks = [m.register_forward_hook(self._sparsify) for m in self.backbone.modules() if isinstance(m, nn.Conv2d)]
-        self._norms = [m for m in self.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+        sparse_norms(self.backbone)  # refuses norm layers the sparse pass cannot stand in for, now
 
     def _sparsify(self, module: nn.Module, inputs, out: torch.Tensor) -> torch.Tensor | None:
         """Zero a convolution's output on hidden squares (SparK's sparse convolution)."""
@@ -92,29 +93,41 @@ class SparK(PretrainMethod):
         return out * self._visible_at(out.shape[-2:]).to(out.dtype)
 
     def _sparse_norm(self, module: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-        """A BatchNorm2d's forward during masked training (SparK's sparse BatchNorm).
+        """A batch norm's forward during masked training (SparK's sparse BatchNorm).
 
         x: (B, C, h, w), zero on hidden squares -> (B, C, h, w) normalised with the visible
         positions' mean and variance in training (which also move the running statistics,
         as the module's own forward would), with the running ones in eval; zero on hidden
-        squares, so the next convolution sees them empty."""
-        v = self._visible_at(x.shape[-2:]).to(x.dtype)  # (B, 1, h, w)
+        squares, so the next convolution sees them empty. Statistics are float32 whatever
+        the autocast dtype (bf16 sums of thousands of positions lose digits, and the running
+        buffers are float32); the result is cast back to x's dtype. A SyncBatchNorm sums
+        over every rank; timm's BatchNormAct2d applies its activation after the norm."""
+        v = self._visible_at(x.shape[-2:]).float()  # (B, 1, h, w)
+        xf = x.float()
         if module.training or module.running_mean is None:
-            n = v.sum().clamp_min(2.0)  # visible positions (each channel has them all)
-            mean = (x * v).sum((0, 2, 3)) / n  # (C,)
-            var = ((x - mean.view(1, -1, 1, 1)) ** 2 * v).sum((0, 2, 3)) / n
+            sums = torch.cat([(xf * v).sum((0, 2, 3)), (xf * xf * v).sum((0, 2, 3)), v.sum().view(1)])  # (2C + 1,)
+            if isinstance(module, nn.SyncBatchNorm) and _distributed():
+                sums = torch.distributed.nn.functional.all_reduce(sums)  # differentiable sum over ranks
+            c = x.shape[1]
+            n = sums[-1].clamp_min(2.0)  # visible positions (each channel has them all)
+            mean = sums[:c] / n  # (C,)
+            var = (sums[c : 2 * c] / n - mean * mean).clamp_min(0.0)
             if module.training and module.track_running_stats:
                 with torch.no_grad():
                     module.num_batches_tracked.add_(1)
                     m = module.momentum if module.momentum is not None else 1.0 / float(module.num_batches_tracked)
-                    module.running_mean.lerp_(mean.detach(), m)
-                    module.running_var.lerp_(var.detach() * n / (n - 1), m)  # unbiased, as torch keeps it
+                    module.running_mean.lerp_(mean.detach().to(module.running_mean.dtype), m)
+                    unbiased = var.detach() * n / (n - 1)  # as torch keeps it
+                    module.running_var.lerp_(unbiased.to(module.running_var.dtype), m)
         else:
-            mean, var = module.running_mean, module.running_var
-        y = (x - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + module.eps)
+            mean, var = module.running_mean.float(), module.running_var.float()
+        y = (xf - mean.view(1, -1, 1, 1)) * torch.rsqrt(var.view(1, -1, 1, 1) + module.eps)
         if module.affine:
-            y = y * module.weight.view(1, -1, 1, 1) + module.bias.view(1, -1, 1, 1)
-        return y * v
+            y = y * module.weight.float().view(1, -1, 1, 1) + module.bias.float().view(1, -1, 1, 1)
+        y = y.to(x.dtype)
+        if isinstance(module, NORM_ACT):  # timm's fused norm + activation: keep the activation
+            y = module.act(module.drop(y))
+        return y * v.to(y.dtype)
 
     def _visible_at(self, size) -> torch.Tensor:
         """The visible-square mask (B, 1, h, w) at a feature map's resolution (nearest)."""
@@ -126,21 +139,24 @@ class SparK(PretrainMethod):
         h, w = H // self.square, W // self.square
         _, mask, _ = random_masking(B, h * w, self.mask_ratio, imgs.device, self.mask_rng.get(imgs.device))  # (B, L), 1 = hidden
         self._visible = (1 - mask).view(B, 1, h, w)
-        # Each BatchNorm2d runs `_sparse_norm` instead of its dense forward, for this call only.
-        for norm in self._norms:
+        # Each batch norm runs `_sparse_norm` instead of its dense forward, for this call only.
+        # The norms are looked up now, not in __init__: Lightning's sync_batchnorm replaces
+        # them with SyncBatchNorm modules after the method was built.
+        norms = sparse_norms(self.backbone)
+        for norm in norms:
             norm.forward = functools.partial(self._sparse_norm, norm)
         try:
-            masked = imgs * self._visible_at((H, W))
+            masked = imgs * self._visible_at((H, W)).to(imgs.dtype)
             feats = self.backbone.forward_intermediates(masked, indices=len(self.reductions), intermediates_only=True)
         finally:  # an error midway leaves every norm dense again
             visible, self._visible = self._visible, None
-            for norm in self._norms:
+            for norm in norms:
                 del norm.forward
         # Densify: hidden positions of every level take that level's learned token.
         dense = []
         for f, token in zip(feats, self.mask_tokens):
             v = F.interpolate(visible, size=f.shape[-2:], mode="nearest")
-            dense.append(f * v + token * (1 - v))
+            dense.append(f * v.to(f.dtype) + token.to(f.dtype) * (1 - v).to(f.dtype))
         pred = self.decoder(dense)  # (B, C, H, W)
         loss = masked_mse(patchify(pred, self.square), patchify(imgs, self.square), mask, self.norm_pix_loss)
         return {"loss": loss, "pred": pred, "mask": mask}
@@ -150,6 +166,33 @@ class SparK(PretrainMethod):
         out = self(imgs)
         self.log_step(out["loss"], imgs.shape[0])
         return out["loss"]
+
+
+#: Norm layers the sparse pass replaces: each runs `SparK._sparse_norm` during the masked
+#: forward. Only exact classes: a subclass may do more in its forward than normalise (timm's
+#: BatchNormAct2d applies an activation), so each one is listed with what it adds.
+NORM_ACT = (BatchNormAct2d, SyncBatchNormAct)
+SPARSE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm) + NORM_ACT
+
+
+def sparse_norms(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone's batch norms, each of a class the sparse pass stands in for. A norm of
+    another class (a BatchNorm2d subclass, GroupNorm, LayerNorm2d) would see the hidden
+    zeros in its statistics or lose behaviour of its own, so it is refused by name."""
+    norms, other = [], []
+    for name, m in backbone.named_modules():
+        if type(m) in SPARSE_NORMS:
+            norms.append(m)
+        elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+            other.append(f"{name} ({type(m).__name__})")
+    if other:
+        raise BackboneError(f"SparK's sparse pass handles BatchNorm2d, SyncBatchNorm and timm's BatchNormAct2d only; "
+                            f"this backbone also has {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}")
+    return norms
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 class LightDecoder(nn.Module):

@@ -173,13 +173,17 @@ PRETRAIN = [
     Shortcut("--resume", "--resume", "continue from <run_dir>/checkpoints/last.ckpt", switch=True),
     Shortcut("--compile", "--compile", "torch.compile the method's forward", switch=True),
     Shortcut("--devices", "--trainer.devices", "GPUs (or CPU processes) to use", "N"),
+    Shortcut("--init_from", "--init_from", "continue pretraining a published backbone (checkpoints/NAME) on your data: its encoder, and its decoder when exported", "DIR"),
+    Shortcut("--max-time", "--trainer.max_time", "stop after this wall time, DD:HH:MM:SS (a time budget; checkpoints are kept)", "T"),
 ]
 
 PRETRAIN_EXAMPLES = """\
   ssl-em pretrain --config recipes/pretrain/mae_vit_s16.yaml --data archive.zarr --max-steps 100000
   ssl-em pretrain --config recipes/pretrain/mae_vit_s16.yaml --data archive.zarr --resume   # after a crash
   ssl-em pretrain --config recipes/pretrain/tiny_cpu.yaml --data archive.zarr --max-steps 50  # minutes on a CPU
-  ssl-em pretrain --config recipes/pretrain/mae_vit_s16.yaml --data archive.zarr --model.init_args.mask_ratio 0.6"""
+  ssl-em pretrain --config recipes/pretrain/mae_vit_s16.yaml --data archive.zarr --model.init_args.mask_ratio 0.6
+  ssl-em pretrain --config recipes/pretrain/spark_resnet18_adapt.yaml --data my_lab.zarr \
+      --init_from checkpoints/em_resnet18_spark    # adapt the shipped backbone to your data (<= 30 min on a CPU)"""
 
 PRETRAIN_SUMMARY = """\
 Self-supervised pretraining of a timm backbone on tiles streamed from an archive. The recipe

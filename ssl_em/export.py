@@ -7,6 +7,9 @@ An exported backbone is a folder::
       model.safetensors    backbone.state_dict(), nothing else
       ssl_em.json          BackboneMeta: normalisation, pixel size, method, data fingerprint...
       README.md            model card
+      pretrain_state.safetensors  optional: the pretraining method's own modules (SparK's
+                           decoder and mask tokens), so `ssl-em pretrain --init_from`
+                           continues the method, not just the encoder
 
 `timm.create_model("local-dir:checkpoints/NAME", pretrained=True)` loads it with only timm
 installed, and timm's `resolve_data_config` + `create_transform` then keep EM tiles at their
@@ -42,6 +45,8 @@ from ssl_em.data.normalize import IntensityStats, Normalization, normalize_numpy
 from ssl_em.errors import UserError, check_parent_folders, read_json_object
 
 WEIGHTS, CONFIG, META, CARD = "model.safetensors", "config.json", "ssl_em.json", "README.md"
+#: The method's own weights (everything but the backbone), for continued pretraining.
+METHOD_STATE = "pretrain_state.safetensors"
 #: The licence weights are shared under (the model card's and pretrained_cfg's); ssl_em's own.
 LICENSE = "bsd-3-clause"
 #: What timm's transform cannot do and must come first (pretrained_cfg["notes"]).
@@ -189,15 +194,22 @@ def patch_size_of(model: nn.Module) -> int | None:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def export_backbone(backbone: nn.Module, out: str | Path, meta: BackboneMeta, dtype: str = "float32") -> Path:
+def _stored(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    cast = DTYPES[dtype]
+    return {k: (v.to(cast) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}
+
+
+def export_backbone(backbone: nn.Module, out: str | Path, meta: BackboneMeta, dtype: str = "float32",
+                    method_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write backbone.state_dict() and its configs into `out` (created). Returns `out`.
-    dtype: storage type of floating-point tensors (integer buffers stay as they are)."""
+    dtype: storage type of floating-point tensors (integer buffers stay as they are).
+    method_state: the pretraining method's non-backbone weights (keys as in the method's
+    state_dict), written to METHOD_STATE with the method's name, for `--init_from`."""
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
 
     out = Path(out)
-    cast = DTYPES[dtype]
-    state = {k: (v.to(cast) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    state = _stored(backbone.state_dict(), dtype)
     # The architecture's defaults name ImageNet weights and ImageNet preprocessing; ours
     # replace them: grey tiles at the training size, no crop (crop_pct 1: an EM tile has no
     # "object in the middle"), bilinear (no bicubic overshoot on membranes), the recorded
@@ -212,6 +224,8 @@ def export_backbone(backbone: nn.Module, out: str | Path, meta: BackboneMeta, dt
 
     def fill(folder: Path) -> None:
         save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
+        if method_state:
+            save_file(_stored(method_state, dtype), str(folder / METHOD_STATE), metadata={"format": "pt", "method": str(meta.method)})
         save_config_for_hf(backbone, str(folder / CONFIG), model_config=model_config, data_config=data_config)
         (folder / META).write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
         (folder / CARD).write_text(model_card(meta, out.name))
@@ -415,11 +429,27 @@ def _first(size) -> int | None:
     return size[0] if isinstance(size, (list, tuple)) else size
 
 
-def export_run(run_or_ckpt: str | Path, out: str | Path, dtype: str = "float32") -> Path:
+def export_run(run_or_ckpt: str | Path, out: str | Path, dtype: str = "float32", method_state: bool = True) -> Path:
     check_out_folder(out, META)  # before reading a checkpoint of gigabytes
     ckpt_path = find_checkpoint(run_or_ckpt)
-    model, meta = backbone_from_checkpoint(read_checkpoint(ckpt_path), str(ckpt_path))
-    return export_backbone(model, out, meta, dtype)
+    ckpt = read_checkpoint(ckpt_path)
+    model, meta = backbone_from_checkpoint(ckpt, str(ckpt_path))
+    prefix = "backbone."
+    rest = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(prefix)} if method_state else None
+    return export_backbone(model, out, meta, dtype, method_state=rest)
+
+
+def read_method_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], str | None] | None:
+    """The method weights an export carries (METHOD_STATE) and the method that wrote them,
+    or None when the folder has none (exports from before they were kept)."""
+    from safetensors import safe_open
+
+    path = Path(folder) / METHOD_STATE
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        method = (f.metadata() or {}).get("method")
+    return read_safetensors(path), method
 
 
 def _recipe_text(recipe: dict) -> str:
@@ -468,9 +498,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="a pretraining run dir (uses checkpoints/last.ckpt) or a .ckpt file")
     parser.add_argument("--out", required=True, help="folder to write (e.g. checkpoints/NAME/)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="storage type of the weights (float16 halves the file; loading casts back to float32)")
+    parser.add_argument("--method-state", action=argparse.BooleanOptionalAction, default=True,
+                        help=f"also write {METHOD_STATE}, the method's decoder/heads, so `ssl-em pretrain --init_from` continues the method (default: yes)")
 
 
 def run(args) -> int:
-    out = export_run(args.run, args.out, args.dtype)
+    out = export_run(args.run, args.out, args.dtype, args.method_state)
     print(f"exported {out} (timm.create_model('local-dir:{out}', pretrained=True) loads it)")
     return 0

@@ -76,10 +76,14 @@ def test_train_then_export(archive, tmp_path):
     assert meta.pixel_size_nm == 8.0  # the archive's voxel size, streamed at native resolution
     assert model(torch.randn(1, 1, 64, 64)).shape == (1, 96)
 
-    # Continued pretraining: --init_from loads the exported backbone strictly before training.
+    # Continued pretraining: --init_from loads the exported backbone strictly before training,
+    # and the method's own weights (MAE's decoder and mask token) the export carries.
     cli = make_cli(["--config", TINY, "--data", str(archive), "--run_dir", str(tmp_path / "more")])
-    init_from_export(cli.model, tmp_path / "bb")
+    assert init_from_export(cli.model, tmp_path / "bb") is True
     assert all(torch.equal(a, b) for a, b in zip(cli.model.backbone.state_dict().values(), model.state_dict().values()))
+    trained = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
+    decoder = [k for k in trained if not k.startswith("backbone.")]
+    assert decoder and all(torch.equal(cli.model.state_dict()[k], trained[k]) for k in decoder)
     other = make_cli(["--config", TINY.replace("tiny_cpu", "tiny_cpu_moco"), "--data", str(archive), "--run_dir", str(tmp_path / "other")])
     with pytest.raises(BackboneError, match="do not fit"):  # same timm name, other depth
         init_from_export(other.model, tmp_path / "bb")
@@ -205,3 +209,27 @@ def test_two_epochs_on_two_ranks_then_two_nodes_give_the_same_losses(archive, tm
     assert len(_losses(one)) == 2 and _losses(one) == _losses(two)
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
+
+
+def test_init_from_without_method_state_freezes_the_backbone_first(archive, tmp_path, capsys):
+    """An export without the method's weights (or with --no-method-state): the decoder starts
+    fresh and trains alone for --freeze_backbone_steps, the backbone's weights and
+    statistics unchanged, then everything trains."""
+    from ssl_em.cli import main
+    from ssl_em.export import METHOD_STATE
+
+    run = tmp_path / "run"
+    assert run_argv(["--config", TINY, "--data", str(archive), "--run_dir", str(run), "--trainer.max_steps", "2", "--data.batch_size", "8", *QUIET]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "bb"), "--no-method-state"]) == 0
+    assert not (tmp_path / "bb" / METHOD_STATE).exists()
+    start, _ = load_backbone(tmp_path / "bb")
+    more = tmp_path / "more"
+    args = ["--config", TINY, "--data", str(archive), "--run_dir", str(more), "--init_from", str(tmp_path / "bb"), "--data.batch_size", "8",
+            "--checkpoint_every_n_steps", "2", *QUIET]
+    assert run_argv([*args, "--trainer.max_steps", "2", "--freeze_backbone_steps", "2"]) == 0
+    assert "decoder starts fresh" in capsys.readouterr().out
+    after = {k[len("backbone."):]: v for k, v in read_checkpoint(more / "checkpoints" / "last.ckpt")["state_dict"].items() if k.startswith("backbone.")}
+    assert all(torch.equal(after[k], v) for k, v in start.state_dict().items())  # frozen: not a bit moved
+    assert run_argv([*args, "--trainer.max_steps", "4", "--freeze_backbone_steps", "2", "--resume"]) == 0
+    moved = {k[len("backbone."):]: v for k, v in read_checkpoint(more / "checkpoints" / "last.ckpt")["state_dict"].items() if k.startswith("backbone.")}
+    assert not all(torch.equal(moved[k], v) for k, v in start.state_dict().items())  # then it trains

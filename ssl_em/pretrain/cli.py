@@ -13,9 +13,11 @@ mask_ratio 0.6`, `--data.batch_size 32`, `--trainer.max_steps 1000`). On top of 
   plus checkpoints/last.ckpt);
 - `--resume` continues from checkpoints/last.ckpt (step count, optimizer, data epoch), so
   a run killed with kill -9 carries on from its last checkpoint;
-- `--init_from checkpoints/NAME` starts the backbone from an exported one (continued
-  pretraining of a published backbone on a lab's own archive): same architecture, loaded
-  strictly; the method's heads and the optimizer start fresh;
+- `--init_from checkpoints/NAME` starts from an exported backbone (continued pretraining of
+  a published backbone on a lab's own archive): same architecture, loaded strictly, and the
+  method's own weights (SparK's decoder and mask tokens) when the export carries them; an
+  export without them trains a fresh decoder alone for `--freeze_backbone_steps` (100)
+  first; the optimizer starts fresh;
 - mistakes are reported in one line before training: unknown backbone, an unsupported
   strategy (one device or DDP only: FSDP and DeepSpeed are refused), tile size not a
   multiple of the patch size, nothing left after curation, batch larger than the data,
@@ -46,6 +48,13 @@ from ssl_em.errors import UserError, check_at_least, debug_enabled, find_user_er
 from ssl_em.export import read_checkpoint
 from ssl_em.pretrain.base import PretrainMethod, run_metadata
 from ssl_em.seeding import generators_in, seed_process
+
+
+#: Steps a fresh decoder trains alone before the encoder joins (`--init_from` an export without
+#: the method's weights). A third of a 300-step adaptation run; SparK's loss from scratch fell
+#: from 1.01 to 0.87 in its first 140 steps (benchmarks/RESULTS.md), so a decoder has learned
+#: something by then. Not tuned.
+DEFAULT_FREEZE_STEPS = 100
 
 
 class PretrainError(UserError):
@@ -127,6 +136,8 @@ class PretrainCLI(LightningCLI):
         parser.add_argument("--resume", type=bool, default=False, help="continue from <run_dir>/checkpoints/last.ckpt")
         parser.add_argument("--compile", type=bool, default=False, help="torch.compile the method's forward")
         parser.add_argument("--init_from", type=str | None, default=None, help="start the backbone from an exported backbone folder (continued pretraining)")
+        parser.add_argument("--freeze_backbone_steps", type=int | None, default=None,
+                            help="with --init_from: train the method's decoder/heads alone for N steps first (default: 0 when the export carries them, else 100)")
         parser.add_argument("--channels_last", type=bool | None, default=None, help="NHWC layout for convolutions (default: ssl_em.precision decides)")
         parser.link_arguments("data.tile_size", "model.init_args.img_size")
         cli_flags.describe_data_flag(parser, "an ssl_em archive (ARCHIVE.zarr), raw volumes, or a YAML file of data settings")
@@ -220,16 +231,51 @@ def check_resume(model: PretrainMethod, ckpt_path: Path) -> None:
         raise PretrainError(f"{ckpt_path}: its weights do not fit this model ({len(bad)} keys differ, e.g. {bad[:3]}); use another --run_dir")
 
 
-def init_from_export(model: PretrainMethod, folder: str | Path) -> None:
+def init_from_export(model: PretrainMethod, folder: str | Path) -> bool:
     """Load an exported backbone's weights into the method's backbone, strictly; the
-    architecture and its arguments must match the recipe's."""
-    from ssl_em.export import load_backbone, load_strict
+    architecture and its arguments must match the recipe's. When the export carries the
+    method's own weights (SparK's decoder and mask tokens) from the same method, load those
+    too, strictly, so continued pretraining resumes the method. Returns whether it did."""
+    from ssl_em.export import METHOD_STATE, load_backbone, load_strict, read_method_state
 
     loaded, meta = load_backbone(folder)
     ours = run_metadata(model.backbone, None)
     if meta.architecture != ours["architecture"]:
         raise PretrainError(f"{folder}: is a {meta.architecture}, the recipe builds a {ours['architecture']}; pick a recipe with that backbone")
     load_strict(model.backbone, loaded.state_dict(), str(folder))
+    if not carries_method_state(model, folder):
+        return False
+    state, _ = read_method_state(folder)
+    rest = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    bad = sorted(set(rest) ^ set(state)) + [k for k in rest if k in state and rest[k].shape != state[k].shape]
+    if bad:
+        raise PretrainError(f"{Path(folder) / METHOD_STATE}: the method's weights do not fit this recipe ({len(bad)} keys differ, e.g. {bad[:3]}: "
+                            f"another decoder width?); use the recipe the backbone was trained with (its ssl_em.json has it)")
+    model.load_state_dict({**model.state_dict(), **{k: v.to(rest[k].dtype) for k, v in state.items()}}, strict=True)
+    return True
+
+
+def carries_method_state(model: PretrainMethod, folder: str | Path) -> bool:
+    """Whether an export carries this method's own weights (METHOD_STATE written by it)."""
+    from ssl_em.export import read_method_state
+
+    found = read_method_state(folder)
+    return found is not None and found[1] == f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+class FreezeBackbone(Callback):
+    """Trains the method's own modules with the backbone frozen (no gradients, BatchNorm
+    statistics fixed) for the first `steps` optimizer steps, then the whole network. For
+    continued pretraining from an export without the method's weights: a fresh decoder
+    trained through a live encoder disturbs it before it predicts anything useful."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        frozen = trainer.global_step < self.steps
+        pl_module.backbone.requires_grad_(not frozen)
+        pl_module.backbone.train(not frozen)
 
 
 def chosen_precision(cli: PretrainCLI) -> precision.Precision:
@@ -275,7 +321,14 @@ def run_argv(argv: list[str]) -> int:
         if cfg.resume and ckpt_path.is_file():
             check_resume(cli.model, ckpt_path)
         elif cfg.init_from:
-            init_from_export(cli.model, cfg.init_from)
+            resumed_method = init_from_export(cli.model, cfg.init_from)
+            print(f"ssl-em pretrain: backbone from {cfg.init_from}; "
+                  + ("the method's decoder and tokens too" if resumed_method else "the method's decoder starts fresh (the export has none of this method)"), flush=True)
+        if cfg.init_from:  # also when resumed: a run killed during the frozen phase stays frozen
+            freeze = cfg.freeze_backbone_steps if cfg.freeze_backbone_steps is not None else (0 if carries_method_state(cli.model, cfg.init_from) else DEFAULT_FREEZE_STEPS)
+            if freeze:
+                print(f"ssl-em pretrain: backbone frozen for the first {freeze} steps while the decoder learns", flush=True)
+                cli.trainer.callbacks.append(FreezeBackbone(freeze))
     except Exception as e:  # jsonargparse wraps errors raised while instantiating the classes
         cause = find_user_error(e)
         if cause is None or debug_enabled():

@@ -173,6 +173,7 @@ PRETRAIN = [
     Shortcut("--resume", "--resume", "continue from <run_dir>/checkpoints/last.ckpt", switch=True),
     Shortcut("--compile", "--compile", "torch.compile the method's forward", switch=True),
     Shortcut("--devices", "--trainer.devices", "GPUs (or CPU processes) to use", "N"),
+    Shortcut("--precision", "--trainer.precision", "32-true or bf16-mixed (default: bf16 where the CPU or GPU has bf16 units)", "P"),
 ]
 
 PRETRAIN_EXAMPLES = """\
@@ -203,6 +204,7 @@ FINETUNE = [
     Shortcut("--random-init", "--model.random_init", "same architecture with random weights (the baseline)", switch=True),
     Shortcut("--seed", "--seed_everything", "random seed", "S"),
     Shortcut("--out", "--out", "folder to export the fine-tuned model to (for ssl-em predict)", "DIR"),
+    Shortcut("--precision", "--trainer.precision", "32-true or bf16-mixed (default: bf16 where the CPU or GPU has bf16 units)", "P"),
 ]
 
 FINETUNE_EXAMPLES = """\

@@ -59,6 +59,7 @@ from ssl_em.data.volume import Volume, VoxelSize, check_finite
 from ssl_em.errors import UserError, check_at_least, check_parent_folders
 from ssl_em.finetune.data import as_volume, sample_stats
 from ssl_em.finetune.instance import foreground_boundary, merge_map, plane_merges, relabel, segment_slices, watershed_instances
+from ssl_em.precision import BF16, FLOAT32, FP32, Precision, choose
 
 FORMAT = "ssl_em.prediction"
 #: Layout of OUT (uint8 probabilities, labels shifted by one): part of a prediction's identity,
@@ -94,15 +95,22 @@ def blend_weights(window: int, overlap: int) -> np.ndarray:
     return np.outer(w, w)
 
 
+def default_precision(device: torch.device) -> Precision:
+    """What runs when the caller passes no precision: plain float32 on a CPU (the reference the
+    tests compare against), `ssl_em.precision.choose`'s pick on a GPU. The CLIs always pass
+    their own choice (`choose`, or the --precision flag)."""
+    return choose(device.type) if device.type == "cuda" else FLOAT32
+
+
 @torch.no_grad()
-@torch.no_grad()
-def predict_plane(net: nn.Module, image: np.ndarray, window: int, overlap: int, batch_size: int = 4, device: str | torch.device = "cpu") -> np.ndarray:
+def predict_plane(net: nn.Module, image: np.ndarray, window: int, overlap: int, batch_size: int = 4, device: str | torch.device = "cpu", precision: Precision | None = None) -> np.ndarray:
     """image: (H, W) standardised float32 -> (K, H, W) float32 class probabilities.
 
-    Images smaller than the window are reflect-padded; windows are batched, run under bf16
-    autocast on CUDA, and blended on the device with one index_add per batch (no loop over
-    windows on the host)."""
+    Images smaller than the window are reflect-padded; windows are batched, run at
+    `precision` (autocast; None: `default_precision`), and blended on the device with one
+    index_add per batch (no loop over windows on the host)."""
     device = torch.device(device)
+    precision = precision or default_precision(device)
     H, W = image.shape
     Hp, Wp = max(H, window), max(W, window)
     if (Hp, Wp) != (H, W):
@@ -119,7 +127,7 @@ def predict_plane(net: nn.Module, image: np.ndarray, window: int, overlap: int, 
         batch = corners[i : i + batch_size]
         idx = (batch[:, 0] * Wp + batch[:, 1])[:, None] + local  # (n, w*w)
         x = src.reshape(-1)[idx].view(-1, 1, window, window)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with precision.autocast(device):
             logits = net(x)
         probs = logits.float().softmax(1) * weight  # (n, K, w, w)
         if acc is None:
@@ -298,13 +306,16 @@ def predict_volume(
     device: str | torch.device = "cpu",
     progress: bool = True,
     shard: Shard = Shard(),
+    precision: Precision | None = None,
 ) -> Path:
     """Predict `volume` into OUT.zarr slab by slab; resumes where a previous run stopped.
 
-    With several processes, each calls this with its own `shard` (same arguments otherwise)."""
+    With several processes, each calls this with its own `shard` (same arguments otherwise).
+    precision: autocast and layout (`ssl_em.precision`); None: `default_precision`."""
     from tqdm.auto import tqdm
 
-    net = net.to(device).eval()
+    precision = precision or default_precision(torch.device(device))
+    net = precision.apply(net.to(device)).eval()
     Z, Y, X = volume.shape
     if not 0 <= settings.overlap < settings.window or settings.slab < 1 or settings.batch_size < 1:
         raise UserError(f"overlap {settings.overlap} must be in [0, window {settings.window}), slab {settings.slab} and batch size {settings.batch_size} >= 1")
@@ -329,7 +340,7 @@ def predict_volume(
             region[axis] = slice(start, min(start + s, n))
             raw = volume.read(*region)
             check_finite(raw, f"{volume.path} ({plane} planes {start}..{region[axis].stop - 1})")
-            slab = np.stack([predict_plane(net, normalize_numpy(np.take(raw, i, axis=axis), stats, normalization), settings.window, settings.overlap, settings.batch_size, device) for i in range(raw.shape[axis])], axis=1 + axis)
+            slab = np.stack([predict_plane(net, normalize_numpy(np.take(raw, i, axis=axis), stats, normalization), settings.window, settings.overlap, settings.batch_size, device, precision) for i in range(raw.shape[axis])], axis=1 + axis)
             targets[plane][(slice(None), *region)] = ngff.encode_probabilities(slab)
             if plane == "xy" and len(settings.planes) == 1:
                 labels = pred.array("labels/semantic/0")
@@ -449,6 +460,12 @@ def _zyx(text: str) -> tuple[int, int, int]:
     return zyx
 
 
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give true or false")
+    return text.lower() in ("true", "1", "yes")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a fine-tuned model folder (from `ssl-em finetune --out`)")
     parser.add_argument("input", help="the volume: any format ssl_em reads (HDF5 as file.h5:/dataset)")
@@ -469,6 +486,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", default="1", help="devices per node sharing the work (a number, or -1 for all)")
     parser.add_argument("--num-nodes", type=int, default=1, help="nodes sharing the work (launch one process per node, as for Lightning training)")
     parser.add_argument("--overwrite", action="store_true", help="replace whatever OUT holds")
+    parser.add_argument("--precision", choices=[FP32, BF16], default=None, help="32-true or bf16-mixed (default: bf16 autocast where the CPU or GPU has bf16 units, ssl_em.precision)")
+    parser.add_argument("--channels_last", "--channels-last", type=_bool, default=None, metavar="true|false", help="NHWC layout (default: ssl_em.precision decides)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -545,8 +564,11 @@ def run(args) -> int:
         print(f"ssl-em predict: error: {e}", file=sys.stderr)
         return 2
     shard, device = launch(args.accelerator, args.devices, args.num_nodes)
+    chosen = choose(device.type, args.precision, args.channels_last, net)
+    if shard.main:
+        print(f"ssl-em predict: precision {chosen.why}", flush=True)
     out = predict_volume(net, volume, args.out, meta.classes, meta.norm, settings, model_id, input_id, meta.label_values,
-                         overwrite=args.overwrite, device=device, progress=not args.no_progress, shard=shard)
+                         overwrite=args.overwrite, device=device, progress=not args.no_progress, shard=shard, precision=chosen)
     if shard.main:
         print(f"wrote {out} (open in napari with napari-ome-zarr)")
     return 0

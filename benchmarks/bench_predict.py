@@ -79,16 +79,22 @@ def bare_forward(model: str, windows: torch.Tensor, batch: int, setting) -> tupl
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def stack(folder: Path, n: int) -> Path:
+    """A folder of n ISBI test slices (symlinks; the 30 slices repeated along z past 30)."""
+    files = sorted(ISBI_TEST.glob("*.png"), key=lambda p: int(p.stem))
+    out = folder / f"vol{n}"
+    out.mkdir()
+    for z in range(n):
+        (out / f"{z}.png").symlink_to(files[z % len(files)])
+    return out
+
+
 def memory_runs(model: str, sizes: list[int], batch: int, setting: str | None) -> None:
     """A fresh `ssl-em predict` per volume size (the ISBI slices repeated along z): start-up
     included, peak RSS of the process (wait4)."""
-    files = sorted(ISBI_TEST.glob("*.png"), key=lambda p: int(p.stem))
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         for n in sizes:
-            folder = Path(tmp) / f"vol{n}"
-            folder.mkdir()
-            for z in range(n):
-                (folder / f"{z}.png").symlink_to(files[z % len(files)])
+            folder = stack(Path(tmp), n)
             cmd = [sys.executable, "-m", "ssl_em.cli", *predict_args(model, str(folder), str(Path(tmp) / f"out{n}.zarr"), batch, setting)]
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ)
@@ -111,9 +117,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--precision", nargs="+", default=[FP32, BF16])
+    p.add_argument("--slices", type=int, default=None, help="time the first N slices of the ISBI test stack only (a busy machine)")
     p.add_argument("--memory", default="", help="volume sizes (slices) for the peak-memory runs, e.g. 10,30,90")
     a = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), precision flag in ssl-em predict: {supports_precision_flag()}", flush=True)
+    keep = tempfile.TemporaryDirectory(prefix="bench_predict_in_")
+    if a.slices:
+        a.input = str(stack(Path(keep.name), a.slices))
     if a.rounds:
         windows, _ = windows_of(a.model, a.input)
         print(f"{len(windows)} windows of {tuple(windows.shape[2:])}, batch {a.batch_size}", flush=True)

@@ -16,6 +16,7 @@ and the final scoring are reported apart by `--profile`.
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import time
 from pathlib import Path
@@ -53,10 +54,12 @@ def finetune_steps(steps: int, precision: str, clock: StepClock) -> None:
         orig(self, *a, **kw)
 
     pl.Trainer.__init__ = with_clock
+    # Before issue 21 finetune() took no precision and ran float32 on a CPU.
+    chosen = {"precision": precision} if "precision" in inspect.signature(finetune).parameters else {}
     try:
         finetune("resnet18", str(ISBI / "image"), str(ISBI / "label"), "0,1", None, random_init=True, max_steps=steps + clock.skip, head=head_of_width(64),
-                 tile_size=128, batch_size=4, unfreeze_at_step=0, lr=1e-3, holdout=0.0, accelerator="cpu", precision=precision,
-                 data_kwargs={"classes": ["membrane", "cell"], "label_values": [0, 255]})
+                 tile_size=128, batch_size=4, unfreeze_at_step=0, lr=1e-3, holdout=0.0, accelerator="cpu",
+                 data_kwargs={"classes": ["membrane", "cell"], "label_values": [0, 255]}, **chosen)
     finally:
         pl.Trainer.__init__ = orig
 
@@ -69,7 +72,7 @@ def bare_steps(steps: int, precision: str) -> tuple[float, float]:
     torch.manual_seed(0)
     m = SegmentationModule(backbone="resnet18", num_classes=2, head=head_of_width(64), random_init=True, unfreeze_at_step=0, backbone_lr_scale=1.0).train()
     setting = choose("cpu", precision)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    opt = m.configure_optimizers()["optimizer"]  # the module's own optimizer (fused or not, its groups)
     x, y = torch.randn(4, 1, 128, 128), torch.randint(0, 2, (4, 128, 128))
     for i in range(steps + 2):
         if i == 2:

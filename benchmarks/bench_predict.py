@@ -107,6 +107,19 @@ def memory_runs(model: str, sizes: list[int], batch: int, setting: str | None) -
                   f"{'  | ' + said[0] if said and 'precision' in said[0] else ''}", flush=True)
 
 
+def agreement(tmp: Path, settings: list[str]) -> None:
+    """Dice per class between the label maps the first setting and each other one wrote."""
+    import zarr
+
+    if len(settings) < 2 or not (tmp / f"{settings[0]}.zarr").is_dir():
+        return
+    ref = zarr.open_group(str(tmp / f"{settings[0]}.zarr"), mode="r")["labels/semantic/0"][:]
+    for s in settings[1:]:
+        got = zarr.open_group(str(tmp / f"{s}.zarr"), mode="r")["labels/semantic/0"][:]
+        dice = {int(k): 2 * ((ref == k) & (got == k)).sum() / ((ref == k).sum() + (got == k).sum()) for k in np.unique(ref)}
+        print(f"labels {s} vs {settings[0]}: Dice per stored class {', '.join(f'{k}: {d:.4f}' for k, d in dice.items())}; pixels that differ {(ref != got).mean():.4%}", flush=True)
+
+
 def main() -> None:
     from ssl_em import cli
     from ssl_em.precision import BF16, FP32, Precision
@@ -134,12 +147,13 @@ def main() -> None:
                 setting = Precision(s, False, s)
                 bare = bare_forward(a.model, windows, a.batch_size, setting)
                 t0, c0 = time.perf_counter(), time.process_time()
-                rc = cli.main(predict_args(a.model, a.input, str(Path(tmp) / "out.zarr"), a.batch_size, s))
+                rc = cli.main(predict_args(a.model, a.input, str(Path(tmp) / f"{s}.zarr"), a.batch_size, s))
                 pred = (time.perf_counter() - t0, time.process_time() - c0)
                 assert rc == 0, rc
                 seen[s]["predict"].append(pred)
                 seen[s]["bare"].append(bare)
                 print(f"round {r}: {s:10s} predict {pred[0]:6.1f} s wall {pred[1]:6.1f} s CPU | bare forward {bare[0]:6.1f} s wall {bare[1]:6.1f} s CPU | ratio {pred[0] / bare[0]:.3f}", flush=True)
+        agreement(Path(tmp), a.precision)
     for s, v in seen.items():
         if not v["predict"]:
             continue

@@ -175,6 +175,7 @@ PRETRAIN = [
     Shortcut("--devices", "--trainer.devices", "GPUs (or CPU processes) to use", "N"),
     Shortcut("--init_from", "--init_from", "continue pretraining a published backbone (checkpoints/NAME) on your data: its encoder, and its decoder when exported", "DIR"),
     Shortcut("--max-time", "--trainer.max_time", "stop after this wall time, DD:HH:MM:SS (a time budget; checkpoints are kept)", "T"),
+    Shortcut("--precision", "--trainer.precision", "32-true or bf16-mixed (default: bf16 where the CPU or GPU has bf16 units)", "P"),
 ]
 
 PRETRAIN_EXAMPLES = """\
@@ -207,6 +208,7 @@ FINETUNE = [
     Shortcut("--random-init", "--model.random_init", "same architecture with random weights (the baseline)", switch=True),
     Shortcut("--seed", "--seed_everything", "random seed", "S"),
     Shortcut("--out", "--out", "folder to export the fine-tuned model to (for ssl-em predict)", "DIR"),
+    Shortcut("--precision", "--trainer.precision", "32-true or bf16-mixed (default: bf16 where the CPU or GPU has bf16 units)", "P"),
 ]
 
 FINETUNE_EXAMPLES = """\

@@ -57,6 +57,17 @@ def has_convolutions(module: nn.Module | None) -> bool:
     return module is not None and any(isinstance(m, nn.Conv2d) and m.kernel_size != m.stride for m in module.modules())
 
 
+def device_of(accelerator: str | None) -> str:
+    """choose()'s device for Lightning's accelerator name ("cpu", "gpu", "cuda", "auto", None)."""
+    accel = str(accelerator or "auto")
+    return "cpu" if accel == "cpu" else ("cuda" if accel in ("gpu", "cuda") else "auto")
+
+
+#: What library functions run at when no precision is passed on a CPU: plain float32, the
+#: reference every test compares against. The CLIs pass `choose(...)` instead.
+FLOAT32 = Precision(FP32, False, f"{FP32}, contiguous: float32 reference")
+
+
 def choose(device: str = "auto", requested: str | None = None, channels_last: bool | None = None, model: nn.Module | None = None) -> Precision:
     """Pick precision and layout for `device` ("cpu", "cuda", "gpu" or "auto": CUDA when there is
     one). `requested` (a Lightning precision string) and `channels_last` override the choice;

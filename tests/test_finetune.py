@@ -241,3 +241,33 @@ def test_scored_on_the_device_the_trainer_used(em, monkeypatch):
     monkeypatch.setattr(pl.Trainer, "fit", lambda self, *a, **k: seen.setdefault("root", self.strategy.root_device))
     finetune("test_resnet", em.image, em.semantic, "0", "4", max_steps=1, tile_size=32, batch_size=2, head=SMALL_UNET, accelerator="cpu")
     assert seen["device"] == seen["root"]
+
+
+def test_bf16_predictions_agree_with_float32(em):
+    """A fine-tuned network predicts the same labels under bf16 autocast as in float32 (Dice
+    of the label maps >= 0.99 per class), and the run trained at the precision it was given."""
+    from ssl_em.finetune.predict import predict_plane
+    from ssl_em.precision import BF16, FLOAT32, choose
+
+    model, _ = finetune("test_resnet", em.image, em.semantic, "0,1", "4,5", max_steps=25, tile_size=32, batch_size=4, head=SMALL_UNET, unfreeze_at_step=0, lr=3e-3,
+                        accelerator="cpu", precision=BF16)
+    net, bf16 = model.net.eval(), choose("cpu", BF16)
+    for z in (4, 5):
+        img = ((em.image[z].astype(np.float32) / 255) - model.normalization.mean) / model.normalization.std
+        a = predict_plane(net, img, 32, 8, precision=FLOAT32).argmax(0)
+        b = predict_plane(net, img, 32, 8, precision=bf16).argmax(0)
+        for k in np.unique(a):
+            dice = 2 * ((a == k) & (b == k)).sum() / ((a == k).sum() + (b == k).sum())
+            assert dice >= 0.99, (z, k, dice)
+
+
+def test_precision_is_chosen_once_and_the_flag_overrides(em_files, capsys):
+    from ssl_em.finetune.cli import chosen_precision
+    from ssl_em.precision import FP32, choose
+
+    base = ["--config", str(RECIPES / "tiny_cpu.yaml"), "--images", str(em_files / "image.tif"), "--labels", str(em_files / "semantic.tif"), "--train-slices", "0", "--val-slices", "5"]
+    auto = build_cli(base + ["--trainer.accelerator", "cpu"])
+    assert auto.config.trainer.precision == choose("cpu").lightning == chosen_precision(auto).lightning
+    forced = build_cli(base + ["--precision", FP32, "--channels_last", "true"])
+    assert forced.config.trainer.precision == FP32 and forced.trainer.precision == FP32
+    assert chosen_precision(forced).channels_last and "as requested" in chosen_precision(forced).why

@@ -250,3 +250,18 @@ def test_default_planes_follow_the_voxel_size(volume):
     assert default_planes(ArrayVolume(volume, VoxelSize(50, 4, 4))) == ("xy",)  # serial sections
     assert default_planes(ArrayVolume(volume)) == ("xy",)  # unknown voxel size
     assert default_planes(ArrayVolume(volume[:1], VoxelSize(8, 8, 8))) == ("xy",)  # one slice
+
+
+def test_cli_prints_its_precision_once_and_the_flag_overrides(tmp_path, capsys):
+    import tifffile
+
+    from ssl_em.cli import main
+    from ssl_em.finetune.module import SegmentationModule
+    from ssl_em.precision import choose
+
+    SegmentationModule("test_resnet", num_classes=2, tile_size=32).export(tmp_path / "m", 32)
+    tifffile.imwrite(tmp_path / "v.tif", (np.random.default_rng(0).random((2, 40, 40)) * 255).astype(np.uint8))
+    for flag, said in (([], choose("cpu").why), (["--precision", "32-true"], "32-true, contiguous: as requested")):
+        argv = ["predict", str(tmp_path / "m"), str(tmp_path / "v.tif"), "--out", str(tmp_path / f"p{len(flag)}.zarr"), "--no-progress", "--accelerator", "cpu", *flag]
+        assert main(argv) == 0
+        assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("ssl-em predict: precision")] == [f"ssl-em predict: precision {said}"]

@@ -450,6 +450,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                     help="backbone lr / head lr for the pretrained arms (default: the backbone's recommendation, else 0.1; 1.0 fine-tunes them exactly as the U-Net)")
     le.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
                     help="also train the U-Net on the whole pool, for the all-labels ceiling (default: yes)")
+    le.add_argument("--precision", choices=["32-true", "bf16-mixed"], default=None, help="fine-tuning and scoring precision (default: bf16 where the CPU or GPU has bf16 units, ssl_em.precision)")
     le.add_argument("--out", required=True, help="folder for results.csv, table.md, plot.png")
     rep = kinds.add_parser("report", help="rewrite table.md and plot.png from results.csv, merging other result folders")
     rep.add_argument("--out", required=True, help="the benchmark folder (its results.csv is extended by --merge)")
@@ -475,7 +476,7 @@ def run(args) -> int:
     chosen = {"min_steps": args.min_steps, "steps_per_mpx": args.steps_per_mpx, "max_steps": args.step_cap}
     kwargs = {"max_steps": args.max_steps, "steps": StepSchedule(**{k: v for k, v in chosen.items() if v is not None}), "holdout": args.holdout,
               "dice_weight": args.dice_weight, "tile_size": args.tile_size, "batch_size": args.batch_size, "lr": args.lr,
-              "unfreeze_at_step": args.unfreeze_at_step, "data_kwargs": data_kwargs, "head": head_of_width(args.head_width)}
+              "unfreeze_at_step": args.unfreeze_at_step, "data_kwargs": data_kwargs, "head": head_of_width(args.head_width), "precision": args.precision}
     pool, val = _ints(args.pool, "--pool"), _ints(args.val_slices, "--val-slices")
     try:
         budgets = [len(pool) if b.strip() == "all" else int(b) for b in args.budgets.split(",")]
@@ -491,6 +492,9 @@ def run(args) -> int:
     for b in args.backbones:
         check_backbone(b)
     check_data(args.images, args.labels, pool, val, args.task, data_kwargs)
+    from ssl_em.precision import choose
+
+    print(f"ssl-em benchmark: precision {choose(requested=args.precision).why}", flush=True)
     print(f"ssl-em benchmark: results go to {Path(args.out) / 'results.csv'} (a rerun skips the cells already there)", flush=True)
     with quiet():
         # What the user typed beats what a backbone recommends (its ssl_em.json).

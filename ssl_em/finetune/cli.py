@@ -29,7 +29,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LightningCLI
 
-from ssl_em import cli_flags
+from ssl_em import cli_flags, precision as precisions
 from ssl_em.console import quiet, run_callbacks
 from ssl_em.errors import debug_enabled, find_user_error, one_line
 from ssl_em.export import backbone_meta, check_out_folder
@@ -43,10 +43,12 @@ from ssl_em.finetune.predict import predict_plane
 from ssl_em.finetune.schedule import KeepBestWeights, StepSchedule
 
 
-def score_val_slices(model: SegmentationModule, dm: LabeledSlicesDataModule, overlap: int | None = None, device: torch.device | str | None = None) -> dict:
+def score_val_slices(model: SegmentationModule, dm: LabeledSlicesDataModule, overlap: int | None = None, device: torch.device | str | None = None,
+                     precision: precisions.Precision | None = None) -> dict:
     """Metrics over whole validation slices, predicted with the sliding window `predict` uses,
     on `device` (default: where the model is; after `trainer.fit` that is the CPU, so pass
-    `trainer.strategy.root_device` to score on the accelerator it trained on).
+    `trainer.strategy.root_device` to score on the accelerator it trained on), at `precision`
+    (the run's; None: `predict_plane`'s default).
 
     Flat dict: mean_iou, mean_dice, accuracy, iou/<class>, dice/<class>; for the instance task
     also ap50, ap75, map, f1_50, voi, voi_split, voi_merge, adapted_rand_error (averaged
@@ -58,7 +60,7 @@ def score_val_slices(model: SegmentationModule, dm: LabeledSlicesDataModule, ove
     images, targets = dm._val
     device = torch.device(device) if device is not None else next(net.parameters()).device
     net = net.to(device)
-    probs = [predict_plane(net, (im - norm.mean) / norm.std, window, overlap if overlap is not None else window // 4, device=device) for im in images]
+    probs = [predict_plane(net, (im - norm.mean) / norm.std, window, overlap if overlap is not None else window // 4, device=device, precision=precision) for im in images]
     sem = semantic_scores(np.stack([p.argmax(0) for p in probs]), targets, dm.num_classes, IGNORE, dm.classes)
     out = {"mean_iou": sem["mean_iou"], "mean_dice": sem["mean_dice"], "accuracy": sem["accuracy"]}
     for name, s in sem["per_class"].items():
@@ -92,6 +94,8 @@ def finetune(
     holdout: float = 0.15,
     validations: int = 10,
     progress: bool = False,
+    precision: str | None = None,
+    channels_last: bool | None = None,
     **module_kwargs,
 ) -> tuple[SegmentationModule, dict]:
     """Fine-tune on `train_slices`, score on `val_slices`; returns (module, metrics dict).
@@ -111,6 +115,8 @@ def finetune(
     over the run, and the weights with the lowest one are kept, scored and exported.
     holdout 0 keeps the last weights.
     progress: a bar of steps out of max_steps with an ETA.
+    precision ("32-true", "bf16-mixed") and channels_last: None lets `ssl_em.precision.choose`
+    decide for the accelerator (bf16 where it has bf16 units), for training and scoring alike.
     """
     pl.seed_everything(seed, workers=True)
     data_kwargs = {"holdout": holdout, **(data_kwargs or {})}
@@ -118,16 +124,18 @@ def finetune(
     if max_steps is None:
         max_steps = steps(dm.labeled_pixels)
     model = SegmentationModule(backbone, head or default_head, num_classes=dm.num_classes, classes=dm.classes, task=task, random_init=random_init, tile_size=tile_size, lr=lr, unfreeze_at_step=unfreeze_at_step, **module_kwargs)
+    chosen = precisions.choose(precisions.device_of(accelerator), precision, channels_last, model)
+    chosen.apply(model)
     keep = KeepBestWeights("val/loss")
     select = dm.holdout > 0 and max_steps > 0
     trainer = pl.Trainer(
         max_steps=max_steps, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=progress,
-        enable_model_summary=False, num_sanity_val_steps=0, precision="bf16-mixed" if torch.cuda.is_available() and accelerator != "cpu" else "32-true",
+        enable_model_summary=False, num_sanity_val_steps=0, precision=chosen.lightning,
         callbacks=run_callbacks(progress, model_summary=False) + ([keep] if select else []), limit_val_batches=None if select else 0,
         val_check_interval=max(1, max_steps // validations) if select else None, check_val_every_n_epoch=None if select else 1,
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)
-    metrics = score_val_slices(model, dm, device=trainer.strategy.root_device)
+    metrics = score_val_slices(model, dm, device=trainer.strategy.root_device, precision=chosen)
     metrics.update(steps=int(max_steps), best_step=int(keep.best_step if keep.best_step is not None else trainer.global_step))
     if out is not None:
         model.export(out, tile_size, metrics, dm.label_values)
@@ -161,12 +169,15 @@ class FinetuneCLI(LightningCLI):
         self.recipe = backbone_recipe(model.backbone, model.random_init, self.given)
         for key, value in self.recipe.items():
             setattr(model, key, value)
+        if "trainer.precision" not in self.given:  # ssl_em's choice for the accelerator asked for
+            self.config.trainer.precision = precisions.choose(precisions.device_of(self.config.trainer.accelerator)).lightning
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--out", type=str | None, default=None, help="folder to export the fine-tuned model to")
         parser.set_defaults(CLI_DEFAULTS)
         cli_flags.describe_data_flag(parser, "images, labels and slices as a YAML file (or use --images, --labels...)", "YAML")
         parser.add_argument("--bioimageio", type=str | None, default=None, help="also write the exported model as a bioimage.io model into this folder (needs --out)")
+        parser.add_argument("--channels_last", type=bool | None, default=None, help="NHWC layout for convolutions (default: ssl_em.precision decides)")
         parser.link_arguments("data.tile_size", "model.tile_size")
         parser.link_arguments("data.task", "model.task")
         parser.link_arguments("data", "model.num_classes", compute_fn=lambda d: d.num_classes, apply_on="instantiate")
@@ -193,6 +204,14 @@ def freeze_plan(model: SegmentationModule, max_steps: int) -> str:
     return f"head alone for steps 0-{h.unfreeze_at_step - 1} (backbone frozen), then {whole} for steps {h.unfreeze_at_step}-{n - 1}"
 
 
+def chosen_precision(cli: FinetuneCLI) -> precisions.Precision:
+    """The run's precision and layout: what the trainer was built with (ssl_em's choice for the
+    accelerator, or --precision / --trainer.precision) and --channels_last."""
+    cfg = cli.config
+    requested = str(cfg.trainer.precision) if "trainer.precision" in cli.given else None
+    return precisions.choose(precisions.device_of(cfg.trainer.accelerator), requested, cfg.channels_last, cli.model)
+
+
 def build_cli(argv: list[str]) -> FinetuneCLI:
     """Parse `argv` (short flags, any order: see ssl_em.cli_flags) and build model, data and trainer."""
     args, verbose = cli_flags.prepare(argv, cli_flags.FINETUNE)
@@ -205,7 +224,7 @@ def build_cli(argv: list[str]) -> FinetuneCLI:
             args=args,
             seed_everything_default=0,
             save_config_callback=None,
-            trainer_defaults={"max_steps": MAX_STEPS, "logger": False, "enable_checkpointing": False, "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"},
+            trainer_defaults={"max_steps": MAX_STEPS, "logger": False, "enable_checkpointing": False, "precision": precisions.choose().lightning},
             parser_kwargs={"prog": "ssl-em finetune", "description": __doc__.split("\n\n")[0]},
         )
 
@@ -221,6 +240,9 @@ def run_argv(argv: list[str]) -> int:
         if cli.config.out:
             check_out_folder(cli.config.out, META)  # refuse before training, not after
         dm = cli.datamodule
+        chosen = chosen_precision(cli)
+        chosen.apply(cli.model)
+        print(f"ssl-em finetune: precision {chosen.why}", flush=True)
         print(f"ssl-em finetune: {freeze_plan(cli.model, cli.trainer.max_steps)}", flush=True)
         if cli.recipe:
             told = ", ".join(f"{k} {v}" for k, v in cli.recipe.items())
@@ -235,7 +257,7 @@ def run_argv(argv: list[str]) -> int:
             raise
         print(f"ssl-em finetune: error: {one_line(cause)}", file=sys.stderr)
         return 2
-    metrics = score_val_slices(cli.model, cli.datamodule, device=cli.trainer.strategy.root_device)
+    metrics = score_val_slices(cli.model, cli.datamodule, device=cli.trainer.strategy.root_device, precision=chosen)
     if metrics:
         print(f"scores on the validation slices {cli.datamodule.val_slices}:")
     for k, v in metrics.items():

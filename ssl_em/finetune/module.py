@@ -241,7 +241,11 @@ class SegmentationModule(pl.LightningModule):
             scale = g.pop("lr_scale", 1.0)
             g["lr"] = h.lr * backbone_lr_scale * scale
             groups.append(g)
-        opt = torch.optim.AdamW(groups, lr=h.lr, weight_decay=h.weight_decay)
+        # Fused (one kernel over all parameters) on CPU and CUDA: on the 2-core EPYC its step over
+        # this U-Net's 11.6 M parameters took 9.8 ms of CPU against 35-56 ms for the default
+        # per-tensor loop, a third of a batch-4 fine-tuning step (benchmarks/RESULTS.md, issue 21).
+        fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+        opt = torch.optim.AdamW(groups, lr=h.lr, weight_decay=h.weight_decay, fused=fused)
         total = self.total_steps()
         warmup = h.warmup_steps if h.warmup_steps is not None else round(0.05 * total)
         if not warmup and not h.cosine:

@@ -41,11 +41,13 @@ other ranks then exit without waiting for it (no barrier waits on post-processin
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import itertools
 import json
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +61,7 @@ from ssl_em.data.volume import Volume, VoxelSize, check_finite
 from ssl_em.errors import UserError, check_at_least, check_parent_folders
 from ssl_em.finetune.data import as_volume, sample_stats
 from ssl_em.finetune.instance import foreground_boundary, merge_map, plane_merges, relabel, segment_slices, watershed_instances
+from ssl_em.precision import BF16, FLOAT32, FP32, Precision, choose
 
 FORMAT = "ssl_em.prediction"
 #: Layout of OUT (uint8 probabilities, labels shifted by one): part of a prediction's identity,
@@ -94,39 +97,71 @@ def blend_weights(window: int, overlap: int) -> np.ndarray:
     return np.outer(w, w)
 
 
-@torch.no_grad()
-@torch.no_grad()
-def predict_plane(net: nn.Module, image: np.ndarray, window: int, overlap: int, batch_size: int = 4, device: str | torch.device = "cpu") -> np.ndarray:
-    """image: (H, W) standardised float32 -> (K, H, W) float32 class probabilities.
+def default_precision(device: torch.device) -> Precision:
+    """What runs when the caller passes no precision: plain float32 on a CPU (the reference the
+    tests compare against), `ssl_em.precision.choose`'s pick on a GPU. The CLIs always pass
+    their own choice (`choose`, or the --precision flag)."""
+    return choose(device.type) if device.type == "cuda" else FLOAT32
 
-    Images smaller than the window are reflect-padded; windows are batched, run under bf16
-    autocast on CUDA, and blended on the device with one index_add per batch (no loop over
-    windows on the host)."""
+
+@functools.lru_cache(maxsize=8)
+def _blend_norm(Hp: int, Wp: int, window: int, overlap: int) -> np.ndarray:
+    """(Hp, Wp) sum of the blend weights of every window covering each pixel, added window by
+    window in the order the windows run (the same float32 sums as adding them on the fly)."""
+    stride, weight = max(1, window - overlap), blend_weights(window, overlap)
+    norm = np.zeros((Hp, Wp), np.float32)
+    for y in window_starts(Hp, window, stride):
+        for x in window_starts(Wp, window, stride):
+            norm[y : y + window, x : x + window] += weight
+    norm.flags.writeable = False
+    return norm
+
+
+@torch.no_grad()
+def predict_planes(net: nn.Module, images: np.ndarray, window: int, overlap: int, batch_size: int = 4, device: str | torch.device = "cpu", precision: Precision | None = None) -> np.ndarray:
+    """images: (n, H, W) standardised planes -> (K, n, H, W) float32 class probabilities.
+
+    Each plane is cut into the same windows as `predict_plane`; the windows of all n planes
+    run together in batches of `batch_size` (full batches across plane boundaries), in one
+    autocast region at `precision` (None: `default_precision`), so bf16 weights are cast once
+    per call rather than once per batch. Per batch: one gather of the windows, one forward,
+    one index_add of the weighted probabilities; nothing per window on the host. The blend
+    normaliser depends only on the plane's size and is computed once per size (`_blend_norm`)."""
     device = torch.device(device)
-    H, W = image.shape
+    precision = precision or default_precision(device)
+    n, H, W = images.shape
     Hp, Wp = max(H, window), max(W, window)
     if (Hp, Wp) != (H, W):
-        image = np.pad(image, ((0, Hp - H), (0, Wp - W)), mode="reflect" if min(H, W) > 1 else "edge")
+        images = np.pad(images, ((0, 0), (0, Hp - H), (0, Wp - W)), mode="reflect" if min(H, W) > 1 else "edge")
     stride = max(1, window - overlap)
-    corners = torch.tensor([(y, x) for y in window_starts(Hp, window, stride) for x in window_starts(Wp, window, stride)], device=device)
-    weight = torch.from_numpy(blend_weights(window, overlap)).to(device)
-    src = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(device)
-    # Flat index of every pixel of a window at corner (0, 0); a window at (y, x) adds y*Wp + x.
+    ys, xs = torch.tensor(window_starts(Hp, window, stride)), torch.tensor(window_starts(Wp, window, stride))
+    # Flat offset of every window's corner in the (n, Hp, Wp) stack, plane by plane, rows first.
+    corners = ((torch.arange(n)[:, None, None] * Hp + ys[None, :, None]) * Wp + xs[None, None, :]).reshape(-1).to(device)
     r = torch.arange(window, device=device)
-    local = (r[:, None] * Wp + r[None, :]).reshape(-1)  # (w*w,)
-    acc, norm = None, torch.zeros(Hp * Wp, device=device)
-    for i in range(0, len(corners), batch_size):
-        batch = corners[i : i + batch_size]
-        idx = (batch[:, 0] * Wp + batch[:, 1])[:, None] + local  # (n, w*w)
-        x = src.reshape(-1)[idx].view(-1, 1, window, window)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = net(x)
-        probs = logits.float().softmax(1) * weight  # (n, K, w, w)
-        if acc is None:
-            acc = torch.zeros(probs.shape[1], Hp * Wp, device=device)
-        acc.index_add_(1, idx.reshape(-1), probs.permute(1, 0, 2, 3).reshape(probs.shape[1], -1))
-        norm.index_add_(0, idx.reshape(-1), weight.reshape(-1).repeat(len(batch)))
-    return (acc / norm).view(-1, Hp, Wp)[:, :H, :W].cpu().numpy()
+    local = (r[:, None] * Wp + r[None, :]).reshape(-1)  # (w*w,) offsets inside a window
+    weight = torch.from_numpy(blend_weights(window, overlap)).to(device)
+    src = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device).reshape(-1)
+    acc = None
+    with precision.autocast(device):
+        for i in range(0, len(corners), batch_size):
+            idx = corners[i : i + batch_size, None] + local  # (b, w*w)
+            logits = net(src[idx].view(-1, 1, window, window))
+            probs = logits.float().softmax(1) * weight  # (b, K, w, w)
+            K = probs.shape[1]
+            if acc is None:
+                acc = torch.zeros(K, n * Hp * Wp, device=device)
+            acc.index_add_(1, idx.reshape(-1), probs.permute(1, 0, 2, 3).reshape(K, -1))
+    norm = torch.from_numpy(_blend_norm(Hp, Wp, window, overlap).copy()).to(device)
+    return (acc.view(-1, n, Hp, Wp) / norm)[:, :, :H, :W].cpu().numpy()
+
+
+def predict_plane(net: nn.Module, image: np.ndarray, window: int, overlap: int, batch_size: int = 4, device: str | torch.device = "cpu", precision: Precision | None = None) -> np.ndarray:
+    """image: (H, W) standardised float32 -> (K, H, W) float32 class probabilities.
+
+    Images smaller than the window are reflect-padded; windows are batched, run at
+    `precision` (autocast; None: `default_precision`), and blended on the device with one
+    index_add per batch (`predict_planes` with one plane)."""
+    return predict_planes(net, image[None], window, overlap, batch_size, device, precision)[:, 0]
 
 
 # -- whole volume -------------------------------------------------------------------------------
@@ -298,13 +333,16 @@ def predict_volume(
     device: str | torch.device = "cpu",
     progress: bool = True,
     shard: Shard = Shard(),
+    precision: Precision | None = None,
 ) -> Path:
     """Predict `volume` into OUT.zarr slab by slab; resumes where a previous run stopped.
 
-    With several processes, each calls this with its own `shard` (same arguments otherwise)."""
+    With several processes, each calls this with its own `shard` (same arguments otherwise).
+    precision: autocast and layout (`ssl_em.precision`); None: `default_precision`."""
     from tqdm.auto import tqdm
 
-    net = net.to(device).eval()
+    precision = precision or default_precision(torch.device(device))
+    net = precision.apply(net.to(device)).eval()
     Z, Y, X = volume.shape
     if not 0 <= settings.overlap < settings.window or settings.slab < 1 or settings.batch_size < 1:
         raise UserError(f"overlap {settings.overlap} must be in [0, window {settings.window}), slab {settings.slab} and batch size {settings.batch_size} >= 1")
@@ -320,21 +358,42 @@ def predict_volume(
     targets = {"xy": probs_arr} | {p: pred.root["planes"][p]["0"] for p in settings.planes if p != "xy"}
     bar = not progress or not shard.main
     for plane in settings.planes:
-        axis = PLANES[plane]
-        n, s = volume.shape[axis], settings.slab
+        axis, n, s = PLANES[plane], volume.shape[PLANES[plane]], settings.slab
         done = pred.done(plane)
         todo = [i for i in shard.mine(list(range(0, n, s))) if i not in done]
-        for start in tqdm(todo, desc=f"predict {plane}", unit="slab", disable=bar):
+
+        def load(start: int, axis=axis, n=n, plane=plane):
+            """Reader thread: one slab's planes, read, checked and standardised: (n, a, b)."""
             region = [slice(None)] * 3
             region[axis] = slice(start, min(start + s, n))
             raw = volume.read(*region)
             check_finite(raw, f"{volume.path} ({plane} planes {start}..{region[axis].stop - 1})")
-            slab = np.stack([predict_plane(net, normalize_numpy(np.take(raw, i, axis=axis), stats, normalization), settings.window, settings.overlap, settings.batch_size, device) for i in range(raw.shape[axis])], axis=1 + axis)
+            return tuple(region), normalize_numpy(np.moveaxis(raw, axis, 0), stats, normalization)
+
+        def store(region: tuple, start: int, slab: np.ndarray, plane=plane) -> None:
+            """Writer thread: a slab's probabilities (and labels), then its progress marker."""
             targets[plane][(slice(None), *region)] = ngff.encode_probabilities(slab)
             if plane == "xy" and len(settings.planes) == 1:
                 labels = pred.array("labels/semantic/0")
-                labels[tuple(region)] = _semantic(slab).astype(labels.dtype)
+                labels[region] = _semantic(slab).astype(labels.dtype)
             pred.mark(plane, start, shard.rank)
+
+        # The network runs here while one thread reads the next slab and another writes the
+        # previous one (numpy, PNG/TIFF decoding and zarr's compressors release the GIL): at
+        # most three slabs in memory. The writer is waited for before the next write is
+        # queued and before leaving, so an error or a crash surfaces here and every slab
+        # marked done was written.
+        with ThreadPoolExecutor(1, thread_name_prefix="predict-read") as reader, ThreadPoolExecutor(1, thread_name_prefix="predict-write") as writer:
+            ahead, written = (reader.submit(load, todo[0]) if todo else None), None
+            for k, start in enumerate(tqdm(todo, desc=f"predict {plane}", unit="slab", disable=bar)):
+                region, planes = ahead.result()
+                ahead = reader.submit(load, todo[k + 1]) if k + 1 < len(todo) else None
+                slab = np.moveaxis(predict_planes(net, planes, settings.window, settings.overlap, settings.batch_size, device, precision), 1, 1 + axis)
+                if written is not None:
+                    written.result()
+                written = writer.submit(store, region, start, slab)
+            if written is not None:
+                written.result()
     shard.barrier()  # every plane is written before any z slab is averaged
     if len(settings.planes) > 1:  # average the planes into the image, slab by slab along z
         done = pred.done("combine")
@@ -449,6 +508,12 @@ def _zyx(text: str) -> tuple[int, int, int]:
     return zyx
 
 
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give true or false")
+    return text.lower() in ("true", "1", "yes")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a fine-tuned model folder (from `ssl-em finetune --out`)")
     parser.add_argument("input", help="the volume: any format ssl_em reads (HDF5 as file.h5:/dataset)")
@@ -469,6 +534,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", default="1", help="devices per node sharing the work (a number, or -1 for all)")
     parser.add_argument("--num-nodes", type=int, default=1, help="nodes sharing the work (launch one process per node, as for Lightning training)")
     parser.add_argument("--overwrite", action="store_true", help="replace whatever OUT holds")
+    parser.add_argument("--precision", choices=[FP32, BF16], default=None, help="32-true or bf16-mixed (default: bf16 autocast where the CPU or GPU has bf16 units, ssl_em.precision)")
+    parser.add_argument("--channels_last", "--channels-last", type=_bool, default=None, metavar="true|false", help="NHWC layout (default: ssl_em.precision decides)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -545,8 +612,11 @@ def run(args) -> int:
         print(f"ssl-em predict: error: {e}", file=sys.stderr)
         return 2
     shard, device = launch(args.accelerator, args.devices, args.num_nodes)
+    chosen = choose(device.type, args.precision, args.channels_last, net)
+    if shard.main:
+        print(f"ssl-em predict: precision {chosen.why}", flush=True)
     out = predict_volume(net, volume, args.out, meta.classes, meta.norm, settings, model_id, input_id, meta.label_values,
-                         overwrite=args.overwrite, device=device, progress=not args.no_progress, shard=shard)
+                         overwrite=args.overwrite, device=device, progress=not args.no_progress, shard=shard, precision=chosen)
     if shard.main:
         print(f"wrote {out} (open in napari with napari-ome-zarr)")
     return 0

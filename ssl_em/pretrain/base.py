@@ -1,6 +1,6 @@
 """Plumbing every pretraining method shares, and nothing else.
 
-- AdamW (fused on CUDA) with weight decay on weight matrices only;
+- AdamW (fused on CPU and CUDA) with weight decay on weight matrices only;
 - learning rate scaled with the global batch, lr = base_lr * global_batch / 256 (Goyal et al.),
   following a linear warm-up then cosine decay, as a pure function of the optimizer step, so a
   resumed run lands on exactly the same schedule (MAE sets its lr per iteration the same way);
@@ -114,7 +114,9 @@ class PretrainMethod(pl.LightningModule):
     # -- optimisation ---------------------------------------------------------------------
 
     def configure_optimizers(self):
-        fused = next(self.parameters()).device.type == "cuda"
+        # Fused on CPU too: 9.8 ms against 35-56 ms per AdamW step over 11.6 M parameters on the
+        # 2-core EPYC (benchmarks/RESULTS.md, issue 21).
+        fused = next(self.parameters()).device.type in ("cpu", "cuda")
         # lr is set every step by `on_train_batch_start`; 0 here is never used.
         return torch.optim.AdamW(param_groups(self, self.weight_decay), lr=0.0, betas=self.betas, fused=fused)
 

@@ -281,8 +281,7 @@ class FreezeBackbone(Callback):
 def chosen_precision(cli: PretrainCLI) -> precision.Precision:
     """The run's precision and layout: ssl_em's choice for its device, or what the user set."""
     cfg = cli.config
-    accel = str(cfg.trainer.accelerator or "auto")
-    device = "cpu" if accel == "cpu" else ("cuda" if accel in ("gpu", "cuda") else "auto")
+    device = precision.device_of(cfg.trainer.accelerator)
     auto = precision.choose(device, model=cli.model)
     given = str(cfg.trainer.precision)
     return precision.choose(device, requested=None if given == auto.lightning else given, channels_last=cfg.channels_last, model=cli.model)

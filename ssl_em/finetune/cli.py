@@ -49,7 +49,7 @@ def score_val_slices(model: SegmentationModule, dm: LabeledSlicesDataModule, ove
     `trainer.strategy.root_device` to score on the accelerator it trained on).
 
     Flat dict: mean_iou, mean_dice, accuracy, iou/<class>, dice/<class>; for the instance task
-    also ap50, ap75, map, f1_50, voi, voi_split, voi_merge, adapted_rand_error (averaged
+    also ap50, ap75, map, f1_50, pq, sq, rq, voi, voi_split, voi_merge, adapted_rand_error (averaged
     over slices, each slice segmented in 2D)."""
     if dm._val is None:
         return {}
@@ -65,7 +65,7 @@ def score_val_slices(model: SegmentationModule, dm: LabeledSlicesDataModule, ove
         out[f"iou/{name}"], out[f"dice/{name}"] = s["iou"], s["dice"]
     if dm.task == "instance":
         per_slice = [instance_scores(watershed_instances(*foreground_boundary(p)), dm.labels_volume.read(z)[0]) for p, z in zip(probs, dm.val_slices)]
-        for key in ("ap50", "ap75", "map", "f1_50", "voi", "voi_split", "voi_merge", "adapted_rand_error"):
+        for key in ("ap50", "ap75", "map", "f1_50", "pq", "sq", "rq", "voi", "voi_split", "voi_merge", "adapted_rand_error"):
             out[key] = float(np.mean([s[key] for s in per_slice]))
     return out
 

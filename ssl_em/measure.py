@@ -173,6 +173,34 @@ def measure(labels: np.ndarray, voxel_size: tuple[float, float, float], classes:
     return rows
 
 
+def object_table(labels: np.ndarray, voxel_size: tuple[float, float, float], classes: dict[int, str], intensity: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Every class's connected components in one id volume, and their table.
+
+    labels: (Z, Y, X) class values (`classes`: value -> name; other values are background),
+    measured in 3D, or in 2D when Z is 1. Returns (ids (Z, Y, X) uint32, ids unique over
+    classes; columns of COLUMNS_3D or COLUMNS_2D less `z`, with "index" = the id), the shape
+    of a napari labels layer's features table."""
+    from skimage.measure import label as connected
+
+    labels = np.asarray(labels)
+    ids, names = np.zeros(labels.shape, np.uint32), []
+    for value, name in classes.items():
+        comp = connected(labels == value, connectivity=labels.ndim)
+        ids[comp > 0] = comp[comp > 0] + len(names)
+        names += [name] * int(comp.max())
+    flat = labels.shape[0] == 1
+    vz, vy, vx = voxel_size
+    image = None if intensity is None else np.asarray(intensity, np.float64)
+    cols = measure_objects(ids[0] if flat else ids, (vy, vx) if flat else (vz, vy, vx), None if image is None else image.reshape(labels.shape)[0] if flat else image)
+    size, surface = ("area_nm2", "perimeter_nm") if flat else ("volume_nm3", "surface_area_nm2")
+    cols[size], cols[surface] = cols.pop("size"), cols.pop("surface")
+    if flat:
+        cols["centroid_z_nm"] = np.zeros(len(cols["object"]))
+    order = [c for c in (COLUMNS_2D if flat else COLUMNS_3D) if c in cols and c not in ("class", "object", "z")]
+    table = {"index": cols["object"], "class": np.array([names[i - 1] for i in cols["object"]], dtype=object)} | {c: cols[c] for c in order}
+    return ids, table
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """Per class: count, mean and median size (volume or area), mean equivalent diameter,
     objects touching the border."""

@@ -92,6 +92,7 @@ def finetune(
     holdout: float = 0.15,
     validations: int = 10,
     progress: bool = False,
+    callbacks: list[pl.Callback] | None = None,
     **module_kwargs,
 ) -> tuple[SegmentationModule, dict]:
     """Fine-tune on `train_slices`, score on `val_slices`; returns (module, metrics dict).
@@ -110,7 +111,8 @@ def finetune(
     rows off as a model-selection band, the loss on it is measured `validations` times
     over the run, and the weights with the lowest one are kept, scored and exported.
     holdout 0 keeps the last weights.
-    progress: a bar of steps out of max_steps with an ETA.
+    progress: a bar of steps out of max_steps with an ETA. callbacks: more Lightning
+    callbacks (the napari widget's progress and cancel).
     """
     pl.seed_everything(seed, workers=True)
     data_kwargs = {"holdout": holdout, **(data_kwargs or {})}
@@ -123,7 +125,7 @@ def finetune(
     trainer = pl.Trainer(
         max_steps=max_steps, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=progress,
         enable_model_summary=False, num_sanity_val_steps=0, precision="bf16-mixed" if torch.cuda.is_available() and accelerator != "cpu" else "32-true",
-        callbacks=run_callbacks(progress, model_summary=False) + ([keep] if select else []), limit_val_batches=None if select else 0,
+        callbacks=run_callbacks(progress, model_summary=False) + ([keep] if select else []) + list(callbacks or []), limit_val_batches=None if select else 0,
         val_check_interval=max(1, max_steps // validations) if select else None, check_val_every_n_epoch=None if select else 1,
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)

@@ -182,3 +182,21 @@ def test_bad_input_is_one_line_and_exit_2(prediction, tmp_path, capsys, argv, ne
     err = capsys.readouterr().err.strip()
     assert err.startswith("ssl-em measure: error:") and needle in err and "\n" not in err
     assert not (tmp_path / "o.csv").exists()
+
+
+def test_object_table_numbers_objects_across_classes():
+    """One id volume for every class (ids unique across classes), a table row per id."""
+    from ssl_em.measure import object_table
+
+    lab = np.zeros((2, 8, 8), np.uint8)
+    lab[:, 0:2, 0:2] = 1
+    lab[:, 5:7, 5:7] = 1
+    lab[:, 3, :] = 2
+    ids, table = object_table(lab, (10.0, 2.0, 2.0), {1: "mito", 2: "er"}, intensity=lab.astype(float) * 3)
+    assert sorted(np.unique(ids).tolist()) == [0, 1, 2, 3] and list(table["index"]) == [1, 2, 3]
+    assert list(table["class"]) == ["mito", "mito", "er"]
+    assert table["volume_nm3"].tolist() == [8 * 40.0, 8 * 40.0, 16 * 40.0]
+    assert table["mean_intensity"].tolist() == [3.0, 3.0, 6.0]
+    assert (ids[lab == 2] == 3).all()
+    flat_ids, flat = object_table(lab[:1], (10.0, 2.0, 2.0), {1: "mito"})
+    assert flat["area_nm2"].tolist() == [16.0, 16.0] and "perimeter_nm" in flat and flat_ids.shape == (1, 8, 8)

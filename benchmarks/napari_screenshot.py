@@ -41,8 +41,14 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "figures" / "napari_widget.png"))
     args = parser.parse_args()
 
-    import napari
+    # torch (its dynamo, which loads triton's LLVM where triton is installed) before napari's
+    # OpenGL: on Mesa's software renderer (llvmpipe, as under xvfb) loading triton after the GL
+    # context crashed the process (a segmentation fault in triton's import).
     import torch
+    import torch._dynamo  # noqa: F401
+
+    import ssl_em.finetune.cli  # noqa: F401
+    import napari
     from qtpy.QtWidgets import QApplication
 
     from ssl_em.data.readers import open_volume

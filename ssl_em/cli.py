@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("ssl_em.finetune.cli", "fine-tune a backbone and a segmentation head on a few labeled slices (LightningCLI)"),
     "predict": ("ssl_em.finetune.predict", "sliding-window inference over a whole volume"),
     "evaluate": ("ssl_em.finetune.evaluate", "score a prediction against ground truth"),
+    "measure": ("ssl_em.measure", "measure the objects of a prediction in nm: a CSV of objects and a per-class summary"),
     "export-model": ("ssl_em.finetune.bioimageio", "export a fine-tuned model for other tools (bioimage.io)"),
     "benchmark": ("ssl_em.finetune.benchmark", "label-efficiency benchmark: pretrained vs random init"),
 }

@@ -312,13 +312,14 @@ def y_limits(lows: list[float], highs: list[float], span: float = MIN_Y_SPAN, bo
 def plot(summary: dict, metric: str, path: str | Path, title: str = "", top: Ceiling | None = None) -> None:
     """Score against labeled slices for every arm (twins dashed, the U-Net baseline in
     black), mean ± std over seeds, the all-labels ceiling (`top`, see `ceiling`) as a dotted
-    line; the y-axis names the metric and spans at least MIN_Y_SPAN."""
+    line; the y-axis names the metric and spans at least MIN_Y_SPAN; the legend sits outside
+    the axes, so it never hides a point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))  # wide: the legend sits beside the axes
     lows, highs, n_seeds = [], [], set()
     for arm, d in summary.items():
         b = sorted(d)
@@ -344,9 +345,10 @@ def plot(summary: dict, metric: str, path: str | Path, title: str = "", top: Cei
         ax.set_ylim(*y_limits(lows, highs, bounded=not metric.startswith("voi")))
     ax.set_title(textwrap.fill((title or "label efficiency") + (" (lower is better)" if lower_is_better else ""), 60), fontsize=10)  # long titles wrap, never clip
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    # Outside the axes, to the right: inside, "best" still sat on a one-budget plot's points.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the canvas grows to hold the legend
     plt.close(fig)
 
 

@@ -51,7 +51,7 @@ def score_val_slices(model: SegmentationModule, dm: LabeledSlicesDataModule, ove
     (the run's; None: `predict_plane`'s default).
 
     Flat dict: mean_iou, mean_dice, accuracy, iou/<class>, dice/<class>; for the instance task
-    also ap50, ap75, map, f1_50, voi, voi_split, voi_merge, adapted_rand_error (averaged
+    also ap50, ap75, map, f1_50, pq, sq, rq, voi, voi_split, voi_merge, adapted_rand_error (averaged
     over slices, each slice segmented in 2D)."""
     if dm._val is None:
         return {}
@@ -67,7 +67,7 @@ def score_val_slices(model: SegmentationModule, dm: LabeledSlicesDataModule, ove
         out[f"iou/{name}"], out[f"dice/{name}"] = s["iou"], s["dice"]
     if dm.task == "instance":
         per_slice = [instance_scores(watershed_instances(*foreground_boundary(p)), dm.labels_volume.read(z)[0]) for p, z in zip(probs, dm.val_slices)]
-        for key in ("ap50", "ap75", "map", "f1_50", "voi", "voi_split", "voi_merge", "adapted_rand_error"):
+        for key in ("ap50", "ap75", "map", "f1_50", "pq", "sq", "rq", "voi", "voi_split", "voi_merge", "adapted_rand_error"):
             out[key] = float(np.mean([s[key] for s in per_slice]))
     return out
 
@@ -96,6 +96,7 @@ def finetune(
     progress: bool = False,
     precision: str | None = None,
     channels_last: bool | None = None,
+    callbacks: list[pl.Callback] | None = None,
     **module_kwargs,
 ) -> tuple[SegmentationModule, dict]:
     """Fine-tune on `train_slices`, score on `val_slices`; returns (module, metrics dict).
@@ -114,7 +115,8 @@ def finetune(
     rows off as a model-selection band, the loss on it is measured `validations` times
     over the run, and the weights with the lowest one are kept, scored and exported.
     holdout 0 keeps the last weights.
-    progress: a bar of steps out of max_steps with an ETA.
+    progress: a bar of steps out of max_steps with an ETA. callbacks: more Lightning
+    callbacks (the napari widget's progress and cancel).
     precision ("32-true", "bf16-mixed") and channels_last: None lets `ssl_em.precision.choose`
     decide for the accelerator (bf16 where it has bf16 units), for training and scoring alike.
     """
@@ -131,7 +133,7 @@ def finetune(
     trainer = pl.Trainer(
         max_steps=max_steps, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=progress,
         enable_model_summary=False, num_sanity_val_steps=0, precision=chosen.lightning,
-        callbacks=run_callbacks(progress, model_summary=False) + ([keep] if select else []), limit_val_batches=None if select else 0,
+        callbacks=run_callbacks(progress, model_summary=False) + ([keep] if select else []) + list(callbacks or []), limit_val_batches=None if select else 0,
         val_check_interval=max(1, max_steps // validations) if select else None, check_val_every_n_epoch=None if select else 1,
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)

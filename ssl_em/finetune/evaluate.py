@@ -68,7 +68,7 @@ def evaluate(pred_spec: str, gt_spec: str, task: str | None = None, slices: str 
 
 def format_table(scores: dict) -> str:
     if scores["task"] == "instance":
-        keys = ("ap50", "ap75", "map", "f1_50", "voi", "voi_split", "voi_merge", "adapted_rand_error", "n_gt", "n_pred")
+        keys = ("ap50", "ap75", "map", "f1_50", "pq", "sq", "rq", "voi", "voi_split", "voi_merge", "adapted_rand_error", "n_gt", "n_pred")
         return "\n".join(f"{k:20s} {scores[k]:.4f}" if isinstance(scores[k], float) else f"{k:20s} {scores[k]}" for k in keys)
     rows = [f"{'class':16s} {'IoU':>7s} {'Dice':>7s}"] + [f"{n:16s} {s['iou']:7.4f} {s['dice']:7.4f}" for n, s in scores["per_class"].items()]
     return "\n".join(rows + [f"{'mean':16s} {scores['mean_iou']:7.4f} {scores['mean_dice']:7.4f}", f"pixel accuracy {scores['accuracy']:.4f}"])

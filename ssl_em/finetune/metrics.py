@@ -7,6 +7,9 @@ ignore label. Instance scores:
   predicted and a true instance match when their IoU >= t; matching is one-to-one and
   optimal (Hungarian on IoU, scipy), reported at 0.5, 0.75 and averaged over 0.5:0.95;
 - matched F1 at IoU 0.5: 2 TP / (2 TP + FP + FN);
+- panoptic quality (Kirillov et al. 2019) of the instances: PQ = SQ x RQ, where a match is
+  IoU > 0.5 (then unique), SQ is the mean IoU of the matches and RQ = TP / (TP + FP/2 + FN/2)
+  (the F1 above, with the paper's strict >); 0 when nothing matches (panopticapi's convention);
 - variation of information (split = H(pred | GT), over-segmentation; merge = H(GT | pred)) and the adapted
   Rand error, both from scikit-image, with 0 in the ground truth ignored as boundary.
 """
@@ -77,8 +80,22 @@ def match_counts(iou: np.ndarray, threshold: float) -> tuple[int, int, int]:
     return tp, n_pred - tp, n_gt - tp
 
 
+def panoptic_quality(iou: np.ndarray, threshold: float = 0.5) -> tuple[float, float, float]:
+    """(PQ, SQ, RQ) from the (n_gt, n_pred) IoU matrix. With IoU > 0.5 a true instance overlaps
+    at most one prediction that well (and vice versa), so matching needs no assignment."""
+    n_gt, n_pred = iou.shape
+    matched = iou > threshold
+    tp = int(matched.sum())
+    if tp == 0:
+        return 0.0, 0.0, 0.0
+    sq = float(iou[matched].sum() / tp)
+    rq = tp / (tp + 0.5 * (n_pred - tp) + 0.5 * (n_gt - tp))
+    return sq * rq, sq, rq
+
+
 def instance_scores(pred: np.ndarray, gt: np.ndarray, thresholds: tuple[float, ...] = AP_THRESHOLDS) -> dict:
-    """AP@0.5, AP@0.75, mAP over 0.5:0.95, F1@0.5, VOI split/merge and adapted Rand error.
+    """AP@0.5, AP@0.75, mAP over 0.5:0.95, F1@0.5, panoptic quality (pq, sq, rq), VOI
+    split/merge and adapted Rand error.
 
     gt 0 is background/boundary and is ignored by VOI and Rand (scikit-image's
     `ignore_labels=(0,)` on the ground truth); AP counts instances other than 0.
@@ -93,6 +110,7 @@ def instance_scores(pred: np.ndarray, gt: np.ndarray, thresholds: tuple[float, .
         tp, fp, fn = match_counts(iou, t)
         ap[float(t)] = tp / max(tp + fp + fn, 1)
     tp, fp, fn = match_counts(iou, 0.5)
+    pq, sq, rq = panoptic_quality(iou)
     split, merge = variation_of_information(gt, pred, ignore_labels=(0,))
     are, precision, recall = adapted_rand_error(gt, pred, ignore_labels=(0,))
     return {
@@ -100,6 +118,9 @@ def instance_scores(pred: np.ndarray, gt: np.ndarray, thresholds: tuple[float, .
         "ap75": ap.get(0.75, float("nan")),
         "map": float(np.mean(list(ap.values()))),
         "f1_50": 2 * tp / max(2 * tp + fp + fn, 1),
+        "pq": pq,
+        "sq": sq,
+        "rq": rq,
         "voi_split": float(split),
         "voi_merge": float(merge),
         "voi": float(split + merge),

@@ -45,6 +45,7 @@ import functools
 import hashlib
 import itertools
 import json
+import os
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -618,5 +619,8 @@ def run(args) -> int:
     out = predict_volume(net, volume, args.out, meta.classes, meta.norm, settings, model_id, input_id, meta.label_values,
                          overwrite=args.overwrite, device=device, progress=not args.no_progress, shard=shard, precision=chosen)
     if shard.main:
+        # Where the raw image lies, for tools that read it beside the labels (`ssl-em measure`).
+        pred = Prediction(out, prediction_identity(volume, settings, model_id, input_id), volume.shape, meta.classes, settings)
+        pred.update(source=os.path.abspath(args.input) if Path(args.input.split(":/")[0]).exists() else args.input)
         print(f"wrote {out} (open in napari with napari-ome-zarr)")
     return 0

@@ -11,6 +11,8 @@ held-out slices, and appends one CSV row; the U-Net also runs with the whole poo
 budget, seed) rows already in it, so an interrupted benchmark resumes. At the end it
 writes table.md (mean ± std over seeds; gains over the twin and over the U-Net, paired by
 seed) and plot.png (score against labeled slices, the ceiling as a dotted line).
+`--semi-supervised` fine-tunes every arm with a mean teacher on the pool slices each budget
+leaves unlabeled (`ssl_em.finetune.semi`); the rows record it in their settings.
 
     ssl-em benchmark label-efficiency --backbones checkpoints/A checkpoints/B \\
         --images isbi2012/train/image --labels isbi2012/train/label \\
@@ -113,7 +115,31 @@ def choose_slices(pool: list[int], budget: int, seed: int) -> list[int]:
 
 FIELDS = ["arm", "backbone", "random_init", "twin", "baseline", "budget", "seed", "train_slices", "metric", "score", "seconds", "metrics_json", "pool", "settings"]
 #: The fine-tuning settings a row records (what an arm's recipe or the flags made them).
-RECORDED = ("lr", "unfreeze_at_step", "backbone_lr_scale")
+RECORDED = ("lr", "unfreeze_at_step", "backbone_lr_scale", "semi_supervised")
+
+
+def semi_supervised_cell(settings: dict, pool: list[int], train: list[int]) -> dict:
+    """With `semi_supervised` in the settings: the unlabeled slices of a cell are the pool
+    slices this budget leaves unlabeled, never the scored ones (the validation slices are
+    outside the pool); a cell that labels the whole pool (the ceiling) has none and runs
+    supervised, and says so."""
+    if not settings.get("semi_supervised"):
+        return settings
+    unlabeled = [z for z in pool if z not in set(train)]
+    return {**settings, "semi_supervised": bool(unlabeled), "unlabeled_slices": unlabeled or None}
+
+
+def check_same_protocol(rows: list[dict], semi_supervised: bool, csv_path: Path) -> None:
+    """A folder's rows are one protocol: resuming with --semi-supervised where the rows were
+    run without it (or the other way round) would mix both in one table. Rows that label the
+    whole pool run supervised either way and are not counted."""
+    def semi(r: dict) -> bool:
+        return bool(json.loads(r.get("settings") or "{}").get("semi_supervised", False))
+
+    other = [r for r in rows if semi(r) != semi_supervised and not (r.get("pool") and int(r["budget"]) >= int(r["pool"]))]
+    if other:
+        raise UserError(f"{csv_path} holds {len(other)} rows fine-tuned {'without' if semi_supervised else 'with'} --semi-supervised "
+                        f"(e.g. {other[0]['arm']}, {other[0]['budget']} slices); give another --out")
 
 
 def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slices: list[int], budgets: list[int], seeds: list[int],
@@ -130,6 +156,7 @@ def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slice
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
     rows = read_rows(csv_path)
+    check_same_protocol(rows, bool((finetune_kwargs or {}).get("semi_supervised")), csv_path)
     done = {(r["arm"], int(r["budget"]), int(r["seed"])) for r in rows}
     grid = [(a, b, s) for b in budgets for s in seeds for a in arms]
     if ceiling and len(pool) not in budgets:
@@ -142,7 +169,7 @@ def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slice
             if progress:
                 print(f"[cell {i + 1}/{len(todo)}] {arm.name}, {budget} labeled slice(s) {train}, seed {seed}", flush=True)
             t0 = time.time()
-            settings = {**(finetune_kwargs or {}), **arm.settings}
+            settings = semi_supervised_cell({**(finetune_kwargs or {}), **arm.settings}, pool, train)
             _, metrics = finetune(arm.backbone, images, labels, train, val_slices, task=task, random_init=arm.random_init, seed=seed, progress=progress, **settings)
             if metric not in metrics:
                 raise KeyError(f"metric {metric!r} not among {sorted(metrics)}")
@@ -450,6 +477,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                     help="backbone lr / head lr for the pretrained arms (default: the backbone's recommendation, else 0.1; 1.0 fine-tunes them exactly as the U-Net)")
     le.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
                     help="also train the U-Net on the whole pool, for the all-labels ceiling (default: yes)")
+    le.add_argument("--semi-supervised", action="store_true",
+                    help="every arm also learns from the pool slices its budget leaves unlabeled (mean teacher, FixMatch-style); rows record it")
     le.add_argument("--out", required=True, help="folder for results.csv, table.md, plot.png")
     rep = kinds.add_parser("report", help="rewrite table.md and plot.png from results.csv, merging other result folders")
     rep.add_argument("--out", required=True, help="the benchmark folder (its results.csv is extended by --merge)")
@@ -476,6 +505,8 @@ def run(args) -> int:
     kwargs = {"max_steps": args.max_steps, "steps": StepSchedule(**{k: v for k, v in chosen.items() if v is not None}), "holdout": args.holdout,
               "dice_weight": args.dice_weight, "tile_size": args.tile_size, "batch_size": args.batch_size, "lr": args.lr,
               "unfreeze_at_step": args.unfreeze_at_step, "data_kwargs": data_kwargs, "head": head_of_width(args.head_width)}
+    if args.semi_supervised:
+        kwargs["semi_supervised"] = True
     pool, val = _ints(args.pool, "--pool"), _ints(args.val_slices, "--val-slices")
     try:
         budgets = [len(pool) if b.strip() == "all" else int(b) for b in args.budgets.split(",")]

@@ -204,6 +204,8 @@ def test_cli_semi_supervised(em_files, tmp_path, capsys):
     assert "semi-supervised: a mean teacher labels tiles of 2 unlabeled slices (2..3)" in out
     assert (tmp_path / "m" / "model.safetensors").is_file()
     assert main(["finetune", *base, "--unlabeled-slices", "4", "--semi-supervised"]) == 2  # a scored slice
+    assert main(["finetune", *base, "--unlabeled-slices", "3", "--max-steps", "1"]) == 2  # unlabeled slices but no --semi-supervised
+    assert "needs both --semi-supervised and unlabeled slices" in capsys.readouterr().err
     assert main(["finetune", "--help"]) == 0 and "--semi-supervised" in capsys.readouterr().out
 
 

@@ -48,6 +48,7 @@ from torch import nn
 from ssl_em.data.augment import BrightnessContrast, FlipRot90, Gamma, GaussianBlur, GaussianNoise, RandomWarp, Stripes
 from ssl_em.data.normalize import Normalization
 from ssl_em.ema import ema_update_, frozen_copy
+from ssl_em.errors import UserError
 from ssl_em.export import BackboneError, BackboneMeta, patch_size_of
 from ssl_em.finetune.export import FinetunedMeta, SegmentationNet, export_finetuned, head_config, resolve_backbone
 from ssl_em.finetune.features import FeatureExtractor, FeatureSpec
@@ -177,8 +178,8 @@ class SegmentationModule(pl.LightningModule):
             if dm.num_classes != self.hparams.num_classes:
                 raise ValueError(f"the data has {dm.num_classes} classes {dm.classes} but the model was built for {self.hparams.num_classes}")
             if stage == "fit" and bool(getattr(dm, "unlabeled_slices", None)) != (self.teacher is not None):
-                raise ValueError("semi-supervised fine-tuning needs both --model.semi_supervised true and unlabeled slices (--data.unlabeled_slices); "
-                                 f"got semi_supervised {self.teacher is not None} and unlabeled slices {getattr(dm, 'unlabeled_slices', None)}")
+                raise UserError("semi-supervised fine-tuning needs both --semi-supervised and unlabeled slices (--unlabeled-slices, by default all "
+                                f"neither trained on nor scored); got semi_supervised {self.teacher is not None} and unlabeled slices {getattr(dm, 'unlabeled_slices', None)}")
             if stage == "fit":
                 self._untrainable = unused_parameters(self.net.extractor, dm.tile_size)
                 self.set_backbone_frozen(self._frozen)

@@ -95,6 +95,10 @@ def test_unlabeled_stream_leaves_the_labeled_tiles_as_they_were(em):
     pl.seed_everything(3)
     mixed = [b["image"] for b in _dm(em, unlabeled_slices=REST).train_dataloader()]
     assert all(torch.equal(a, b) for a, b in zip(plain, mixed, strict=True))
+    # The labeled tiles' augmentations keep their streams; the unlabeled ones have their own.
+    m = SegmentationModule("test_resnet", SMALL_UNET, num_classes=3, tile_size=32, semi_supervised=True)
+    assert [a.rng.stream for a in (m.geometric, m.warp, *m.intensity)] == ["FlipRot90", "RandomWarp", "BrightnessContrast", "Gamma", "GaussianNoise", "GaussianBlur", "Stripes"]
+    assert {a.rng.stream for a in (m.unlabeled_geometric, m.unlabeled_warp, *m.unlabeled_intensity)} == {f"{n}.unlabeled" for n in ("FlipRot90", "RandomWarp", "BrightnessContrast", "Gamma", "GaussianNoise", "GaussianBlur", "Stripes")}
     tiles = UnlabeledTiles(_dm(em).images_volume, [1, 2], _dm(em).stats, 80, 3, seed=0)  # larger than the 64 px slice: padded
     assert [t["unlabeled"].shape for t in tiles] == [(1, 80, 80)] * 3
 

@@ -207,6 +207,8 @@ FINETUNE = [
     Shortcut("--lr", "--model.lr", "head learning rate (the backbone's is 0.1x for a pretrained one)", "LR"),
     Shortcut("--random-init", "--model.random_init", "same architecture with random weights (the baseline)", switch=True),
     Shortcut("--seed", "--seed_everything", "random seed", "S"),
+    Shortcut("--semi-supervised", "--model.semi_supervised", "also learn from unlabeled slices: a mean teacher's confident predictions (FixMatch-style)", switch=True),
+    Shortcut("--unlabeled-slices", "--data.unlabeled_slices", "unlabeled z-slices for --semi-supervised (default: all neither trained on nor scored)", "Z"),
     Shortcut("--out", "--out", "folder to export the fine-tuned model to (for ssl-em predict)", "DIR"),
     Shortcut("--precision", "--trainer.precision", "32-true or bf16-mixed (default: bf16 where the CPU or GPU has bf16 units)", "P"),
 ]

@@ -273,3 +273,79 @@ def test_cli_data_mistakes_fail_before_any_run(synthetic_small, tmp_path, monkey
             *[x for kv in flags.items() for x in kv]]
     assert main(argv) == 2 and runs == []
     assert message in capsys.readouterr().err
+
+
+def _labels_saved_rows(pool="20"):
+    """U-Net means 0.70 / 0.76 / 0.80 at 1 / 2 / 4 slices, 0.90 with all 20 (two seeds each);
+    spark 0.78 / 0.82 / 0.95; its twin 0.65 / 0.73 at 1 / 2."""
+    u = "U-Net from scratch (resnet18)"
+    unet = {1: (0.69, 0.71), 2: (0.75, 0.77), 4: (0.80, 0.80), 20: (0.89, 0.91)}
+    arms = {"spark": {1: 0.78, 2: 0.82, 4: 0.95}, "rand": {1: 0.65, 2: 0.73}}
+    rows = [_row(u, True, b, s, v) | {"twin": u, "baseline": u, "pool": pool} for b, vs in unet.items() for s, v in enumerate(vs)]
+    rows += [_row(a, a == "rand", b, s, v) | {"baseline": u, "pool": pool} for a, d in arms.items() for b, v in d.items() for s in (0, 1)]
+    return u, rows
+
+
+def test_labels_saved_match_a_hand_computed_table(tmp_path):
+    """spark at 1: gap (0.78 - 0.70) / (0.90 - 0.70) = 40%; the U-Net reaches 0.78 halfway
+    from 2 (0.76) to 4 (0.80) slices: 3 slices, 3.0x. At 2: 0.06 / 0.14 = 43%; 0.82 is a
+    fifth of the way from 4 (0.80) to 20 (0.90): 7.2 slices, 3.6x. At 4: 0.15 / 0.10 = 150%,
+    beyond the U-Net's best: >= 20 / 4 = 5.0x. The twin at 1: -25%, below the U-Net's
+    smallest budget: <= 1.0x; at 2: -21%, 1.5 slices: 0.75x."""
+    import csv
+
+    from ssl_em.finetune.benchmark import LabelsSaved, ceiling, labels_saved, labels_saved_table, summarize
+
+    u, rows = _labels_saved_rows()
+    saved = labels_saved(summarize(rows), ceiling(rows))
+    assert set(saved) == {"spark", "rand"}  # the U-Net is not compared with itself
+    expect = {("spark", 1): (0.4, 3.0, ""), ("spark", 2): (0.06 / 0.14, 3.6, ""), ("spark", 4): (1.5, 5.0, ">="),
+              ("rand", 1): (-0.25, 1.0, "<="), ("rand", 2): (-0.03 / 0.14, 0.75, "")}
+    for (arm, b), (gap, multiple, bound) in expect.items():
+        got = saved[arm][b]
+        assert (got.gap_closed, got.multiple, got.bound) == (pytest.approx(gap), pytest.approx(multiple), bound), (arm, b)
+    assert saved["spark"][1].text() == "40% of the gap, 3.0x" and saved["spark"][4].text() == "150% of the gap, >= 5.0x"
+    assert saved["rand"][1].text() == "-25% of the gap, <= 1.0x"
+    table = labels_saved_table(saved, "m", u)
+    assert "| spark | 40% of the gap, 3.0x | 43% of the gap, 3.6x | 150% of the gap, >= 5.0x |" in table
+    assert "| rand | -25% of the gap, <= 1.0x | -21% of the gap, 0.8x | - |" in table
+
+    # Without the all-labels row (--no-ceiling: the largest budget is not the pool) the gap
+    # is not defined; the multiple still is, on the budgets run.
+    _, partial = _labels_saved_rows(pool="40")
+    s2 = labels_saved(summarize(partial), ceiling(partial))["spark"]
+    assert s2[1] == LabelsSaved(None, pytest.approx(3.0), "") and s2[1].text() == "3.0x"
+
+    # report: the table, summary.csv and the plot carry them.
+    with open(tmp_path / "results.csv", "w", newline="") as f:
+        from ssl_em.finetune.benchmark import FIELDS
+
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    text = report(tmp_path, "m")
+    assert "labels saved vs U-Net from scratch (resnet18)" in text and "3.6x" in text
+    with open(tmp_path / "summary.csv", newline="") as f:
+        summary = {(r["arm"], int(r["budget"])): r for r in csv.DictReader(f)}
+    r = summary[("spark", 2)]
+    assert float(r["mean"]) == pytest.approx(0.82) and float(r["unet_mean"]) == pytest.approx(0.76) and float(r["all_labels_mean"]) == pytest.approx(0.90)
+    assert float(r["gap_closed"]) == pytest.approx(0.06 / 0.14, abs=1e-6) and float(r["label_multiple"]) == pytest.approx(3.6) and r["label_multiple_bound"] == ""
+    assert summary[("spark", 4)]["label_multiple_bound"] == ">=" and float(summary[("spark", 4)]["label_multiple"]) == pytest.approx(5.0)
+    assert summary[(u, 20)]["gap_closed"] == "" and summary[(u, 20)]["n"] == "2"
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_labels_saved_when_lower_is_better():
+    """VOI: U-Net 1.0 / 0.8 at 1 / 2 slices, 0.5 with all 4; an arm at 0.7 with 1 slice
+    closes (0.7 - 1.0) / (0.5 - 1.0) = 60% of the gap; the U-Net reaches 0.7 a third of the
+    way from 2 to 4 slices: 2.67 slices, 2.67x."""
+    from ssl_em.finetune.benchmark import ceiling, labels_saved, slices_needed, summarize
+
+    u = "U-Net from scratch (resnet18)"
+    rows = [_row(u, True, b, 0, v) | {"twin": u, "baseline": u, "pool": "4"} for b, v in ((1, 1.0), (2, 0.8), (4, 0.5))]
+    rows.append(_row("arm", False, 1, 0, 0.7) | {"baseline": u, "pool": "4"})
+    got = labels_saved(summarize(rows), ceiling(rows), lower_better=True)["arm"][1]
+    assert got.gap_closed == pytest.approx(0.6) and got.multiple == pytest.approx(8 / 3) and got.bound == ""
+    # A non-monotone curve: the first budget where the U-Net reaches the score counts.
+    assert slices_needed({1: 0.7, 2: 0.8, 4: 0.75}, 0.78) == (pytest.approx(1.8), "")
+    assert slices_needed({1: 0.7, 2: 0.8, 4: 0.75}, 0.81) == (4.0, ">=")

@@ -10,7 +10,11 @@ held-out slices, and appends one CSV row; the U-Net also runs with the whole poo
 "all labels" ceiling every table shows. The CSV is the record: a re-run skips the (arm,
 budget, seed) rows already in it, so an interrupted benchmark resumes. At the end it
 writes table.md (mean ± std over seeds; gains over the twin and over the U-Net, paired by
-seed) and plot.png (score against labeled slices, the ceiling as a dotted line).
+seed; labels saved: the fraction of the gap to the all-labels U-Net each arm closes and its
+label multiple, `labels_saved`), summary.csv (the same per arm and budget) and plot.png
+(score against labeled slices, the ceiling as a dotted line; label multiples beside it).
+`--semi-supervised` fine-tunes every arm with a mean teacher on the pool slices each budget
+leaves unlabeled (`ssl_em.finetune.semi`); the rows record it in their settings.
 
     ssl-em benchmark label-efficiency --backbones checkpoints/A checkpoints/B \\
         --images isbi2012/train/image --labels isbi2012/train/label \\
@@ -113,7 +117,31 @@ def choose_slices(pool: list[int], budget: int, seed: int) -> list[int]:
 
 FIELDS = ["arm", "backbone", "random_init", "twin", "baseline", "budget", "seed", "train_slices", "metric", "score", "seconds", "metrics_json", "pool", "settings"]
 #: The fine-tuning settings a row records (what an arm's recipe or the flags made them).
-RECORDED = ("lr", "unfreeze_at_step", "backbone_lr_scale")
+RECORDED = ("lr", "unfreeze_at_step", "backbone_lr_scale", "semi_supervised")
+
+
+def semi_supervised_cell(settings: dict, pool: list[int], train: list[int]) -> dict:
+    """With `semi_supervised` in the settings: the unlabeled slices of a cell are the pool
+    slices this budget leaves unlabeled, never the scored ones (the validation slices are
+    outside the pool); a cell that labels the whole pool (the ceiling) has none and runs
+    supervised, and says so."""
+    if not settings.get("semi_supervised"):
+        return settings
+    unlabeled = [z for z in pool if z not in set(train)]
+    return {**settings, "semi_supervised": bool(unlabeled), "unlabeled_slices": unlabeled or None}
+
+
+def check_same_protocol(rows: list[dict], semi_supervised: bool, csv_path: Path) -> None:
+    """A folder's rows are one protocol: resuming with --semi-supervised where the rows were
+    run without it (or the other way round) would mix both in one table. Rows that label the
+    whole pool run supervised either way and are not counted."""
+    def semi(r: dict) -> bool:
+        return bool(json.loads(r.get("settings") or "{}").get("semi_supervised", False))
+
+    other = [r for r in rows if semi(r) != semi_supervised and not (r.get("pool") and int(r["budget"]) >= int(r["pool"]))]
+    if other:
+        raise UserError(f"{csv_path} holds {len(other)} rows fine-tuned {'without' if semi_supervised else 'with'} --semi-supervised "
+                        f"(e.g. {other[0]['arm']}, {other[0]['budget']} slices); give another --out")
 
 
 def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slices: list[int], budgets: list[int], seeds: list[int],
@@ -130,6 +158,7 @@ def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slice
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
     rows = read_rows(csv_path)
+    check_same_protocol(rows, bool((finetune_kwargs or {}).get("semi_supervised")), csv_path)
     done = {(r["arm"], int(r["budget"]), int(r["seed"])) for r in rows}
     grid = [(a, b, s) for b in budgets for s in seeds for a in arms]
     if ceiling and len(pool) not in budgets:
@@ -142,7 +171,7 @@ def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slice
             if progress:
                 print(f"[cell {i + 1}/{len(todo)}] {arm.name}, {budget} labeled slice(s) {train}, seed {seed}", flush=True)
             t0 = time.time()
-            settings = {**(finetune_kwargs or {}), **arm.settings}
+            settings = semi_supervised_cell({**(finetune_kwargs or {}), **arm.settings}, pool, train)
             _, metrics = finetune(arm.backbone, images, labels, train, val_slices, task=task, random_init=arm.random_init, seed=seed, progress=progress, **settings)
             if metric not in metrics:
                 raise KeyError(f"metric {metric!r} not among {sorted(metrics)}")
@@ -282,6 +311,102 @@ def gains_table(gains: dict, metric: str, over: str = "random init") -> str:
     return "\n".join(lines)
 
 
+def lower_is_better(metric: str) -> bool:
+    """VOI and the adapted Rand error fall as segmentations improve; every other score rises."""
+    return metric.split("/")[0] in ("voi", "voi_split", "voi_merge", "adapted_rand_error")
+
+
+class LabelsSaved(NamedTuple):
+    """What an arm's score at N labeled slices is worth in the U-Net from scratch's labels.
+
+    gap_closed: (arm(N) - U-Net(N)) / (all-labels U-Net - U-Net(N)), on the means over seeds:
+    0 is no better than the U-Net with as many labels, 1 is as good as the U-Net with all of
+    them. None without an all-labels row, or where the U-Net at N already reaches it.
+    multiple: the labeled slices the U-Net needs for the arm's score (linear interpolation
+    between the budgets it ran), divided by N. bound: "" when interpolated; ">=" when the
+    arm beats the U-Net at its largest budget (the multiple is then that budget / N, a lower
+    bound: nothing is extrapolated); "<=" when the arm is no better than the U-Net at its
+    smallest budget (an upper bound)."""
+
+    gap_closed: float | None
+    multiple: float
+    bound: str
+
+    def text(self) -> str:
+        """"40% of the gap, 3.0x" / ">= 5.0x": the markdown cell."""
+        gap = f"{self.gap_closed:.0%} of the gap, " if self.gap_closed is not None else ""
+        return f"{gap}{self.bound + ' ' if self.bound else ''}{self.multiple:.1f}x"
+
+
+def slices_needed(curve: dict[int, float], score: float, lower_better: bool = False) -> tuple[float, str]:
+    """(slices, bound): where the piecewise-linear curve budget -> mean score first reaches
+    `score`. Below the smallest budget's score: (smallest budget, "<="); never reached:
+    (largest budget, ">="); else (interpolated slices, "")."""
+    sign = -1.0 if lower_better else 1.0
+    points = [(b, sign * m) for b, m in sorted(curve.items())]
+    target = sign * score
+    if target <= points[0][1]:
+        return float(points[0][0]), "<="
+    for (b0, m0), (b1, m1) in zip(points, points[1:]):
+        if m0 < target <= m1:
+            return b0 + (target - m0) / (m1 - m0) * (b1 - b0), ""
+    return float(points[-1][0]), ">="
+
+
+def labels_saved(summary: dict, top: Ceiling | None, lower_better: bool = False) -> dict[str, dict[int, LabelsSaved]]:
+    """arm -> budget -> LabelsSaved against the baseline arm of `top` (the U-Net from scratch:
+    its scores at every budget run, the ceiling's included, form the curve). The baseline
+    itself is left out (0% and 1.0x by definition); {} without a baseline."""
+    if top is None or top.arm not in summary:
+        return {}
+    curve = {b: v[0] for b, v in summary[top.arm].items()}
+    all_labels = top.stats[0] if top.pool is None or top.budget >= top.pool else None
+    sign = -1.0 if lower_better else 1.0
+    out: dict[str, dict[int, LabelsSaved]] = {}
+    for arm, by_budget in summary.items():
+        if arm == top.arm:
+            continue
+        for n, (mean, _, _) in by_budget.items():
+            if n not in curve:
+                continue
+            gap = None
+            if all_labels is not None and sign * (all_labels - curve[n]) > 0:
+                gap = (mean - curve[n]) / (all_labels - curve[n])
+            slices, bound = slices_needed(curve, mean, lower_better)
+            out.setdefault(arm, {})[n] = LabelsSaved(gap, slices / n, bound)
+    return out
+
+
+def labels_saved_table(saved: dict[str, dict[int, LabelsSaved]], metric: str, baseline: str) -> str:
+    budgets = sorted({b for d in saved.values() for b in d})
+    lines = [f"| labels saved vs {baseline} ({metric} means): gap to all labels closed, label multiple | " + " | ".join(str(b) for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for arm, d in saved.items():
+        lines.append(f"| {arm} | " + " | ".join(d[b].text() if b in d else "-" for b in budgets) + " |")
+    return "\n".join(lines)
+
+
+SUMMARY_FIELDS = ["arm", "budget", "n", "mean", "std", "unet_mean", "all_labels_mean", "gap_closed", "label_multiple", "label_multiple_bound"]
+
+
+def write_summary(path: Path, summary: dict, top: Ceiling | None, saved: dict[str, dict[int, LabelsSaved]]) -> None:
+    """summary.csv: one row per (arm, budget): the score's mean, std and n over seeds, the
+    U-Net's mean at that budget and with all labels, and the labels saved (empty where not
+    defined; label_multiple_bound ">=" or "<=" marks a bound, see `LabelsSaved`)."""
+    curve = summary.get(top.arm, {}) if top is not None else {}
+    all_labels = top.stats[0] if top is not None and (top.pool is None or top.budget >= top.pool) else None
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
+        writer.writeheader()
+        for arm, by_budget in summary.items():
+            for b, (mean, std, n) in by_budget.items():
+                ls = saved.get(arm, {}).get(b)
+                writer.writerow({"arm": arm, "budget": b, "n": n, "mean": f"{mean:.6f}", "std": f"{std:.6f}",
+                                 "unet_mean": f"{curve[b][0]:.6f}" if b in curve else "", "all_labels_mean": "" if all_labels is None else f"{all_labels:.6f}",
+                                 "gap_closed": "" if ls is None or ls.gap_closed is None else f"{ls.gap_closed:.6f}",
+                                 "label_multiple": "" if ls is None else f"{ls.multiple:.6f}", "label_multiple_bound": "" if ls is None else ls.bound})  # fmt: skip
+
+
 #: The smallest y-range the plot shows: score differences far below it stay visibly small
 #: instead of being stretched over the whole axis.
 MIN_Y_SPAN = 0.1
@@ -309,17 +434,23 @@ def y_limits(lows: list[float], highs: list[float], span: float = MIN_Y_SPAN, bo
     return lo, hi
 
 
-def plot(summary: dict, metric: str, path: str | Path, title: str = "", top: Ceiling | None = None) -> None:
+def plot(summary: dict, metric: str, path: str | Path, title: str = "", top: Ceiling | None = None, saved: dict | None = None) -> None:
     """Score against labeled slices for every arm (twins dashed, the U-Net baseline in
     black), mean ± std over seeds, the all-labels ceiling (`top`, see `ceiling`) as a dotted
-    line; the y-axis names the metric and spans at least MIN_Y_SPAN; the legend sits outside
-    the axes, so it never hides a point."""
+    line; the y-axis names the metric and spans at least MIN_Y_SPAN; the legend sits outside the axes, so it
+    never hides a point. With `saved` (see
+    `labels_saved`), a second panel: each arm's label multiple against labeled slices,
+    bounds drawn as open triangles pointing the way the true value lies."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8.4, 4.2))  # wide: the legend sits beside the axes
+    if saved:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [6, 5]})
+        plot_labels_saved(ax2, saved, top.arm if top is not None else "the U-Net")
+    else:
+        fig, ax = plt.subplots(figsize=(8.4, 4.2)  # wide: the legend sits beside the axes)
     lows, highs, n_seeds = [], [], set()
     for arm, d in summary.items():
         b = sorted(d)
@@ -340,10 +471,10 @@ def plot(summary: dict, metric: str, path: str | Path, title: str = "", top: Cei
     ax.set_xlabel("labeled training slices")
     seeds = f"{min(n_seeds)}" if len(n_seeds) == 1 else f"{min(n_seeds)}-{max(n_seeds)}"
     ax.set_ylabel(f"{metric_label(metric)} on held-out slices\n(mean ± std over {seeds} seed{'s' if max(n_seeds) > 1 else ''})")
-    lower_is_better = metric.split("/")[0] in ("voi", "voi_split", "voi_merge", "adapted_rand_error")
+    lower_is_better_ = lower_is_better(metric)
     if lows:
         ax.set_ylim(*y_limits(lows, highs, bounded=not metric.startswith("voi")))
-    ax.set_title(textwrap.fill((title or "label efficiency") + (" (lower is better)" if lower_is_better else ""), 60), fontsize=10)  # long titles wrap, never clip
+    ax.set_title(textwrap.fill((title or "label efficiency") + (" (lower is better)" if lower_is_better_ else ""), 60), fontsize=10)  # long titles wrap, never clip
     ax.grid(alpha=0.3)
     # Outside the axes, to the right: inside, "best" still sat on a one-budget plot's points.
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
@@ -352,11 +483,38 @@ def plot(summary: dict, metric: str, path: str | Path, title: str = "", top: Cei
     plt.close(fig)
 
 
+def plot_labels_saved(ax, saved: dict[str, dict[int, LabelsSaved]], baseline: str) -> None:
+    """Label multiple against labeled slices, one line per arm, on log-log axes; 1x (the
+    baseline itself) dotted. Interpolated values are filled circles; a ">=" bound an open
+    upward triangle, a "<=" bound an open downward one."""
+    import matplotlib
+
+    markers = {"": "o", ">=": "^", "<=": "v"}
+    for arm, d in saved.items():
+        b = sorted(d)
+        line = ax.plot(b, [d[x].multiple for x in b], linestyle="--" if "random" in arm else "-", label=arm)[0]
+        for x in b:
+            exact = d[x].bound == ""
+            ax.plot([x], [d[x].multiple], marker=markers[d[x].bound], color=line.get_color(), markerfacecolor=line.get_color() if exact else "none", markersize=7)
+    ax.axhline(1.0, color="black", linestyle=":", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xticks(sorted({x for d in saved.values() for x in d}))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.get_yaxis().set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+    ax.set_xlabel("labeled training slices")
+    ax.set_ylabel(textwrap.fill(f"label multiple: slices {baseline} needs for the same score / slices", 50), fontsize=8)
+    ax.set_title("labels saved (open triangles: bounds, beyond the budgets run)", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+
+
 def report(out: str | Path, metric: str, title: str = "", merge: list[str | Path] = ()) -> str:
     """Write table.md (scores with the ceiling row, then gains over the random-init twin and
-    over the U-Net from scratch, paired by seed) and plot.png from results.csv; returns the
-    tables. `merge`: other benchmark folders (e.g. seeds run in parallel processes) whose
-    rows are appended to out/results.csv first, skipping rows it already has."""
+    over the U-Net from scratch, paired by seed, then the labels saved, see `labels_saved`),
+    summary.csv (`write_summary`) and plot.png from results.csv; returns the tables.
+    `merge`: other benchmark folders (e.g. seeds run in parallel processes) whose rows are
+    appended to out/results.csv first, skipping rows it already has."""
     out = Path(out)
     rows = read_rows(out / "results.csv")
     have = {(r["arm"], r["budget"], r["seed"]) for r in rows}
@@ -373,11 +531,15 @@ def report(out: str | Path, metric: str, title: str = "", merge: list[str | Path
         gains = paired_gains(rows, against)
         if gains:
             tables.append(gains_table(gains, metric, over))
+    saved = labels_saved(summary, top, lower_is_better(metric))
+    if saved:
+        tables.append(labels_saved_table(saved, metric, top.arm))
     if top is not None:
         tables.append(f"{_ceiling_label(top)}: {top.stats[0]:.3f} ± {top.stats[1]:.3f} (n={top.stats[2]})")
     table = "\n\n".join(tables)
     (out / "table.md").write_text(table + "\n")
-    plot(summary, metric, out / "plot.png", title, top)
+    write_summary(out / "summary.csv", summary, top, saved)
+    plot(summary, metric, out / "plot.png", title, top, saved)
     return table
 
 
@@ -453,8 +615,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     le.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
                     help="also train the U-Net on the whole pool, for the all-labels ceiling (default: yes)")
     le.add_argument("--precision", choices=["32-true", "bf16-mixed"], default=None, help="fine-tuning and scoring precision (default: bf16 where the CPU or GPU has bf16 units, ssl_em.precision)")
-    le.add_argument("--out", required=True, help="folder for results.csv, table.md, plot.png")
-    rep = kinds.add_parser("report", help="rewrite table.md and plot.png from results.csv, merging other result folders")
+    le.add_argument("--semi-supervised", action="store_true",
+                    help="every arm also learns from the pool slices its budget leaves unlabeled (mean teacher, FixMatch-style); rows record it")
+    le.add_argument("--out", required=True, help="folder for results.csv, table.md, summary.csv, plot.png")
+    rep = kinds.add_parser("report", help="rewrite table.md, summary.csv and plot.png from results.csv, merging other result folders")
     rep.add_argument("--out", required=True, help="the benchmark folder (its results.csv is extended by --merge)")
     rep.add_argument("--metric", default="mean_iou")
     rep.add_argument("--merge", nargs="*", default=[], help="other benchmark folders, e.g. seeds run in parallel processes")
@@ -479,6 +643,8 @@ def run(args) -> int:
     kwargs = {"max_steps": args.max_steps, "steps": StepSchedule(**{k: v for k, v in chosen.items() if v is not None}), "holdout": args.holdout,
               "dice_weight": args.dice_weight, "tile_size": args.tile_size, "batch_size": args.batch_size, "lr": args.lr,
               "unfreeze_at_step": args.unfreeze_at_step, "data_kwargs": data_kwargs, "head": head_of_width(args.head_width), "precision": args.precision}
+    if args.semi_supervised:
+        kwargs["semi_supervised"] = True
     pool, val = _ints(args.pool, "--pool"), _ints(args.val_slices, "--val-slices")
     try:
         budgets = [len(pool) if b.strip() == "all" else int(b) for b in args.budgets.split(",")]
@@ -505,5 +671,5 @@ def run(args) -> int:
         label_efficiency(arms_for(args.backbones, unet_encoder=args.unet_encoder, unet_lr=args.unet_lr, pretrained_settings=pretrained), args.images, args.labels, pool, val,
                          budgets, seeds, args.out, metric=args.metric, task=args.task, finetune_kwargs=kwargs, ceiling=args.ceiling)
     print(report(args.out, args.metric))
-    print(f"\nwrote {Path(args.out) / 'results.csv'}, table.md, plot.png")
+    print(f"\nwrote {Path(args.out) / 'results.csv'}, table.md, summary.csv, plot.png")
     return 0

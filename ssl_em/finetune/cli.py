@@ -33,7 +33,7 @@ from ssl_em import cli_flags, precision as precisions
 from ssl_em.console import quiet, run_callbacks
 from ssl_em.errors import debug_enabled, find_user_error, one_line
 from ssl_em.export import backbone_meta, check_out_folder
-from ssl_em.finetune.data import IGNORE, LabeledSlicesDataModule
+from ssl_em.finetune.data import IGNORE, REST, LabeledSlicesDataModule
 from ssl_em.finetune.export import META
 from ssl_em.finetune.heads import default_head
 from ssl_em.finetune.instance import foreground_boundary, watershed_instances
@@ -97,6 +97,8 @@ def finetune(
     precision: str | None = None,
     channels_last: bool | None = None,
     callbacks: list[pl.Callback] | None = None,
+    semi_supervised: bool = False,
+    unlabeled_slices: str | list[int] | None = None,
     **module_kwargs,
 ) -> tuple[SegmentationModule, dict]:
     """Fine-tune on `train_slices`, score on `val_slices`; returns (module, metrics dict).
@@ -119,13 +121,19 @@ def finetune(
     callbacks (the napari widget's progress and cancel).
     precision ("32-true", "bf16-mixed") and channels_last: None lets `ssl_em.precision.choose`
     decide for the accelerator (bf16 where it has bf16 units), for training and scoring alike.
+    semi_supervised: a mean teacher's confident labels on tiles of `unlabeled_slices` train
+    the student too (`SegmentationModule`); those default to every slice neither in
+    train_slices nor in val_slices ("rest"). The step count stays the labeled one.
     """
     pl.seed_everything(seed, workers=True)
     data_kwargs = {"holdout": holdout, **(data_kwargs or {})}
+    if semi_supervised or unlabeled_slices is not None:
+        data_kwargs["unlabeled_slices"] = unlabeled_slices if unlabeled_slices is not None else REST
     dm = LabeledSlicesDataModule(images, labels, train_slices, val_slices, task=task, tile_size=tile_size, batch_size=batch_size, tiles_per_epoch=batch_size * 16, **data_kwargs)
     if max_steps is None:
         max_steps = steps(dm.labeled_pixels)
-    model = SegmentationModule(backbone, head or default_head, num_classes=dm.num_classes, classes=dm.classes, task=task, random_init=random_init, tile_size=tile_size, lr=lr, unfreeze_at_step=unfreeze_at_step, **module_kwargs)
+    model = SegmentationModule(backbone, head or default_head, num_classes=dm.num_classes, classes=dm.classes, task=task, random_init=random_init, tile_size=tile_size, lr=lr, unfreeze_at_step=unfreeze_at_step,
+                               semi_supervised=semi_supervised, **module_kwargs)
     chosen = precisions.choose(precisions.device_of(accelerator), precision, channels_last, model)
     chosen.apply(model)
     keep = KeepBestWeights("val/loss")
@@ -173,6 +181,8 @@ class FinetuneCLI(LightningCLI):
             setattr(model, key, value)
         if "trainer.precision" not in self.given:  # ssl_em's choice for the accelerator asked for
             self.config.trainer.precision = precisions.choose(precisions.device_of(self.config.trainer.accelerator)).lightning
+        if model.semi_supervised and self.config.data.unlabeled_slices is None:
+            self.config.data.unlabeled_slices = REST  # every slice neither trained on nor scored
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--out", type=str | None, default=None, help="folder to export the fine-tuned model to")
@@ -251,6 +261,9 @@ def run_argv(argv: list[str]) -> int:
             print(f"ssl-em finetune: {told}: the backbone's recommended settings (its ssl_em.json); --model.KEY VALUE overrides", flush=True)
         if dm.task == "semantic" and dm.classes == [str(v) for v in dm.label_values]:
             print(f"ssl-em finetune: classes named by their label values {dm.classes}; --classes A,B names them", flush=True)
+        if dm.unlabeled_slices:
+            z = dm.unlabeled_slices
+            print(f"ssl-em finetune: semi-supervised: a mean teacher labels tiles of {len(z)} unlabeled slices ({z[0]}..{z[-1]}) where its confidence is >= {cli.model.hparams.confidence:g}", flush=True)
         with quiet(verbose):
             cli.trainer.fit(cli.model, datamodule=dm)
     except Exception as e:  # BackboneError, LabelError, VolumeError, wrapped by jsonargparse

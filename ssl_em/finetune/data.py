@@ -13,7 +13,8 @@ Targets are int64 class maps with -1 on unannotated pixels:
 - instance: labels are instance ids; targets are background / boundary / interior
   (`ssl_em.finetune.instance.instance_targets`), which the watershed turns back into ids.
 
-Batches: {"image": (B, 1, T, T) float32 in [0, 1], "target": (B, T, T) int64}.
+Batches: {"image": (B, 1, T, T) float32 in [0, 1], "target": (B, T, T) int64}, and with
+unlabeled slices (semi-supervised fine-tuning) "unlabeled": (B, 1, T, T) float32 in [0, 1].
 """
 
 from __future__ import annotations
@@ -159,6 +160,91 @@ class TrainTiles(IterableDataset):
         return {"image": torch.from_numpy(image[None].copy()), "target": torch.from_numpy(target.copy())}
 
 
+class UnlabeledTiles(IterableDataset):
+    """Random tiles of unlabeled z-slices for semi-supervised fine-tuning, read from the
+    volume as they are drawn (hundreds of slices need not fit in memory; a Volume reopens
+    itself in each loader worker) and stretched to [0, 1] with the labeled data's `stats`.
+
+    Per (epoch, rank, worker) a generator seeded from (seed, epoch, rank, worker, UNLABELED)
+    places the tiles, so the labeled tiles (`TrainTiles`) are drawn exactly as without this
+    stream. Slices smaller than the tile are padded by reflection. Yields
+    {"unlabeled": (1, T, T) float32}; `length` tiles per epoch over all ranks.
+    """
+
+    #: Keeps this stream apart from `TrainTiles`' (seed, epoch, rank, worker) stream.
+    UNLABELED = 0x5EED
+
+    def __init__(self, volume: Volume, slices: list[int], stats: IntensityStats, tile: int, length: int, seed: int | None = None) -> None:
+        super().__init__()
+        if not slices:
+            raise LabelError("no unlabeled slices to draw from")
+        self.volume, self.slices, self.stats, self.tile, self.length, self.seed = volume, list(slices), stats, tile, length, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return -(-self.length // process_world())
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        base, extra = divmod(len(self), workers)
+        seed = self.seed if self.seed is not None else run_seed()
+        g = torch.Generator().manual_seed(derive_seed(seed, self.epoch, process_rank(), worker, self.UNLABELED))
+        self.epoch += 1
+        for _ in range(base + (worker < extra)):
+            yield self.draw(g)
+
+    def draw(self, g: torch.Generator) -> dict:
+        """One tile {"unlabeled": (1, T, T)} of a random unlabeled slice, drawn with `g`."""
+        _, H, W = self.volume.shape
+        t = self.tile
+        z = self.slices[int(torch.randint(len(self.slices), (), generator=g))]
+        y, x = int(torch.randint(max(H - t, 0) + 1, (), generator=g)), int(torch.randint(max(W - t, 0) + 1, (), generator=g))
+        raw = self.volume.read(z, slice(y, y + t), slice(x, x + t))[0].astype(np.float32)
+        image = np.clip((raw - self.stats.lo) / (self.stats.hi - self.stats.lo), 0, 1)
+        if image.shape != (t, t):
+            image = np.pad(image, ((0, t - image.shape[0]), (0, t - image.shape[1])), mode="reflect" if min(image.shape) > 1 else "edge")
+        return {"unlabeled": torch.from_numpy(image[None].copy())}
+
+
+class WithUnlabeled(IterableDataset):
+    """Each labeled tile of `labeled` (`TrainTiles`) with an unlabeled one of `unlabeled`
+    (`UnlabeledTiles`) in the same sample: {"image", "target", "unlabeled"}, so one loader
+    serves both and a batch holds as many unlabeled tiles as labeled ones."""
+
+    def __init__(self, labeled: TrainTiles, unlabeled: UnlabeledTiles) -> None:
+        super().__init__()
+        self.labeled, self.unlabeled = labeled, unlabeled
+
+    def __len__(self) -> int:
+        return len(self.labeled)
+
+    def __iter__(self):
+        for a, b in zip(self.labeled, self.unlabeled, strict=True):
+            yield {**a, **b}
+
+
+#: `unlabeled_slices` value: every slice that is neither trained on nor scored.
+REST = "rest"
+
+
+def unlabeled_slices_for(spec: "str | Sequence[int] | None", n: int, train: list[int], scored: list[int]) -> list[int]:
+    """The unlabeled slices semi-supervised fine-tuning may read: `spec` ("0-99", a list),
+    or REST: every slice of the volume that is neither a training nor a validation/scored
+    slice. None: none. A slice that trains or is scored is refused (LabelError): the scored
+    slices must stay unseen, and a training slice is labeled already."""
+    if spec is None:
+        return []
+    if isinstance(spec, str) and spec.strip() == REST:
+        return sorted(set(range(n)) - set(train) - set(scored))
+    idx = parse_slices(spec, n, "--unlabeled-slices")
+    for what, taken in (("training", train), ("validation (scored)", scored)):
+        clash = sorted(set(idx) & set(taken))
+        if clash:
+            raise LabelError(f"--unlabeled-slices: slices {clash} are also {what} slices")
+    return idx
+
+
 def split_holdout(images: np.ndarray, targets: np.ndarray, fraction: float) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
     """Cut the bottom `fraction` of every labeled slice's rows off for model selection.
 
@@ -228,7 +314,10 @@ class LabeledSlicesDataModule(pl.LightningDataModule):
     class (`TrainTiles`). holdout: fraction of every training slice's rows (a bottom band)
     kept out of training for model selection (`split_holdout`); when > 0 the validation
     loader serves that band, never the scored `val_slices`, which only `score_val_slices`
-    reads.
+    reads. unlabeled_slices: z-slices whose images (never their labels) feed semi-supervised
+    fine-tuning, "rest" for every slice neither trained on nor scored, None for none; then
+    every training sample also holds an unlabeled tile ({"unlabeled": (1, T, T)},
+    `UnlabeledTiles`). Training and validation slices are refused as unlabeled slices.
     """
 
     def __init__(
@@ -249,6 +338,7 @@ class LabeledSlicesDataModule(pl.LightningDataModule):
         voxel_size: str | None = None,
         class_balance: float = 0.5,
         holdout: float = 0.0,
+        unlabeled_slices: "str | list[int] | None" = None,
     ) -> None:
         super().__init__()
         check_at_least(1, {"--tile-size": tile_size, "--data.batch_size": batch_size, "--data.tiles_per_epoch": tiles_per_epoch}, LabelError)
@@ -288,6 +378,9 @@ class LabeledSlicesDataModule(pl.LightningDataModule):
         stretch = lambda z: np.clip((iv.read(z)[0].astype(np.float32) - self.stats.lo) / (self.stats.hi - self.stats.lo), 0, 1)  # noqa: E731
         self._train, self._holdout = split_holdout(np.stack([stretch(z) for z in self.train_slices]), np.stack([targets[z] for z in self.train_slices]), holdout)
         self._val = (np.stack([stretch(z) for z in self.val_slices]), np.stack([targets[z] for z in self.val_slices])) if self.val_slices else None
+        self.unlabeled_slices = unlabeled_slices_for(unlabeled_slices, n, self.train_slices, self.val_slices)
+        if unlabeled_slices is not None and not self.unlabeled_slices:
+            raise LabelError(f"--unlabeled-slices {unlabeled_slices}: no slice of the volume's {n} is left unlabeled (all train or are scored)")
 
     @property
     def num_classes(self) -> int:
@@ -300,6 +393,8 @@ class LabeledSlicesDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = TrainTiles(*self._train, self.tile_size, self.tiles_per_epoch, class_balance=self.class_balance)
+        if self.unlabeled_slices:
+            ds = WithUnlabeled(ds, UnlabeledTiles(self.images_volume, self.unlabeled_slices, self.stats, self.tile_size, self.tiles_per_epoch))
         return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, drop_last=False, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -23,6 +23,15 @@ warp of image and labels together, blur and knife-mark stripes, on top of bright
 contrast, gamma and noise). Loss: cross-entropy + `dice_weight` x soft Dice over labeled
 pixels (Dice keeps a rare class from being ignored). The lr warms up linearly over
 `warmup_steps` (default 5% of the run) then, with `cosine`, decays to 1% of its peak. Logged: train/loss, val/loss, val/iou (mean over classes), val/iou_<class>.
+
+semi_supervised: a mean teacher (`ssl_em.finetune.semi`, an EMA of the whole network with
+`teacher_momentum`, `ssl_em.ema`) labels the batch's unlabeled tiles ("unlabeled": (B, 1,
+H, W), from the data module's unlabeled slices) where its confidence reaches `confidence`,
+and the student learns those labels on a strong view, weighted by `consistency_weight`
+ramped up over the first `consistency_rampup` fraction of the run. The unlabeled tiles get
+augmentations of their own random streams, so the labeled tiles are augmented exactly as
+without them. Also logged then: train/supervised, train/consistency, train/confident
+(fraction of unlabeled pixels with a pseudo-label).
 """
 
 from __future__ import annotations
@@ -38,11 +47,14 @@ from torch import nn
 
 from ssl_em.data.augment import BrightnessContrast, FlipRot90, Gamma, GaussianBlur, GaussianNoise, RandomWarp, Stripes
 from ssl_em.data.normalize import Normalization
+from ssl_em.ema import ema_update_, frozen_copy
+from ssl_em.errors import UserError
 from ssl_em.export import BackboneError, BackboneMeta, patch_size_of
 from ssl_em.finetune.export import FinetunedMeta, SegmentationNet, export_finetuned, head_config, resolve_backbone
 from ssl_em.finetune.features import FeatureExtractor, FeatureSpec
 from ssl_em.finetune.heads import LinearProbe
 from ssl_em.finetune.schedule import warmup_cosine
+from ssl_em.finetune.semi import consistency_loss, pseudo_labels, sigmoid_rampup
 
 HeadFactory = Callable[[FeatureSpec, int], nn.Module]
 
@@ -55,6 +67,18 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
     inter = (probs * onehot).sum((0, 2, 3))
     denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
     return 1 - ((2 * inter + eps) / (denom + eps)).mean()
+
+
+def em_augmentations(strong: bool, ignore_index: int, stream: str = "") -> tuple[FlipRot90, RandomWarp | None, nn.Sequential]:
+    """(dihedral flips/rotations, affine + elastic warp or None, intensity chain): the
+    fine-tuning augmentations. `stream` suffixes every random stream's name, so a second set
+    (the unlabeled tiles') draws independently of the first."""
+    name = lambda cls: f"{cls.__name__}{stream}" if stream else None  # noqa: E731
+    warp = RandomWarp(p=0.5, ignore_index=ignore_index, stream=name(RandomWarp)) if strong else None
+    extra = [GaussianBlur((0.1, 1.0), p=0.2, stream=name(GaussianBlur)), Stripes(p=0.1, stream=name(Stripes))] if strong else []
+    intensity = nn.Sequential(BrightnessContrast(0.2, 0.2, p=0.8, stream=name(BrightnessContrast)), Gamma(1.4, p=0.3, stream=name(Gamma)),
+                              GaussianNoise(0.1, p=0.3, stream=name(GaussianNoise)), *extra)  # fmt: skip
+    return FlipRot90(stream=name(FlipRot90)), warp, intensity
 
 
 def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = -1) -> torch.Tensor:
@@ -87,6 +111,11 @@ class SegmentationModule(pl.LightningModule):
         strong_augment: bool = True,
         warmup_steps: int | None = None,
         cosine: bool = True,
+        semi_supervised: bool = False,
+        teacher_momentum: float = 0.99,
+        confidence: float = 0.9,
+        consistency_weight: float = 1.0,
+        consistency_rampup: float = 0.4,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "head"])
@@ -103,10 +132,11 @@ class SegmentationModule(pl.LightningModule):
         self.classes = list(classes) if classes else [str(k) for k in range(num_classes)]
         if len(self.classes) != num_classes:
             raise ValueError(f"{num_classes} classes but names {self.classes}")
-        self.geometric = FlipRot90()
-        self.warp = RandomWarp(p=0.5, ignore_index=ignore_index) if strong_augment else None
-        strong = [GaussianBlur((0.1, 1.0), p=0.2), Stripes(p=0.1)] if strong_augment else []
-        self.intensity = nn.Sequential(BrightnessContrast(0.2, 0.2, p=0.8), Gamma(1.4, p=0.3), GaussianNoise(0.1, p=0.3), *strong)
+        self.geometric, self.warp, self.intensity = em_augmentations(strong_augment, ignore_index)
+        # The mean teacher: an EMA copy of the whole network, always in eval mode.
+        self.teacher = frozen_copy(self.net).eval() if semi_supervised else None
+        self.unlabeled_geometric, self.unlabeled_warp, self.unlabeled_intensity = em_augmentations(strong_augment, ignore_index, ".unlabeled") if semi_supervised else (None, None, None)
+        self._teacher_step = 0  # the optimizer step the teacher was last updated after
         self._frozen = False
         self._untrainable: set[str] = set()  # backbone parameters the features never use
         self._ddp_syncs_backbone = True
@@ -131,6 +161,8 @@ class SegmentationModule(pl.LightningModule):
         super().train(mode)
         if self._frozen:
             self.backbone.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         return self
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
@@ -145,6 +177,9 @@ class SegmentationModule(pl.LightningModule):
             check_fits(self.net.extractor.spec, dm.tile_size, self.backbone_meta.architecture)
             if dm.num_classes != self.hparams.num_classes:
                 raise ValueError(f"the data has {dm.num_classes} classes {dm.classes} but the model was built for {self.hparams.num_classes}")
+            if stage == "fit" and bool(getattr(dm, "unlabeled_slices", None)) != (self.teacher is not None):
+                raise UserError("semi-supervised fine-tuning needs both --semi-supervised and unlabeled slices (--unlabeled-slices, by default all "
+                                f"neither trained on nor scored); got semi_supervised {self.teacher is not None} and unlabeled slices {getattr(dm, 'unlabeled_slices', None)}")
             if stage == "fit":
                 self._untrainable = unused_parameters(self.net.extractor, dm.tile_size)
                 self.set_backbone_frozen(self._frozen)
@@ -180,7 +215,23 @@ class SegmentationModule(pl.LightningModule):
             image = self.intensity(image)
         else:
             image = (image - self.normalization.mean) / self.normalization.std
-        return {"image": image, "target": target}
+        out = {"image": image, "target": target}
+        if "unlabeled" in batch and self.training:
+            # The weak view (what the teacher sees); the strong one is made from it in
+            # training_step, once the teacher's labels exist to be warped along with it.
+            weak = (batch["unlabeled"] - self.normalization.mean) / self.normalization.std
+            out["unlabeled"] = self.unlabeled_geometric(weak) if self.hparams.augment else weak
+        return out
+
+    def strong_view(self, weak: torch.Tensor, pseudo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """weak: (B, 1, H, W) standardised, pseudo: (B, H, W) -> the student's view and the
+        labels that go with it: one warp for both (pixels warped in from outside the tile
+        become ignore), then intensity changes of the image alone."""
+        if not self.hparams.augment:
+            return weak, pseudo
+        if self.unlabeled_warp is not None:
+            weak, pseudo = self.unlabeled_warp(weak, pseudo)
+        return self.unlabeled_intensity(weak), pseudo
 
     # -- steps ------------------------------------------------------------------------------
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -201,9 +252,36 @@ class SegmentationModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(self(batch["image"]), batch["target"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        if self.teacher is None or "unlabeled" not in batch:
+            loss = self.loss(self(batch["image"]), batch["target"])
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+            return loss
+        image, weak = batch["image"], batch["unlabeled"]  # (B, 1, H, W), (Bu, 1, H, W)
+        with torch.no_grad():
+            pseudo = pseudo_labels(self.teacher(weak), self.hparams.confidence, self.hparams.ignore_index)  # (Bu, H, W)
+        strong, pseudo = self.strong_view(weak, pseudo)
+        # One forward over both, as in FixMatch: BatchNorm sees one batch per step.
+        logits = self(torch.cat([image, strong]))
+        supervised = self.loss(logits[: len(image)], batch["target"])
+        consistency = consistency_loss(logits[len(image) :], pseudo, self.hparams.ignore_index)
+        loss = supervised + self.consistency_weight_now() * consistency
+        n = image.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log_dict({"train/supervised": supervised, "train/consistency": consistency,
+                       "train/confident": (pseudo != self.hparams.ignore_index).float().mean()}, batch_size=n)  # fmt: skip
         return loss
+
+    def consistency_weight_now(self) -> float:
+        """consistency_weight x the sigmoid ramp-up over the first consistency_rampup of the run."""
+        h = self.hparams
+        return h.consistency_weight * sigmoid_rampup(self.global_step if self._trainer is not None else 0, round(h.consistency_rampup * self.total_steps()))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        """The teacher follows the student once per optimizer step (parameters and BatchNorm
+        statistics, which it predicts with in eval mode)."""
+        if self.teacher is not None and self.global_step != self._teacher_step:
+            ema_update_(self.teacher, self.net, self.hparams.teacher_momentum, buffers=True)
+            self._teacher_step = self.global_step
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits = self(batch["image"])

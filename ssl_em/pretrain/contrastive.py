@@ -12,12 +12,10 @@ Shapes: B batch, F backbone features, H hidden width, D output dimension.
 
 from __future__ import annotations
 
-import copy
-import math
-
 import torch
 from torch import nn
 
+from ssl_em.ema import cosine_momentum, ema_pairs, ema_update_, frozen_copy
 from ssl_em.export import build_backbone
 from ssl_em.pretrain.base import PretrainMethod, embedding_std
 from ssl_em.pretrain.losses import info_nce, nt_xent
@@ -35,11 +33,6 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int, last_bn: bool) 
         elif last_bn:
             mods.append(nn.BatchNorm1d(b, affine=False))
     return nn.Sequential(*mods)
-
-
-def cosine_momentum(step: int, total: int, base: float) -> float:
-    """Momentum rising from `base` to 1 along half a cosine over training (BYOL, MoCo v3)."""
-    return 1 - (1 - base) * (math.cos(math.pi * min(step, total) / max(1, total)) + 1) / 2
 
 
 class TwoViewMethod(PretrainMethod):
@@ -91,27 +84,20 @@ class MoCoV3(TwoViewMethod):
         F = self.backbone.num_features
         self.projector = mlp(F, hidden_dim, out_dim, proj_layers, last_bn=True)
         self.predictor = mlp(out_dim, hidden_dim, out_dim, 2, last_bn=False)
-        self.momentum_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
-        self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.momentum_backbone = frozen_copy(self.backbone)
+        self.momentum_projector = frozen_copy(self.projector)
         self._momentum_step = -1  # the optimizer step the key encoder was last updated for
 
     def momentum_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(key, query) parameters paired by name, so a mismatch fails loudly instead of
         pairing the wrong tensors."""
-        keys, queries = [], []
-        for online, target in ((self.backbone, self.momentum_backbone), (self.projector, self.momentum_projector)):
-            theirs = dict(online.named_parameters())
-            for name, pt in target.named_parameters():
-                keys.append(pt)
-                queries.append(theirs[name])
-        return keys, queries
+        return ema_pairs([self.momentum_backbone, self.momentum_projector], [self.backbone, self.projector])
 
-    @torch.no_grad()
     def update_momentum(self, m: float) -> None:
         """key <- m * key + (1 - m) * query, for backbone and projector parameters, in one
-        fused call over all tensors."""
-        keys, queries = self.momentum_pairs()
-        torch._foreach_lerp_(keys, [q.detach() for q in queries], 1 - m)
+        fused call over all tensors (`ssl_em.ema`). Buffers are not averaged: the key
+        encoder runs in train mode and keeps its own BatchNorm statistics, as in MoCo v3."""
+        ema_update_([self.momentum_backbone, self.momentum_projector], [self.backbone, self.projector], m)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> dict[str, torch.Tensor]:
         """x1, x2: (B, C, H, W) two views -> {loss, features (B, F) of view 1}."""

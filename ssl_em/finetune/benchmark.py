@@ -450,7 +450,7 @@ def plot(summary: dict, metric: str, path: str | Path, title: str = "", top: Cei
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [6, 5]})
         plot_labels_saved(ax2, saved, top.arm if top is not None else "the U-Net")
     else:
-        fig, ax = plt.subplots(figsize=(8.4, 4.2)  # wide: the legend sits beside the axes)
+        fig, ax = plt.subplots(figsize=(8.4, 4.2))  # wide: the legend sits beside the axes
     lows, highs, n_seeds = [], [], set()
     for arm, d in summary.items():
         b = sorted(d)

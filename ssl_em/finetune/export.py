@@ -26,7 +26,7 @@ from torch import nn
 from ssl_em import __version__
 from ssl_em.data.normalize import Normalization
 from ssl_em.export import META as BACKBONE_META
-from ssl_em.export import BackboneError, BackboneMeta, build_backbone, build_from_metadata, load_backbone, load_strict, patch_size_of, read_json, read_safetensors, replace_folder
+from ssl_em.export import BackboneError, BackboneMeta, build_backbone, build_from_metadata, load_backbone, load_strict, patch_size_of, read_json, read_safetensors, recover_folder, replace_folder
 from ssl_em.finetune.features import FeatureExtractor, FeatureSpec
 
 WEIGHTS, META = "model.safetensors", "ssl_em_finetuned.json"
@@ -157,7 +157,7 @@ def build_net(meta: FinetunedMeta, where: str = "fine-tuned model") -> Segmentat
 
 def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tuple[SegmentationNet, FinetunedMeta]:
     """Load a fine-tuned model strictly (safetensors + JSON only). Returns (net in eval mode, meta)."""
-    path = Path(path)
+    path = recover_folder(path)
     if not (path / META).is_file() or not (path / WEIGHTS).is_file():
         raise BackboneError(f"{path}: no {META} + {WEIGHTS}; not a fine-tuned ssl_em model (make one with `ssl-em finetune --out`)")
     where = str(path / META)

@@ -181,6 +181,12 @@ def _bool_zarr(f: Fx, t: Path) -> None:
     zarr.open_array(str(t / "mask.zarr"), mode="w", shape=(2, 64, 64), dtype=bool, zarr_format=2)[...] = np.broadcast_to(np.eye(64, dtype=bool), (2, 64, 64))
 
 
+def _uint8_zarr(f: Fx, t: Path) -> None:
+    import zarr
+
+    zarr.open_array(str(t / "in.zarr"), mode="w", shape=(2, 64, 64), dtype="uint8", zarr_format=2)[...] = np.random.default_rng(0).integers(0, 255, (2, 64, 64), dtype=np.uint8)
+
+
 def _h5_as_png(f: Fx, t: Path) -> None:
     import h5py
 
@@ -340,6 +346,11 @@ CASES = [
     Case("predict-overlap-equals-window", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "o.zarr"), "--overlap", "32", *P], lambda f, t: "--overlap"),
     Case("predict-window-0", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "o.zarr"), "--window", "0", *P], lambda f, t: "--window"),
     Case("predict-other-settings-same-out", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(f.pred), "--overlap", "4", *P], lambda f, t: "pred.zarr"),
+    # --overwrite replaces an earlier prediction only, never what --out happens to name
+    Case("predict-overwrite-the-input", lambda f, t: ["predict", str(f.model), str(t / "in.zarr"), "--out", str(t / "in.zarr"), "--overwrite", *P], lambda f, t: "in.zarr", _uint8_zarr),
+    Case("predict-overwrite-the-model", lambda f, t: ["predict", str(t / "m"), str(f.tif), "--out", str(t / "m"), "--overwrite", *P], lambda f, t: str(t / "m"), _copy_tree("model", "m")),
+    Case("predict-overwrite-an-archive", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "a.zarr"), "--overwrite", *P], lambda f, t: "a.zarr", _copy_tree("archive", "a.zarr")),
+    Case("predict-overwrite-own-files", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "mine"), "--overwrite", *P], lambda f, t: "mine", _write("mine/thesis.tex", "x")),
     Case("predict-not-a-model-folder", lambda f, t: ["predict", str(f.backbone), str(f.tif), "--out", str(t / "o.zarr"), *P], lambda f, t: "backbone"),
     # evaluate
     Case("evaluate-json-missing-folder", lambda f, t: ["evaluate", str(f.pred), str(f.labels), "--json", str(t / "no" / "s.json")], lambda f, t: str(t / "no")),

@@ -250,3 +250,20 @@ def test_default_planes_follow_the_voxel_size(volume):
     assert default_planes(ArrayVolume(volume, VoxelSize(50, 4, 4))) == ("xy",)  # serial sections
     assert default_planes(ArrayVolume(volume)) == ("xy",)  # unknown voxel size
     assert default_planes(ArrayVolume(volume[:1], VoxelSize(8, 8, 8))) == ("xy",)  # one slice
+
+
+def test_overwrite_replaces_an_earlier_prediction_only(tmp_path):
+    """--overwrite may replace a store marked as an ssl_em prediction (even one cut short
+    before its attributes were complete), and nothing else."""
+    import zarr
+
+    from ssl_em.finetune.predict import FORMAT, Prediction, PredictionExistsError
+
+    ours = tmp_path / "cut.zarr"
+    zarr.open_group(str(ours), mode="w", zarr_format=2).attrs["ssl_em"] = {"format": FORMAT, "identity": None, "complete": False}
+    assert Prediction.check(ours, {"model": "m"}, overwrite=True)
+    foreign = tmp_path / "other.zarr"
+    zarr.open_group(str(foreign), mode="w", zarr_format=2).attrs["ssl_em"] = {"source": "x.tif", "complete": True}  # an archive image
+    with pytest.raises(PredictionExistsError, match="not an ssl_em prediction"):
+        Prediction.check(foreign, {"model": "m"}, overwrite=True)
+    assert (foreign / ".zattrs").is_file()

@@ -185,6 +185,10 @@ class Prediction:
         K, (Z, Y, X) = len(classes), shape
         cy, cx = min(Y, 512), min(X, 512)
         if existing is None:
+            # Marked as ours before anything else is written: a store cut short by a crash is
+            # still recognisably a prediction that --overwrite may replace (its identity, None
+            # until the end, matches no run, so none resumes into it).
+            self.root.attrs["ssl_em"] = {"format": FORMAT, "identity": None, "complete": False}
             zyx = list((voxel_size or VoxelSize(1.0, 1.0, 1.0)).as_tuple())
             image_attrs = {"multiscales": [ngff.multiscales("probabilities", "czyx", [[1.0, *zyx]])], "omero": ngff.omero(classes, (0, ngff.PROBABILITY_SCALE))}
             self.root.create_array("0", shape=(K, Z, Y, X), chunks=(1, settings.slab, cy, cx), dtype="uint8", fill_value=0, overwrite=True)
@@ -213,16 +217,28 @@ class Prediction:
 
     @staticmethod
     def _read_attrs(path: Path) -> dict | None:
+        """The "ssl_em" attributes at `path`; None when there are none or they are unreadable
+        (a foreign or damaged store: `check` then refuses it)."""
         f = path / ".zattrs"
-        return json.loads(f.read_text()).get("ssl_em") if f.is_file() else None
+        try:
+            attrs = json.loads(f.read_text()) if f.is_file() else None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        return attrs.get("ssl_em") if isinstance(attrs, dict) else None
 
     @classmethod
     def check(cls, path: str | Path, identity: dict, overwrite: bool) -> bool:
-        """True if `path` holds something to replace; PredictionExistsError if it may not be."""
+        """True if `path` holds something to replace; PredictionExistsError if it may not be.
+        --overwrite replaces an earlier ssl_em prediction only (its "ssl_em" attributes say
+        so): anything else at `path` (the input, a model, an archive, the user's files) is
+        refused, never deleted."""
         path = Path(path)
         existing = cls._read_attrs(path)
         if not (path.exists() and any(path.iterdir()) and (existing is None or existing.get("identity") != identity)):
             return False
+        if not isinstance(existing, dict) or existing.get("format") != FORMAT:
+            raise PredictionExistsError(f"{path}: is not an ssl_em prediction; refusing to write there, even with --overwrite, "
+                                        "which only replaces an earlier prediction (choose another --out)")
         if not overwrite:
             theirs = (existing or {}).get("identity", {})
             what = "is not an ssl_em prediction" if existing is None else "holds another prediction (different " + ", ".join(sorted(k for k in set(identity) | set(theirs) if identity.get(k) != theirs.get(k))) + ")"
@@ -468,7 +484,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accelerator", default="auto", help="cpu, cuda, ... (Lightning's names; default: what is there)")
     parser.add_argument("--devices", default="1", help="devices per node sharing the work (a number, or -1 for all)")
     parser.add_argument("--num-nodes", type=int, default=1, help="nodes sharing the work (launch one process per node, as for Lightning training)")
-    parser.add_argument("--overwrite", action="store_true", help="replace whatever OUT holds")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier prediction at OUT (of another model, input or settings); nothing else is ever replaced")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -497,6 +513,16 @@ def check_flags(args) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; give a folder (OUT.zarr)")
     check_parent_folders(out, f"--out {out}")
+
+
+def check_out_is_not_a_source(out: Path, sources: dict[str, Path]) -> None:
+    """UserError when --out is (or holds) the model or the input: replacing it would
+    delete what the prediction is made from."""
+    target = out.resolve()
+    for what, source in sources.items():
+        src = source.resolve()
+        if src == target or target in src.parents:
+            raise UserError(f"--out {out}: is the {what} {source} or holds it; choose another --out")
 
 
 def run(args) -> int:
@@ -536,6 +562,8 @@ def run(args) -> int:
     if bad:
         print(f"ssl-em predict: error: --planes {args.planes}: unknown {bad}; use xy or xy,xz,yz", file=sys.stderr)
         return 2
+    source = Path(args.input) if Path(args.input).exists() else Path(str(args.input).rsplit(":", 1)[0])  # file.h5:/dataset, store.zarr:1
+    check_out_is_not_a_source(Path(args.out), {"model": Path(args.model), "input": source})
     model_id, input_id = model_fingerprint(args.model), volume_fingerprint(volume, args.input)
     try:
         # Refuse before any process starts: a refusal inside one rank would leave the others

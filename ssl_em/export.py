@@ -40,6 +40,7 @@ import numpy as np
 from ssl_em import __version__
 from ssl_em.data.normalize import IntensityStats, Normalization, normalize_numpy
 from ssl_em.errors import UserError, check_parent_folders, read_json_object
+from ssl_em.metadata import check_backbone, check_finetuned
 
 WEIGHTS, CONFIG, META, CARD = "model.safetensors", "config.json", "ssl_em.json", "README.md"
 #: The licence weights are shared under (the model card's and pretrained_cfg's); ssl_em's own.
@@ -210,6 +211,10 @@ def export_backbone(backbone: nn.Module, out: str | Path, meta: BackboneMeta, dt
     description = f"{meta.architecture} pretrained on electron microscopy by ssl_em ({meta.method})"
     model_config = {"pretrained_cfg": {"tag": "ssl_em", "license": LICENSE, "description": description, "notes": (STRETCH,)}}
 
+    # What every reader will check, checked before writing: a run on constant or non-finite
+    # data records a NaN normalisation that must not leave it.
+    check_backbone(meta.to_dict(), f"{out} ({META})", BackboneError)
+
     def fill(folder: Path) -> None:
         save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
         save_config_for_hf(backbone, str(folder / CONFIG), model_config=model_config, data_config=data_config)
@@ -354,9 +359,11 @@ class Preprocessing:
 def preprocessing(path: str | Path) -> Preprocessing:
     """The preprocessing an exported backbone (or a fine-tuned model) was trained with."""
     path = Path(path)
-    for name in (META, "ssl_em_finetuned.json"):
-        if (path / name).is_file():
-            return Preprocessing(Normalization.from_dict(json.loads((path / name).read_text())["normalization"]))
+    if (path / META).is_file():
+        return Preprocessing(backbone_meta(path).norm)
+    if (path / "ssl_em_finetuned.json").is_file():
+        d = read_json(path / "ssl_em_finetuned.json", "fine-tuned model metadata")
+        return Preprocessing(Normalization.from_dict(check_finetuned(d, str(path / "ssl_em_finetuned.json"), BackboneError)["normalization"]))
     raise BackboneError(f"{path}: no {META}; not an ssl_em backbone folder (make one with `ssl-em export`)")
 
 
@@ -365,10 +372,7 @@ def backbone_meta(backbone: str | Path) -> BackboneMeta | None:
     path = Path(backbone) / META
     if not path.is_file():
         return None
-    try:
-        return BackboneMeta.from_dict(read_json(path, "backbone metadata"))
-    except TypeError as err:  # a required field missing
-        raise BackboneError(f"{path}: not ssl_em backbone metadata ({err})") from None
+    return BackboneMeta.from_dict(check_backbone(read_json(path, "backbone metadata"), str(path), BackboneError))
 
 
 def load_backbone(path: str | Path, architecture: str | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, BackboneMeta]:

@@ -316,6 +316,16 @@ CASES = [
     Case("finetune-corrupt-backbone-json", lambda f, t: _ft(f, t, backbone=str(t / "b")), lambda f, t: "ssl_em.json", _all(_copy_tree("backbone", "b"), _write("b/ssl_em.json", "{"))),
     Case("finetune-backbone-checkpoint-path", lambda f, t: _ft(f, t, backbone=str(t / "b")), lambda f, t: "checkpoint_path",
          _backbone_copy(lambda d: d["model_args"].update(checkpoint_path="/etc/passwd"))),
+    # a backbone's recorded recipe is data: known keys of checked types, never a class to import
+    Case("finetune-backbone-recipe-names-a-head", lambda f, t: _ft(f, t, backbone=str(t / "b")), lambda f, t: "finetune settings ['head']",
+         _backbone_copy(lambda d: d.update(finetune={"head": {"class_path": "this.s"}}))),
+    Case("finetune-backbone-recipe-wrong-type", lambda f, t: _ft(f, t, backbone=str(t / "b")), lambda f, t: "finetune.unfreeze_at_step",
+         _backbone_copy(lambda d: d.update(finetune={"unfreeze_at_step": "soon"}))),
+    Case("finetune-backbone-recipe-not-an-object", lambda f, t: _ft(f, t, backbone=str(t / "b")), lambda f, t: "finetune",
+         _backbone_copy(lambda d: d.update(finetune=[1, 2]))),
+    Case("finetune-backbone-nan-normalization", lambda f, t: _ft(f, t, backbone=str(t / "b")), lambda f, t: "normalization",
+         _backbone_copy(lambda d: d["normalization"].update(mean=float("nan")))),
+    Case("finetune-backbone-img-size-text", lambda f, t: _ft(f, t, backbone=str(t / "b")), lambda f, t: "img_size", _backbone_copy(lambda d: d.update(img_size="abc"))),
     Case("finetune-out-is-file", lambda f, t: _ft(f, t, "--out", str(t / "o")), lambda f, t: str(t / "o"), _write("o", "x")),
     Case("finetune-train-slices-text", lambda f, t: _ft(f, t, "--train-slices=x-3"), lambda f, t: "--train-slices"),
     Case("finetune-train-slices-outside", lambda f, t: _ft(f, t, "--train-slices", "7"), lambda f, t: "--train-slices"),
@@ -351,6 +361,11 @@ CASES = [
     Case("predict-overwrite-the-model", lambda f, t: ["predict", str(t / "m"), str(f.tif), "--out", str(t / "m"), "--overwrite", *P], lambda f, t: str(t / "m"), _copy_tree("model", "m")),
     Case("predict-overwrite-an-archive", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "a.zarr"), "--overwrite", *P], lambda f, t: "a.zarr", _copy_tree("archive", "a.zarr")),
     Case("predict-overwrite-own-files", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "mine"), "--overwrite", *P], lambda f, t: "mine", _write("mine/thesis.tex", "x")),
+    Case("predict-nan-normalization-model", lambda f, t: ["predict", str(t / "m"), str(f.tif), "--out", str(t / "o.zarr"), *P], lambda f, t: "normalization",
+         _model_copy(lambda d: d["normalization"].update(std=float("nan")))),
+    Case("predict-task-panoptic", lambda f, t: ["predict", str(t / "m"), str(f.tif), "--out", str(t / "o.zarr"), *P], lambda f, t: "task", _model_copy(lambda d: d.update(task="panoptic"))),
+    Case("predict-model-tile-size-text", lambda f, t: ["predict", str(t / "m"), str(f.tif), "--out", str(t / "o.zarr"), *P], lambda f, t: "tile_size", _model_copy(lambda d: d.update(tile_size="big"))),
+    Case("predict-model-tile-size-0", lambda f, t: ["predict", str(t / "m"), str(f.tif), "--out", str(t / "o.zarr"), *P], lambda f, t: "tile_size", _model_copy(lambda d: d.update(tile_size=0))),
     Case("predict-not-a-model-folder", lambda f, t: ["predict", str(f.backbone), str(f.tif), "--out", str(t / "o.zarr"), *P], lambda f, t: "backbone"),
     # evaluate
     Case("evaluate-json-missing-folder", lambda f, t: ["evaluate", str(f.pred), str(f.labels), "--json", str(t / "no" / "s.json")], lambda f, t: str(t / "no")),
@@ -366,6 +381,8 @@ CASES = [
     Case("benchmark-pool-text", lambda f, t: _bench(f, t, pool="x-3"), lambda f, t: "--pool"),
     Case("benchmark-seeds-text", lambda f, t: _bench(f, t, "--seeds", "a"), lambda f, t: "--seeds"),
     Case("benchmark-budgets-text", lambda f, t: _bench(f, t, budgets="two"), lambda f, t: "--budgets"),
+    Case("benchmark-backbone-recipe-names-a-head", lambda f, t: _bench(f, t, backbones=[str(t / "b")]), lambda f, t: "finetune settings ['head']",
+         _backbone_copy(lambda d: d.update(finetune={"head": "x"}))),
     Case("benchmark-foreign-backbone", lambda f, t: _bench(f, t, backbones=[str(t / "b")]), lambda f, t: "checkpoint_path",
          _backbone_copy(lambda d: d["model_args"].update(checkpoint_path="/etc/passwd"))),
 ]
@@ -400,6 +417,16 @@ API_CASES = [
      _backbone_copy(lambda d: d["model_args"].update(checkpoint_path="/tmp/evil.pth"))),
     ("load_backbone-pretrained-true", lambda f, t: _load_backbone(t / "b"), lambda f, t: "pretrained", _backbone_copy(lambda d: d["model_args"].update(pretrained=True))),
     ("load_backbone-local-dir-architecture", lambda f, t: _load_backbone(t / "b"), lambda f, t: "local-dir", _backbone_copy(lambda d: d.update(architecture="local-dir:/tmp"))),
+    ("load_backbone-nan-normalization", lambda f, t: _load_backbone(t / "b"), lambda f, t: "normalization", _backbone_copy(lambda d: d["normalization"].update(mean=float("nan")))),
+    ("load_backbone-zero-std", lambda f, t: _load_backbone(t / "b"), lambda f, t: "normalization", _backbone_copy(lambda d: d["normalization"].update(std=0))),
+    ("load_backbone-img-size-text", lambda f, t: _load_backbone(t / "b"), lambda f, t: "img_size", _backbone_copy(lambda d: d.update(img_size="abc"))),
+    ("load_backbone-patch-size-negative", lambda f, t: _load_backbone(t / "b"), lambda f, t: "patch_size", _backbone_copy(lambda d: d.update(patch_size=-1))),
+    ("load_backbone-no-architecture", lambda f, t: _load_backbone(t / "b"), lambda f, t: "architecture", _backbone_copy(lambda d: d.pop("architecture"))),
+    ("load_backbone-recipe-class-path", lambda f, t: _load_backbone(t / "b"), lambda f, t: "finetune", _backbone_copy(lambda d: d.update(finetune={"head": {"class_path": "os.system"}}))),
+    ("load_finetuned-task-panoptic", lambda f, t: _load_finetuned(t / "m"), lambda f, t: "task", _model_copy(lambda d: d.update(task="panoptic"))),
+    ("load_finetuned-nan-normalization", lambda f, t: _load_finetuned(t / "m"), lambda f, t: "normalization", _model_copy(lambda d: d["normalization"].update(mean=float("nan")))),
+    ("load_finetuned-backbone-zero-std", lambda f, t: _load_finetuned(t / "m"), lambda f, t: "normalization", _model_copy(lambda d: d["backbone"]["normalization"].update(std=0.0))),
+    ("load_finetuned-classes-empty", lambda f, t: _load_finetuned(t / "m"), lambda f, t: "classes", _model_copy(lambda d: d.update(classes=[]))),
     ("load_finetuned-foreign-class-path", lambda f, t: _load_finetuned(t / "m"), lambda f, t: "class_path", _model_copy(lambda d: d["head"].update(class_path="ssl_em_evil_probe.Head"))),
     ("load_finetuned-head-from-other-module", lambda f, t: _load_finetuned(t / "m"), lambda f, t: "class_path", _model_copy(lambda d: d["head"].update(class_path="torch.nn.Identity"))),
     ("load_finetuned-foreign-init-args", lambda f, t: _load_finetuned(t / "m"), lambda f, t: "init_args", _model_copy(lambda d: d["head"]["init_args"].update(evil=1))),
@@ -479,6 +506,20 @@ def test_foreign_head_module_is_never_imported(fx: Fx, tmp_path: Path, monkeypat
     with pytest.raises(BackboneError, match="not one of ssl_em's heads"):
         _load_finetuned(tmp_path / "m")
     assert not marker.exists() and "ssl_em_evil_probe" not in sys.modules
+
+
+def test_backbone_recipe_never_imports_code(fx: Fx, tmp_path: Path, monkeypatch):
+    """`finetune --backbone FOLDER` whose ssl_em.json recommends a head by class path: refused
+    before jsonargparse imports the module (which would run the sender's code)."""
+    probe = tmp_path / "mods" / "ssl_em_recipe_probe.py"
+    probe.parent.mkdir()
+    marker = tmp_path / "imported"
+    probe.write_text(f"open({str(marker)!r}, 'w').write('ran')\nimport torch\nHead = torch.nn.Identity\n")
+    monkeypatch.syspath_prepend(str(probe.parent))
+    _backbone_copy(lambda d: d.update(finetune={"head": {"class_path": "ssl_em_recipe_probe.Head"}}))(fx, tmp_path)
+    result, _, err = invoke(_ft(fx, tmp_path, backbone=str(tmp_path / "b")))
+    assert result == 2 and "finetune settings ['head']" in err, err
+    assert not marker.exists() and "ssl_em_recipe_probe" not in sys.modules
 
 
 def test_debug_shows_the_traceback(fx: Fx, tmp_path: Path, monkeypatch):

@@ -303,6 +303,12 @@ CASES = [
     Case("pretrain-checkpoint-every-0", lambda f, t: ["pretrain", *PRE, "--data", str(f.archive), "--run_dir", str(t / "r"), "--checkpoint_every_n_steps", "0"], lambda f, t: "--checkpoint_every_n_steps"),
     Case("pretrain-missing-data", lambda f, t: ["pretrain", *PRE, "--data", str(t / "nope.zarr"), "--run_dir", str(t / "r")], lambda f, t: "nope.zarr"),
     Case("pretrain-everything-flagged", lambda f, t: ["pretrain", *PRE, "--data", str(f.flagged), "--run_dir", str(t / "r")], lambda f, t: "flagged.zarr"),
+    Case("pretrain-nan-volume", lambda f, t: ["pretrain", *PRE, "--data", str(t / "nan.tif"), "--run_dir", str(t / "r")], lambda f, t: "nan.tif", _nan_volume),
+    Case("pretrain-constant-volume", lambda f, t: ["pretrain", *PRE, "--data", str(t / "c.tif"), "--run_dir", str(t / "r")], lambda f, t: "c.tif",
+         lambda f, t: _tif(t / "c.tif", np.full((2, 64, 64), 7, np.uint8)) and None),
+    # a loss gone NaN (here: std 0 divides every tile by zero) stops the run at once
+    Case("pretrain-nonfinite-loss", lambda f, t: ["pretrain", *PRE, "--data", str(f.archive), "--run_dir", str(t / "r"), "--trainer.max_steps", "3",
+                                                  "--data.normalization.mean", "0.5", "--data.normalization.std", "0"], lambda f, t: "train/loss is nan"),
     # export
     Case("export-no-checkpoint", lambda f, t: ["export", str(t / "empty_run"), "--out", str(t / "bb")], lambda f, t: "empty_run", _write("empty_run/config.yaml", "x: 1")),
     Case("export-missing-run", lambda f, t: ["export", str(t / "nope"), "--out", str(t / "bb")], lambda f, t: str(t / "nope")),

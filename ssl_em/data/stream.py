@@ -26,7 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ssl_em.data.archive import Archive
 from ssl_em.data.heap import keep_freed_memory
 from ssl_em.data.normalize import IntensityStats, Normalization
-from ssl_em.data.volume import Volume, VoxelSize
+from ssl_em.data.volume import Volume, VoxelSize, check_finite
 from ssl_em.errors import UserError, check_at_least
 
 
@@ -63,6 +63,11 @@ class StreamSource:
         rng = np.random.default_rng(seed)
         zs = rng.choice(volume.shape[0], size=min(sample_slices, volume.shape[0]), replace=False)
         sample = np.concatenate([volume.read(int(z)).ravel() for z in zs])
+        # An archive's curation flags such data; a raw volume has none, and NaN/Inf or a
+        # single value would make every tile's stretch NaN.
+        check_finite(sample, f"{volume.path} (slices {sorted(int(z) for z in zs)})")
+        if sample.size and sample.min() == sample.max():
+            raise UserError(f"{volume.path}: every sampled voxel is {sample.min()}: a constant volume has nothing to learn from")
         return cls(volume.name, [volume], [volume.voxel_size], IntensityStats.compute(sample), voxel_size_known=volume.voxel_size_known)
 
 

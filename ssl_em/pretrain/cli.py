@@ -296,8 +296,15 @@ def run_argv(argv: list[str]) -> int:
     resume = cfg.resume and ckpt_path.is_file()
     print(f"ssl-em pretrain: {cfg.trainer.max_steps} steps{' (resuming)' if resume else ''}; run folder {cfg.run_dir} "
           f"(checkpoints/last.ckpt every {cfg.checkpoint_every_n_steps} steps, config.yaml, logs); then: ssl-em export {cfg.run_dir} --out checkpoints/NAME", flush=True)
-    with quiet(verbose):
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt_path) if resume else None)
+    try:
+        with quiet(verbose):
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt_path) if resume else None)
+    except Exception as e:  # a non-finite loss, a full disk, a damaged chunk: one line, exit 2
+        cause = find_user_error(e)
+        if cause is None or debug_enabled():
+            raise
+        print(f"ssl-em pretrain: error: {one_line(cause)}", file=sys.stderr)
+        return 2
     print(f"ssl-em pretrain: finished at step {cli.trainer.global_step}; checkpoints in {ckpt_path.parent}")
     return 0
 

@@ -162,6 +162,14 @@ def _truncated_tif(f: Fx, t: Path) -> bytes:
     return data[: len(data) // 2]
 
 
+def _tif_bytes(array: np.ndarray) -> bytes:
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, array, photometric="minisblack")
+    return buf.getvalue()
+
+
 def _float_tif(bad: float):
     def make(f: Fx, t: Path) -> bytes:
         import tifffile
@@ -335,6 +343,8 @@ CASES = [
     Case("finetune-out-is-file", lambda f, t: _ft(f, t, "--out", str(t / "o")), lambda f, t: str(t / "o"), _write("o", "x")),
     Case("finetune-train-slices-text", lambda f, t: _ft(f, t, "--train-slices=x-3"), lambda f, t: "--train-slices"),
     Case("finetune-train-slices-outside", lambda f, t: _ft(f, t, "--train-slices", "7"), lambda f, t: "--train-slices"),
+    Case("finetune-val-slices-backwards", lambda f, t: _ft(f, t, "--val-slices", "3-2"), lambda f, t: "--val-slices"),
+    Case("finetune-constant-images", lambda f, t: _ft(f, t, "--images", str(t / "c.tif")), lambda f, t: "c.tif", _write("c.tif", lambda f, t: _tif_bytes(np.full((4, 64, 64), 9, np.uint8)))),
     Case("finetune-missing-images", lambda f, t: _ft(f, t, "--images", str(t / "nope.tif")), lambda f, t: "nope.tif"),
     Case("finetune-labels-other-shape", lambda f, t: _ft(f, t, "--labels", str(f.labels_small)), lambda f, t: "labels_small.tif"),
     Case("finetune-missing-backbone", lambda f, t: _ft(f, t, backbone=str(t / "nope")), lambda f, t: "nope"),
@@ -356,6 +366,8 @@ CASES = [
     Case("predict-nan-input", lambda f, t: ["predict", str(f.model), str(t / "nan.tif"), "--out", str(t / "o.zarr"), *P], lambda f, t: "nan.tif", _nan_volume),
     Case("predict-out-is-file", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "o.zarr"), *P], lambda f, t: "o.zarr", _write("o.zarr", "x")),
     Case("predict-out-under-file", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "f" / "o.zarr"), *P], lambda f, t: str(t / "f"), _write("f", "x")),
+    Case("predict-constant-input", lambda f, t: ["predict", str(f.model), str(t / "c.tif"), "--out", str(t / "o.zarr"), *P], lambda f, t: "c.tif",
+         _write("c.tif", lambda f, t: _tif_bytes(np.zeros((2, 64, 64), np.uint8)))),
     Case("predict-slab-0", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "o.zarr"), "--slab", "0", *P], lambda f, t: "--slab"),
     Case("predict-batch-size-0", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "o.zarr"), "--batch-size", "0", *P], lambda f, t: "--batch-size"),
     Case("predict-overlap-negative", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "o.zarr"), "--overlap=-4", *P], lambda f, t: "--overlap"),

@@ -37,18 +37,20 @@ _AXIS_TYPES = {"c": "channel", "t": "time", "z": "space", "y": "space", "x": "sp
 PALETTE = ("E6194B", "3CB44B", "4363D8", "FFE119", "F58231", "911EB4", "42D4F4", "F032E6", "BFEF45", "FABED4", "469990", "DCBEFF")
 
 
-def axes(names: str | Sequence[str]) -> list[dict]:
-    """NGFF axes; spatial ones in nanometres."""
-    return [{"name": a, "type": _AXIS_TYPES[a]} | ({"unit": "nanometer"} if _AXIS_TYPES[a] == "space" else {}) for a in names]
+def axes(names: str | Sequence[str], units: bool = True) -> list[dict]:
+    """NGFF axes; spatial ones in nanometres, or without a unit when the voxel size is not
+    known (a scale of 1 per voxel then, which a unit would pass off as a measurement)."""
+    return [{"name": a, "type": _AXIS_TYPES[a]} | ({"unit": "nanometer"} if units and _AXIS_TYPES[a] == "space" else {}) for a in names]
 
 
-def multiscales(name: str, axis_names: str | Sequence[str], scales: Sequence[Sequence[float]], paths: Sequence[str] | None = None, kind: str | None = None) -> dict:
-    """One NGFF 0.4 multiscales entry: `scales[i]` is level i's spacing per axis (1 for c)."""
+def multiscales(name: str, axis_names: str | Sequence[str], scales: Sequence[Sequence[float]], paths: Sequence[str] | None = None, kind: str | None = None, units: bool = True) -> dict:
+    """One NGFF 0.4 multiscales entry: `scales[i]` is level i's spacing per axis (1 for c);
+    units False: spatial axes carry no unit (the voxel size is unknown)."""
     paths = list(paths) if paths is not None else [str(i) for i in range(len(scales))]
     entry = {
         "version": VERSION,
         "name": name,
-        "axes": axes(axis_names),
+        "axes": axes(axis_names, units),
         "datasets": [{"path": p, "coordinateTransformations": [{"type": "scale", "scale": [float(v) for v in s]}]} for p, s in zip(paths, scales)],
     }
     return entry | ({"type": kind} if kind else {})

@@ -189,8 +189,10 @@ class Prediction:
             # still recognisably a prediction that --overwrite may replace (its identity, None
             # until the end, matches no run, so none resumes into it).
             self.root.attrs["ssl_em"] = {"format": FORMAT, "identity": None, "complete": False}
-            zyx = list((voxel_size or VoxelSize(1.0, 1.0, 1.0)).as_tuple())
-            image_attrs = {"multiscales": [ngff.multiscales("probabilities", "czyx", [[1.0, *zyx]])], "omero": ngff.omero(classes, (0, ngff.PROBABILITY_SCALE))}
+            # voxel_size None (the input records none): one per voxel and no unit, rather
+            # than a 1 nm that viewers would show as a measurement.
+            zyx, units = list((voxel_size or VoxelSize(1.0, 1.0, 1.0)).as_tuple()), voxel_size is not None
+            image_attrs = {"multiscales": [ngff.multiscales("probabilities", "czyx", [[1.0, *zyx]], units=units)], "omero": ngff.omero(classes, (0, ngff.PROBABILITY_SCALE))}
             self.root.create_array("0", shape=(K, Z, Y, X), chunks=(1, settings.slab, cy, cx), dtype="uint8", fill_value=0, overwrite=True)
             labels = self.root.require_group("labels")
             names = ["semantic"] + ["instances"] * bool(settings.instances)
@@ -202,14 +204,14 @@ class Prediction:
                 g.create_array("0", shape=(Z, Y, X), chunks=(settings.slab, cy, cx), dtype=dtype, fill_value=0, overwrite=True)
                 # Instance ids name no class: image-label without colours (the viewer picks them).
                 label = ngff.image_label(classes) if name == "semantic" else {"version": ngff.VERSION, "source": {"image": "../../"}}
-                g.attrs.update({"multiscales": [ngff.multiscales(name, "zyx", [zyx])], "image-label": label})
+                g.attrs.update({"multiscales": [ngff.multiscales(name, "zyx", [zyx], units=units)], "image-label": label})
             for plane in settings.planes[1:] if len(settings.planes) > 1 else ():
                 # A slab along the sliced axis fills whole chunks: processes never share one.
                 chunks = [1, min(Z, 64), min(Y, 256), min(X, 256)]
                 chunks[1 + PLANES[plane]] = settings.slab
                 g = self.root.require_group("planes").require_group(plane)
                 g.create_array("0", shape=(K, Z, Y, X), chunks=tuple(chunks), dtype="uint8", fill_value=0, overwrite=True)
-                g.attrs.update(image_attrs | {"multiscales": [ngff.multiscales(f"probabilities {plane}", "czyx", [[1.0, *zyx]])]})
+                g.attrs.update(image_attrs | {"multiscales": [ngff.multiscales(f"probabilities {plane}", "czyx", [[1.0, *zyx]], units=units)]})
             meta = {"format": FORMAT, "identity": identity, "classes": classes, "label_values": label_values, "label_offset": ngff.LABEL_OFFSET, "complete": False}
             self.root.attrs.update(image_attrs | {"ssl_em": meta})
         self.meta = dict(self.root.attrs["ssl_em"])
@@ -234,7 +236,15 @@ class Prediction:
         refused, never deleted."""
         path = Path(path)
         existing = cls._read_attrs(path)
-        if not (path.exists() and any(path.iterdir()) and (existing is None or existing.get("identity") != identity)):
+        if isinstance(existing, dict) and existing.get("format") == FORMAT and existing.get("identity") == identity:
+            gone = [a for a in cls.arrays(identity) if not (path / a / ".zarray").is_file()]
+            if not gone:
+                return False  # this very prediction: resume it (or nothing to do)
+            if not overwrite:  # e.g. labels/ deleted by hand: do not report it done
+                raise PredictionExistsError(f"{path}: holds this prediction but {', '.join(gone)} is missing (deleted?); "
+                                            "pass --overwrite to predict it again")
+            return True
+        if not (path.exists() and any(path.iterdir())):
             return False
         if not isinstance(existing, dict) or existing.get("format") != FORMAT:
             raise PredictionExistsError(f"{path}: is not an ssl_em prediction; refusing to write there, even with --overwrite, "
@@ -244,6 +254,13 @@ class Prediction:
             what = "is not an ssl_em prediction" if existing is None else "holds another prediction (different " + ", ".join(sorted(k for k in set(identity) | set(theirs) if identity.get(k) != theirs.get(k))) + ")"
             raise PredictionExistsError(f"{path}: {what}; refusing to overwrite (pass --overwrite, or choose another --out)")
         return True
+
+    @staticmethod
+    def arrays(identity: dict) -> list[str]:
+        """The arrays a prediction with this identity holds, relative to OUT."""
+        planes = identity.get("planes") or ["xy"]
+        return (["0", "labels/semantic/0"] + ["labels/instances/0"] * bool(identity.get("instances"))
+                + [f"planes/{p}/0" for p in planes[1:]] * (len(planes) > 1))
 
     def done(self, step: str) -> set[int]:
         folder = self.progress / step
@@ -327,7 +344,8 @@ def predict_volume(
     stats = stats or sample_stats(volume)  # refuses NaN/Inf before OUT is touched
     identity = prediction_identity(volume, settings, model_id, input_id)
     # Rank 0 creates (or replaces) the store; the others open it once it exists.
-    pred = Prediction(out, identity, volume.shape, classes, settings, overwrite=overwrite, label_values=label_values, voxel_size=volume.voxel_size) if shard.main else None
+    voxel_size = volume.voxel_size if volume.voxel_size_known else None
+    pred = Prediction(out, identity, volume.shape, classes, settings, overwrite=overwrite, label_values=label_values, voxel_size=voxel_size) if shard.main else None
     shard.barrier()
     pred = pred or Prediction(out, identity, volume.shape, classes, settings)
     if pred.meta.get("complete"):
@@ -573,6 +591,9 @@ def run(args) -> int:
         print(f"ssl-em predict: error: {e}", file=sys.stderr)
         return 2
     shard, device = launch(args.accelerator, args.devices, args.num_nodes)
+    if shard.main and not volume.voxel_size_known:
+        print(f"ssl-em predict: {args.input} records no voxel size: {args.out} gets a scale of 1 per voxel and no unit "
+              "(--voxel-size z,y,x in nm sets one)", file=sys.stderr)
     out = predict_volume(net, volume, args.out, meta.classes, meta.norm, settings, model_id, input_id, meta.label_values,
                          overwrite=args.overwrite, device=device, progress=not args.no_progress, shard=shard)
     if shard.main:

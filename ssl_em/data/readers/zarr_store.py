@@ -180,12 +180,26 @@ def _scale_of(transforms: list[dict]) -> list[float] | None:
 
 
 def open_ome_zarr(path: str | Path, level: int = 0, voxel_size=None) -> ZarrVolume:
-    """Open one level of an OME-Zarr image; voxel size from the NGFF metadata."""
+    """Open one level of an OME-Zarr image; voxel size from the NGFF metadata. An ssl_em
+    archive image whose ingest was interrupted (not marked complete) is refused, named."""
+    check_archive_image_complete(Path(path))
     levels = ome_zarr_levels(path)
     if level >= len(levels):
         raise VolumeError(f"{path}: level {level} requested but the image has {len(levels)} levels")
     array_path, vs = levels[level]
     return ZarrVolume(array_path, voxel_size=voxel_size if voxel_size is not None else vs)
+
+
+def incomplete_archive_image(path: Path) -> bool:
+    """True for an ssl_em archive image that an ingest created but never marked complete
+    (killed or failed midway): its pyramid and statistics may be partial."""
+    meta = group_attributes(path).get("ssl_em")
+    return isinstance(meta, dict) and "source" in meta and meta.get("complete") is False
+
+
+def check_archive_image_complete(path: Path) -> None:
+    if incomplete_archive_image(path):
+        raise VolumeError(f"{path}: archive image left incomplete by an interrupted ingest; re-run that `ssl-em ingest` to finish it")
 
 
 def is_group(path: Path) -> bool:

@@ -404,6 +404,12 @@ CASES = [
          _write("p.tif", lambda f, t: _tif_bytes(np.full((4, 64, 64), 0.7, np.float32)))),
     Case("evaluate-raw-archive-image", lambda f, t: ["evaluate", str(f.archive / "synthetic"), str(t / "gt.tif")], lambda f, t: "synthetic",
          _write("gt.tif", lambda f, t: _tif_bytes(np.zeros((4, 128, 128), np.uint8)))),
+    # export-model
+    Case("export-model-nan-sample", lambda f, t: ["export-model", str(f.model), "--sample", str(t / "nan.tif"), "--out", str(t / "bmz")], lambda f, t: "nan.tif",
+         _write("nan.tif", lambda f, t: _tif_bytes(np.full((2, 64, 64), np.nan, np.float32)))),
+    Case("export-model-constant-sample", lambda f, t: ["export-model", str(f.model), "--sample", str(t / "c.tif"), "--out", str(t / "bmz")], lambda f, t: "c.tif",
+         _write("c.tif", lambda f, t: _tif_bytes(np.full((2, 64, 64), 3, np.uint8)))),
+    Case("export-model-unknown-license", lambda f, t: ["export-model", str(f.model), "--sample", str(f.tif), "--out", str(t / "bmz"), "--license", "NOT-A-LICENSE"], lambda f, t: "--license"),
     # benchmark
     Case("benchmark-missing-backbone", lambda f, t: _bench(f, t, backbones=[str(t / "nope")]), lambda f, t: "nope"),
     Case("benchmark-budget-larger-than-pool", lambda f, t: _bench(f, t, budgets="8"), lambda f, t: "--budgets"),

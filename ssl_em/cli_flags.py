@@ -163,6 +163,31 @@ def print_short_help(text: str) -> int:
     return 0
 
 
+def flag_for(key: str, shortcuts: list[Shortcut]) -> str:
+    """The flag a user types for the dotted `key` ("trainer.max_steps" -> "--max-steps")."""
+    return next((s.flag for s in shortcuts if s.key == f"--{key}"), f"--{key}")
+
+
+def check_trainer(trainer, shortcuts: list[Shortcut], error) -> None:
+    """`error` naming the flag when the trainer settings cannot work, before Lightning meets
+    them (it raises a traceback for these, or for max_steps -1 trains forever):
+    max_steps >= 1, devices >= 1 or -1 or "auto", an accelerator Lightning knows."""
+    steps = trainer.get("max_steps")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise error(f"{flag_for('trainer.max_steps', shortcuts)} {steps}: must be >= 1")
+    devices = trainer.get("devices")
+    as_int = devices if isinstance(devices, int) else int(devices) if isinstance(devices, str) and devices.lstrip("-").isdigit() else None
+    if as_int is not None and as_int < 1 and as_int != -1:
+        raise error(f"{flag_for('trainer.devices', shortcuts)} {devices}: must be >= 1, -1 (all) or auto")
+    accelerator = trainer.get("accelerator")
+    if isinstance(accelerator, str):
+        from pytorch_lightning.accelerators import AcceleratorRegistry
+
+        known = sorted(set(AcceleratorRegistry.available_accelerators()) | {"auto", "gpu", "tpu"})
+        if accelerator.lower() not in known:
+            raise error(f"{flag_for('trainer.accelerator', shortcuts)} {accelerator}: not an accelerator; use one of {', '.join(known)}")
+
+
 PRETRAIN = [
     Shortcut("--data", "--data.data", "an ssl_em archive (ARCHIVE.zarr from `ssl-em ingest`) or raw volumes", "ARCHIVE.zarr", config_suffixes=(".yaml", ".yml", ".json")),
     Shortcut("--max-steps", "--trainer.max_steps", "optimizer steps to train for (the recipe's otherwise)", "N"),

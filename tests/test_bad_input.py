@@ -195,6 +195,14 @@ def _uint8_zarr(f: Fx, t: Path) -> None:
     zarr.open_array(str(t / "in.zarr"), mode="w", shape=(2, 64, 64), dtype="uint8", zarr_format=2)[...] = np.random.default_rng(0).integers(0, 255, (2, 64, 64), dtype=np.uint8)
 
 
+def _huge_h5(f: Fx, t: Path) -> None:
+    """A dataset declared 100000^3 (chunked, one chunk written): kilobytes on disk."""
+    import h5py
+
+    with h5py.File(t / "huge.h5", "w") as h:
+        h.create_dataset("raw", shape=(100_000,) * 3, dtype=np.uint8, chunks=(1, 256, 256))[0, :256, :256] = 7
+
+
 def _h5_as_png(f: Fx, t: Path) -> None:
     import h5py
 
@@ -285,6 +293,7 @@ CASES = [
     Case("ingest-unknown-suffix", lambda f, t: ["ingest", str(t / "notes.txt"), "--out", str(t / "a.zarr"), "--quiet"], lambda f, t: "notes.txt", _write("notes.txt", "hello")),
     Case("ingest-garbage-tiff", lambda f, t: ["ingest", str(t / "g.tif"), "--out", str(t / "a.zarr"), "--quiet"], lambda f, t: "g.tif", _write("g.tif", bytes(range(256)) * 8)),
     Case("ingest-empty-folder", lambda f, t: ["ingest", str(t / "empty"), "--out", str(t / "a.zarr"), "--quiet"], lambda f, t: "empty", _write("empty/.keep", "")),
+    Case("ingest-h5-declared-huge", lambda f, t: ["ingest", str(t / "huge.h5"), "--out", str(t / "a.zarr"), "--quiet"], lambda f, t: "huge.h5", _huge_h5),
     Case("ingest-voxel-size-text", lambda f, t: ["ingest", str(f.tif), "--out", str(t / "a.zarr"), "--voxel-size", "abc", "--quiet"], lambda f, t: "voxel-size"),
     Case("ingest-voxel-size-negative", lambda f, t: ["ingest", str(f.tif), "--out", str(t / "a.zarr"), "--voxel-size=-4", "--quiet"], lambda f, t: "voxel-size"),
     # inspect
@@ -317,6 +326,9 @@ CASES = [
     # a loss gone NaN (here: std 0 divides every tile by zero) stops the run at once
     Case("pretrain-nonfinite-loss", lambda f, t: ["pretrain", *PRE, "--data", str(f.archive), "--run_dir", str(t / "r"), "--trainer.max_steps", "3",
                                                   "--data.normalization.mean", "0.5", "--data.normalization.std", "0"], lambda f, t: "train/loss is nan"),
+    Case("pretrain-max-steps-negative", lambda f, t: ["pretrain", *PRE, "--data", str(f.archive), "--run_dir", str(t / "r"), "--max-steps", "-5"], lambda f, t: "--max-steps"),
+    Case("pretrain-devices-0", lambda f, t: ["pretrain", *PRE, "--data", str(f.archive), "--run_dir", str(t / "r"), "--devices", "0"], lambda f, t: "--devices"),
+    Case("pretrain-accelerator-unknown", lambda f, t: ["pretrain", *PRE, "--data", str(f.archive), "--run_dir", str(t / "r"), "--trainer.accelerator", "tpu9"], lambda f, t: "tpu9"),
     # export
     Case("export-no-checkpoint", lambda f, t: ["export", str(t / "empty_run"), "--out", str(t / "bb")], lambda f, t: "empty_run", _write("empty_run/config.yaml", "x: 1")),
     Case("export-missing-run", lambda f, t: ["export", str(t / "nope"), "--out", str(t / "bb")], lambda f, t: str(t / "nope")),
@@ -345,6 +357,10 @@ CASES = [
     Case("finetune-train-slices-outside", lambda f, t: _ft(f, t, "--train-slices", "7"), lambda f, t: "--train-slices"),
     Case("finetune-val-slices-backwards", lambda f, t: _ft(f, t, "--val-slices", "3-2"), lambda f, t: "--val-slices"),
     Case("finetune-constant-images", lambda f, t: _ft(f, t, "--images", str(t / "c.tif")), lambda f, t: "c.tif", _write("c.tif", lambda f, t: _tif_bytes(np.full((4, 64, 64), 9, np.uint8)))),
+    Case("finetune-max-steps-negative", lambda f, t: _ft(f, t, "--max-steps", "-3"), lambda f, t: "--max-steps"),
+    Case("finetune-devices-0", lambda f, t: _ft(f, t, "--trainer.devices", "0"), lambda f, t: "--trainer.devices"),
+    Case("finetune-accelerator-unknown", lambda f, t: _ft(f, t, "--trainer.accelerator", "tpu9"), lambda f, t: "tpu9"),
+    Case("finetune-lr-negative", lambda f, t: _ft(f, t, "--lr=-0.1"), lambda f, t: "--lr"),
     Case("finetune-missing-images", lambda f, t: _ft(f, t, "--images", str(t / "nope.tif")), lambda f, t: "nope.tif"),
     Case("finetune-labels-other-shape", lambda f, t: _ft(f, t, "--labels", str(f.labels_small)), lambda f, t: "labels_small.tif"),
     Case("finetune-missing-backbone", lambda f, t: _ft(f, t, backbone=str(t / "nope")), lambda f, t: "nope"),
@@ -410,6 +426,7 @@ CASES = [
     Case("export-model-constant-sample", lambda f, t: ["export-model", str(f.model), "--sample", str(t / "c.tif"), "--out", str(t / "bmz")], lambda f, t: "c.tif",
          _write("c.tif", lambda f, t: _tif_bytes(np.full((2, 64, 64), 3, np.uint8)))),
     Case("export-model-unknown-license", lambda f, t: ["export-model", str(f.model), "--sample", str(f.tif), "--out", str(t / "bmz"), "--license", "NOT-A-LICENSE"], lambda f, t: "--license"),
+    Case("demo-pretrain-steps-negative", lambda f, t: ["demo", "--out", str(t / "demo"), "--pretrain-steps", "-1"], lambda f, t: "--pretrain-steps"),
     # benchmark
     Case("benchmark-missing-backbone", lambda f, t: _bench(f, t, backbones=[str(t / "nope")]), lambda f, t: "nope"),
     Case("benchmark-budget-larger-than-pool", lambda f, t: _bench(f, t, budgets="8"), lambda f, t: "--budgets"),

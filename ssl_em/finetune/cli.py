@@ -31,7 +31,7 @@ from pytorch_lightning.cli import LightningCLI
 
 from ssl_em import cli_flags
 from ssl_em.console import quiet, run_callbacks
-from ssl_em.errors import debug_enabled, find_user_error, one_line
+from ssl_em.errors import UserError, debug_enabled, find_user_error, one_line
 from ssl_em.export import backbone_meta, check_out_folder
 from ssl_em.finetune.data import IGNORE, LabeledSlicesDataModule
 from ssl_em.finetune.export import META
@@ -158,6 +158,9 @@ class FinetuneCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Settings the backbone recommends replace the defaults the user left alone."""
         model = self.config.model
+        cli_flags.check_trainer(self.config.trainer, cli_flags.FINETUNE, UserError)
+        if not (isinstance(model.lr, (int, float)) and model.lr > 0):  # AdamW's own refusal is a traceback mid-fit
+            raise UserError(f"--lr {model.lr}: must be > 0")
         self.recipe = backbone_recipe(model.backbone, model.random_init, self.given)
         for key, value in self.recipe.items():
             setattr(model, key, value)

@@ -134,6 +134,7 @@ class PretrainCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config
         check_strategy(cfg.trainer.strategy)  # before Lightning builds it (FSDP fails later, or worse, trains)
+        cli_flags.check_trainer(cfg.trainer, cli_flags.PRETRAIN, PretrainError)
         # Checked here, before the model is built from them (the tile size is its img_size).
         check_at_least(1, {"--data.tile_size": cfg.data.tile_size, "--data.batch_size": cfg.data.batch_size,
                            "--checkpoint_every_n_steps": cfg.checkpoint_every_n_steps}, PretrainError)

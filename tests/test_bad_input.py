@@ -195,6 +195,14 @@ def _uint8_zarr(f: Fx, t: Path) -> None:
     zarr.open_array(str(t / "in.zarr"), mode="w", shape=(2, 64, 64), dtype="uint8", zarr_format=2)[...] = np.random.default_rng(0).integers(0, 255, (2, 64, 64), dtype=np.uint8)
 
 
+def _corrupt_chunks(f: Fx, t: Path) -> None:
+    """A copy of the archive whose level-0 chunks are not blosc data any more (a bad disk)."""
+    _copy_tree("archive", "a.zarr")(f, t)
+    for chunk in (t / "a.zarr" / "synthetic" / "0").iterdir():
+        if not chunk.name.startswith("."):
+            chunk.write_bytes(b"garbage" * 50)
+
+
 def _huge_h5(f: Fx, t: Path) -> None:
     """A dataset declared 100000^3 (chunked, one chunk written): kilobytes on disk."""
     import h5py
@@ -320,6 +328,9 @@ CASES = [
     Case("pretrain-checkpoint-every-0", lambda f, t: ["pretrain", *PRE, "--data", str(f.archive), "--run_dir", str(t / "r"), "--checkpoint_every_n_steps", "0"], lambda f, t: "--checkpoint_every_n_steps"),
     Case("pretrain-missing-data", lambda f, t: ["pretrain", *PRE, "--data", str(t / "nope.zarr"), "--run_dir", str(t / "r")], lambda f, t: "nope.zarr"),
     Case("pretrain-everything-flagged", lambda f, t: ["pretrain", *PRE, "--data", str(f.flagged), "--run_dir", str(t / "r")], lambda f, t: "flagged.zarr"),
+    Case("pretrain-corrupt-chunk", lambda f, t: ["pretrain", *PRE, "--data", str(t / "a.zarr"), "--run_dir", str(t / "r"), "--trainer.max_steps", "2"],
+         lambda f, t: "synthetic/0", _corrupt_chunks),
+    Case("inspect-sheet-corrupt-chunk", lambda f, t: ["inspect", str(t / "a.zarr"), "--sheet", str(t / "s.png")], lambda f, t: "synthetic/0", _corrupt_chunks),
     Case("pretrain-nan-volume", lambda f, t: ["pretrain", *PRE, "--data", str(t / "nan.tif"), "--run_dir", str(t / "r")], lambda f, t: "nan.tif", _nan_volume),
     Case("pretrain-constant-volume", lambda f, t: ["pretrain", *PRE, "--data", str(t / "c.tif"), "--run_dir", str(t / "r")], lambda f, t: "c.tif",
          lambda f, t: _tif(t / "c.tif", np.full((2, 64, 64), 7, np.uint8)) and None),
@@ -389,6 +400,7 @@ CASES = [
     Case("predict-archive-root-with-incomplete-image", lambda f, t: ["predict", str(f.model), str(t / "a.zarr"), "--out", str(t / "o.zarr"), *P], lambda f, t: "synthetic",
          _all(_copy_tree("archive", "a.zarr"), _edit_json("a.zarr/synthetic/.zattrs", lambda d: d["ssl_em"].update(complete=False)),
               _edit_json("a.zarr/OME/.zattrs", lambda d: d.update(series=[])))),
+    Case("predict-corrupt-chunk", lambda f, t: ["predict", str(f.model), str(t / "a.zarr" / "synthetic"), "--out", str(t / "o.zarr"), *P], lambda f, t: "synthetic/0", _corrupt_chunks),
     Case("predict-slab-0", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "o.zarr"), "--slab", "0", *P], lambda f, t: "--slab"),
     Case("predict-batch-size-0", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "o.zarr"), "--batch-size", "0", *P], lambda f, t: "--batch-size"),
     Case("predict-overlap-negative", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "o.zarr"), "--overlap=-4", *P], lambda f, t: "--overlap"),

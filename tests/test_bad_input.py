@@ -372,6 +372,8 @@ CASES = [
     Case("finetune-devices-0", lambda f, t: _ft(f, t, "--trainer.devices", "0"), lambda f, t: "--trainer.devices"),
     Case("finetune-accelerator-unknown", lambda f, t: _ft(f, t, "--trainer.accelerator", "tpu9"), lambda f, t: "tpu9"),
     Case("finetune-lr-negative", lambda f, t: _ft(f, t, "--lr=-0.1"), lambda f, t: "--lr"),
+    Case("finetune-nan-labels", lambda f, t: _ft(f, t, "--labels", str(t / "l.tif")), lambda f, t: "l.tif",
+         _write("l.tif", lambda f, t: _tif_bytes(np.where(np.arange(64) % 2, np.nan, 1.0).astype(np.float32) * np.ones((4, 64, 64), np.float32)))),
     Case("finetune-missing-images", lambda f, t: _ft(f, t, "--images", str(t / "nope.tif")), lambda f, t: "nope.tif"),
     Case("finetune-labels-other-shape", lambda f, t: _ft(f, t, "--labels", str(f.labels_small)), lambda f, t: "labels_small.tif"),
     Case("finetune-missing-backbone", lambda f, t: _ft(f, t, backbone=str(t / "nope")), lambda f, t: "nope"),
@@ -439,6 +441,10 @@ CASES = [
          _write("c.tif", lambda f, t: _tif_bytes(np.full((2, 64, 64), 3, np.uint8)))),
     Case("export-model-unknown-license", lambda f, t: ["export-model", str(f.model), "--sample", str(f.tif), "--out", str(t / "bmz"), "--license", "NOT-A-LICENSE"], lambda f, t: "--license"),
     Case("demo-pretrain-steps-negative", lambda f, t: ["demo", "--out", str(t / "demo"), "--pretrain-steps", "-1"], lambda f, t: "--pretrain-steps"),
+    # synth
+    Case("synth-shape-zero", lambda f, t: ["synth", "--out", str(t / "s"), "--shape", "0,0,0"], lambda f, t: "--shape"),
+    Case("synth-shape-text", lambda f, t: ["synth", "--out", str(t / "s"), "--shape", "a,b"], lambda f, t: "--shape"),
+    Case("synth-shape-huge", lambda f, t: ["synth", "--out", str(t / "s"), "--shape", "100000,100000,100000"], lambda f, t: "--shape"),
     # benchmark
     Case("benchmark-missing-backbone", lambda f, t: _bench(f, t, backbones=[str(t / "nope")]), lambda f, t: "nope"),
     Case("benchmark-budget-larger-than-pool", lambda f, t: _bench(f, t, budgets="8"), lambda f, t: "--budgets"),
@@ -447,6 +453,9 @@ CASES = [
     Case("benchmark-budgets-text", lambda f, t: _bench(f, t, budgets="two"), lambda f, t: "--budgets"),
     Case("benchmark-backbone-recipe-names-a-head", lambda f, t: _bench(f, t, backbones=[str(t / "b")]), lambda f, t: "finetune settings ['head']",
          _backbone_copy(lambda d: d.update(finetune={"head": "x"}))),
+    Case("benchmark-report-garbage-csv", lambda f, t: ["benchmark", "report", "--out", str(t / "b")], lambda f, t: "results.csv", _write("b/results.csv", "a,b\n1,2\n\x00,zz\n")),
+    Case("benchmark-report-score-text", lambda f, t: ["benchmark", "report", "--out", str(t / "b")], lambda f, t: "line 2",
+         _write("b/results.csv", "arm,backbone,random_init,budget,seed,score\nx,y,False,1,0,high\n")),
     Case("benchmark-foreign-backbone", lambda f, t: _bench(f, t, backbones=[str(t / "b")]), lambda f, t: "checkpoint_path",
          _backbone_copy(lambda d: d["model_args"].update(checkpoint_path="/etc/passwd"))),
 ]

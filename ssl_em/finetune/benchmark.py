@@ -167,14 +167,35 @@ def read_rows(csv_path: Path) -> list[dict]:
     """Rows as strings; rows written before a column existed get its value filled in."""
     if not Path(csv_path).is_file():
         return []
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"{csv_path}: not a benchmark results.csv ({err})") from None
+    for line, r in enumerate(rows, start=2):  # line 1 is the header
+        _check_row(r, csv_path, line)
     for r in rows:
         if not r.get("twin"):  # older files: one random-init twin per backbone, named after it
             r["twin"] = _twin_name(r["backbone"])
         r.setdefault("baseline", "")  # older files: no U-Net baseline
         r["baseline"] = r["baseline"] or ""
     return rows
+
+
+#: Columns a row must hold, and how each must parse: a garbage or foreign CSV is refused by
+#: line instead of failing as a KeyError or ValueError deep inside the tables.
+REQUIRED = {"arm": str, "backbone": str, "random_init": str, "budget": int, "seed": int, "score": float}
+
+
+def _check_row(row: dict, csv_path: Path, line: int) -> None:
+    missing = [k for k in REQUIRED if not row.get(k)]
+    if missing:
+        raise UserError(f"{csv_path}: line {line} has no {', '.join(missing)}; not a benchmark results.csv (columns {', '.join(FIELDS)})")
+    for key, kind in REQUIRED.items():
+        try:
+            kind(row[key])
+        except (TypeError, ValueError):
+            raise UserError(f"{csv_path}: line {line}: {key} {row[key]!r} is not {'an integer' if kind is int else 'a number'}") from None
 
 
 def is_random(row: dict) -> bool:

@@ -278,6 +278,9 @@ class LabeledSlicesDataModule(pl.LightningDataModule):
         self.stats = sample_stats(iv)
 
         raw = {z: lv.read(z)[0] for z in self.train_slices + self.val_slices}
+        for z, r in raw.items():  # labels are whole numbers; NaN would fail as int(nan) below
+            if r.dtype.kind == "f" and not (np.isfinite(r).all() and np.array_equal(r, np.round(r))):
+                raise LabelError(f"labels {lv.path} slice {z}: holds NaN/Inf or fractional values; labels are class values or instance ids")
         if task == "instance":
             self.classes = list(classes or INSTANCE_CLASSES)
             if len(self.classes) != len(INSTANCE_CLASSES):

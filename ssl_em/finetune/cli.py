@@ -199,7 +199,7 @@ def freeze_plan(model: SegmentationModule, max_steps: int) -> str:
 def build_cli(argv: list[str]) -> FinetuneCLI:
     """Parse `argv` (short flags, any order: see ssl_em.cli_flags) and build model, data and trainer."""
     args, verbose = cli_flags.prepare(argv, cli_flags.FINETUNE)
-    with quiet(verbose):
+    with quiet(verbose), cli_flags.parse_errors():
         return FinetuneCLI(
             given=cli_flags.given_keys(args),
             model_class=SegmentationModule,
@@ -209,7 +209,7 @@ def build_cli(argv: list[str]) -> FinetuneCLI:
             seed_everything_default=0,
             save_config_callback=None,
             trainer_defaults={"max_steps": MAX_STEPS, "logger": False, "enable_checkpointing": False, "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"},
-            parser_kwargs={"prog": "ssl-em finetune", "description": __doc__.split("\n\n")[0]},
+            parser_kwargs={"prog": "ssl-em finetune", "description": __doc__.split("\n\n")[0], "exit_on_error": False},
         )
 
 

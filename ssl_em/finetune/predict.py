@@ -591,11 +591,11 @@ def run(args) -> int:
         print(f"ssl-em predict: error: {e}", file=sys.stderr)
         return 2
     shard, device = launch(args.accelerator, args.devices, args.num_nodes)
-    if shard.main and not volume.voxel_size_known:
-        print(f"ssl-em predict: {args.input} records no voxel size: {args.out} gets a scale of 1 per voxel and no unit "
-              "(--voxel-size z,y,x in nm sets one)", file=sys.stderr)
     out = predict_volume(net, volume, args.out, meta.classes, meta.norm, settings, model_id, input_id, meta.label_values,
                          overwrite=args.overwrite, device=device, progress=not args.no_progress, shard=shard)
     if shard.main:
         print(f"wrote {out} (open in napari with napari-ome-zarr)")
+        if not volume.voxel_size_known:
+            print(f"ssl-em predict: {args.input} records no voxel size: {out} has a scale of 1 per voxel and no unit "
+                  "(--voxel-size z,y,x in nm sets one)")
     return 0

@@ -247,7 +247,7 @@ def make_cli(argv: list[str]) -> PretrainCLI:
     """Parse `argv` (short flags, any order: see ssl_em.cli_flags) and instantiate model,
     datamodule and trainer; does not train."""
     args, verbose = cli_flags.prepare(argv, cli_flags.PRETRAIN)
-    with quiet(verbose):
+    with quiet(verbose), cli_flags.parse_errors():
         return PretrainCLI(
             PretrainMethod,
             EMDataModule,
@@ -260,7 +260,7 @@ def make_cli(argv: list[str]) -> PretrainCLI:
                 "precision": precision.choose().lightning,
                 "logger": {"class_path": "pytorch_lightning.loggers.WandbLogger", "init_args": {"project": "ssl_em", "offline": True}},
             },
-            parser_kwargs={"prog": "ssl-em pretrain", "description": __doc__.split("\n")[0]},
+            parser_kwargs={"prog": "ssl-em pretrain", "description": __doc__.split("\n")[0], "exit_on_error": False},
         )
 
 

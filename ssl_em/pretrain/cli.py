@@ -65,7 +65,7 @@ class RecordRecipe(Callback):
 
 
 class SeedPerRank(Callback):
-    """Random draws keyed by (seed, rank, optimizer step). LightningCLI seeds every rank with
+    """Random draws keyed by (seed, rank, optimizer step, micro-batch). LightningCLI seeds every rank with
     the same `seed_everything`, which keeps the initial weights equal; from then on, before
     every optimizer step, each rank re-seeds its global RNG (dropout, drop-path) and re-keys
     the method's `Generators` (masks, views) from (seed, rank, step). Ranks differ, a seed
@@ -74,12 +74,20 @@ class SeedPerRank(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         seed_process()
+        self._last: tuple[int, int] | None = None  # (step, micro-batch) of the previous batch
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        step = trainer.global_step
-        seed_process(step=step)
+        # With accumulate_grad_batches > 1 several micro-batches share an optimizer step;
+        # each is keyed by (step, its index within the step) or they would all draw the same
+        # masks, views and dropout. Counted here rather than from batch_idx, which does not
+        # restart at a step boundary after a resume; checkpoints fall on step boundaries, so
+        # a resumed run counts from 0 as an uninterrupted one does.
+        step, last = trainer.global_step, getattr(self, "_last", None)
+        micro = last[1] + 1 if last is not None and last[0] == step else 0
+        self._last = (step, micro)
+        seed_process(step=step, micro=micro)
         for g in generators_in(pl_module):
-            g.at_step(step)
+            g.at_step(step, micro)
 
 
 def continue_csv_metrics(trainer, resumed_step: int) -> None:

@@ -251,6 +251,27 @@ def check_trainer(trainer, shortcuts: list[Shortcut], error) -> None:
             raise error(f"{flag_for('trainer.accelerator', shortcuts)} {accelerator}: not an accelerator; use one of {', '.join(known)}")
 
 
+def check_strategy(strategy, error) -> None:
+    """One device or DDP (any launcher, any number of nodes), for pretraining and
+    fine-tuning alike. Strategies that shard the parameters (FSDP, DeepSpeed, model parallel)
+    are refused: the weight-decay groups decide by a parameter's shape, which a flat shard
+    hides, the momentum teacher's update pairs parameters one by one, and export writes the
+    whole backbone's state_dict. `strategy`: the configured name or class_path, or an instance."""
+    from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+
+    if isinstance(strategy, str) and strategy in StrategyRegistry:
+        name = StrategyRegistry[strategy]["strategy"].__name__
+    elif isinstance(strategy, str) or strategy is None:
+        name = strategy or "auto"
+    elif hasattr(strategy, "class_path"):
+        name = strategy.class_path.rsplit(".", 1)[-1]
+    else:
+        name = type(strategy).__name__
+    ok = {"auto", "ddp", DDPStrategy.__name__, SingleDeviceStrategy.__name__}
+    if name not in ok and not (isinstance(strategy, (DDPStrategy, SingleDeviceStrategy))):
+        raise error(f"--trainer.strategy: strategy {name} is not supported; use ddp (several devices or nodes) or a single device")
+
+
 PRETRAIN = [
     Shortcut("--data", "--data.data", "an ssl_em archive (ARCHIVE.zarr from `ssl-em ingest`) or raw volumes", "ARCHIVE.zarr", config_suffixes=(".yaml", ".yml", ".json")),
     Shortcut("--max-steps", "--trainer.max_steps", "optimizer steps to train for (the recipe's otherwise)", "N"),

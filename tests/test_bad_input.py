@@ -380,6 +380,7 @@ CASES = [
     Case("finetune-recipe-yaml-syntax", lambda f, t: _ft(f, t, "--config", str(t / "bad.yaml")), lambda f, t: "bad.yaml", _write("bad.yaml", "model:\n  lr: [1\n")),
     Case("finetune-recipe-is-a-list", lambda f, t: _ft(f, t, "--config", str(t / "list.yaml")), lambda f, t: "list.yaml", _write("list.yaml", "- 1\n- 2\n")),
     Case("finetune-lr-text", lambda f, t: _ft(f, t, "--lr", "abc"), lambda f, t: "--model.lr"),
+    Case("finetune-strategy-fsdp", lambda f, t: _ft(f, t, "--trainer.strategy", "fsdp"), lambda f, t: "--trainer.strategy"),
     Case("finetune-missing-images", lambda f, t: _ft(f, t, "--images", str(t / "nope.tif")), lambda f, t: "nope.tif"),
     Case("finetune-labels-other-shape", lambda f, t: _ft(f, t, "--labels", str(f.labels_small)), lambda f, t: "labels_small.tif"),
     Case("finetune-missing-backbone", lambda f, t: _ft(f, t, backbone=str(t / "nope")), lambda f, t: "nope"),

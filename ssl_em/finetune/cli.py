@@ -159,6 +159,7 @@ class FinetuneCLI(LightningCLI):
         """Settings the backbone recommends replace the defaults the user left alone."""
         model = self.config.model
         cli_flags.check_trainer(self.config.trainer, cli_flags.FINETUNE, UserError)
+        cli_flags.check_strategy(self.config.trainer.strategy, UserError)  # the README says FSDP is refused: it is
         if not (isinstance(model.lr, (int, float)) and model.lr > 0):  # AdamW's own refusal is a traceback mid-fit
             raise UserError(f"--lr {model.lr}: must be > 0")
         self.recipe = backbone_recipe(model.backbone, model.random_init, self.given)
@@ -238,6 +239,10 @@ def run_argv(argv: list[str]) -> int:
             raise
         print(f"ssl-em finetune: error: {one_line(cause)}", file=sys.stderr)
         return 2
+    if cli.trainer.global_rank != 0:
+        # DDP: one writer per artefact. Rank 0 scores and exports --out (and --bioimageio);
+        # the others are done (two ranks replacing one folder raced, and the loser exited 2).
+        return 0
     metrics = score_val_slices(cli.model, cli.datamodule, device=cli.trainer.strategy.root_device)
     if metrics:
         print(f"scores on the validation slices {cli.datamodule.val_slices}:")

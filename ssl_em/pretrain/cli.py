@@ -195,23 +195,8 @@ def check_data(datamodule: EMDataModule) -> None:
 
 
 def check_strategy(strategy) -> None:
-    """One device or DDP (any launcher, any number of nodes). Strategies that shard the
-    parameters (FSDP, DeepSpeed, model parallel) are refused: the weight-decay groups decide
-    by a parameter's shape, which a flat shard hides, and the momentum teacher's update pairs
-    parameters one by one. `strategy`: the configured name or class_path, or an instance."""
-    from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
-
-    if isinstance(strategy, str) and strategy in StrategyRegistry:
-        name = StrategyRegistry[strategy]["strategy"].__name__
-    elif isinstance(strategy, str) or strategy is None:
-        name = strategy or "auto"
-    elif hasattr(strategy, "class_path"):
-        name = strategy.class_path.rsplit(".", 1)[-1]
-    else:
-        name = type(strategy).__name__
-    ok = {"auto", "ddp", DDPStrategy.__name__, SingleDeviceStrategy.__name__}
-    if name not in ok and not (isinstance(strategy, (DDPStrategy, SingleDeviceStrategy))):
-        raise PretrainError(f"strategy {name} is not supported; use ddp (several devices or nodes) or a single device")
+    """One device or DDP; see `ssl_em.cli_flags.check_strategy`."""
+    cli_flags.check_strategy(strategy, PretrainError)
 
 
 def check_resume(model: PretrainMethod, ckpt_path: Path) -> None:

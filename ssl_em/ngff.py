@@ -111,7 +111,10 @@ def ome_xml(images: Sequence[tuple[str, tuple[int, ...], str, tuple[float, float
     as bioformats2raw writes beside the series. Each Image's ID is "Image:<group path>":
     napari-ome-zarr opens the group the ID names (bioformats2raw itself numbers the groups,
     so its IDs are "Image:0", "Image:1"...). Names must hold no whitespace (OME IDs)."""
-    types = {"uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "int8": "int8", "int16": "int16", "int32": "int32", "float32": "float", "float64": "double"}
+    # OME's PixelType has no 64-bit integers and no half floats: such images are listed with
+    # the type a reader should convert them to (never a narrower one that would wrap values).
+    types = {"uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "int8": "int8", "int16": "int16", "int32": "int32", "float32": "float", "float64": "double",
+             "float16": "float", "int64": "double", "uint64": "double", "bool": "bit"}
     out = ['<?xml version="1.0" encoding="UTF-8"?>',
            '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
            'xsi:schemaLocation="http://www.openmicroscopy.org/Schemas/OME/2016-06 http://www.openmicroscopy.org/Schemas/OME/2016-06/ome.xsd">']
@@ -119,11 +122,16 @@ def ome_xml(images: Sequence[tuple[str, tuple[int, ...], str, tuple[float, float
         z, y, x = shape
         size = "" if vs is None else f' PhysicalSizeZ="{vs[0]:g}" PhysicalSizeZUnit="nm" PhysicalSizeY="{vs[1]:g}" PhysicalSizeYUnit="nm" PhysicalSizeX="{vs[2]:g}" PhysicalSizeXUnit="nm"'
         out += [f'  <Image ID="Image:{_xml_escape(name)}" Name="{_xml_escape(name)}">',
-                f'    <Pixels ID="Pixels:{i}" DimensionOrder="XYZCT" Type="{types.get(str(np.dtype(dtype)), "uint8")}" SizeX="{x}" SizeY="{y}" SizeZ="{z}" SizeC="1" SizeT="1"{size}>',
+                f'    <Pixels ID="Pixels:{i}" DimensionOrder="XYZCT" Type="{_pixel_type(types, dtype)}" SizeX="{x}" SizeY="{y}" SizeZ="{z}" SizeC="1" SizeT="1"{size}>',
                 f'      <Channel ID="Channel:{i}:0" SamplesPerPixel="1"/>',
                 "    </Pixels>",
                 "  </Image>"]
     return "\n".join(out + ["</OME>", ""])
+
+
+def _pixel_type(types: dict, dtype) -> str:
+    """OME PixelType of a numpy dtype (any byte order); "double" holds any other real type."""
+    return types.get(np.dtype(dtype).name, "double")
 
 
 def _xml_escape(text: str) -> str:

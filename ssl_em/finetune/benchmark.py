@@ -135,6 +135,7 @@ def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slice
     if ceiling and len(pool) not in budgets:
         grid += [(a, len(pool), s) for s in seeds for a in arms if a.baseline == a.name]
     todo = [g for g in grid if (g[0].name, g[1], g[2]) not in done]
+    _check_same_settings(rows, grid, len(pool), finetune_kwargs, csv_path)
     with _appender(csv_path, rows) as (f, writer):
         started = time.time()
         for i, (arm, budget, seed) in enumerate(todo):
@@ -157,6 +158,28 @@ def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slice
                 left = (time.time() - started) / (i + 1) * (len(todo) - i - 1)
                 print(f"[cell {i + 1}/{len(todo)}] {metric} {row['score']:.3f} in {row['seconds']:.0f} s" + (f"; about {_duration(left)} left for {len(todo) - i - 1} more" if i + 1 < len(todo) else ""), flush=True)
     return rows
+
+
+def _recorded(arm: Arm, finetune_kwargs: dict | None) -> dict:
+    """The settings a row of `arm` records (its "settings" column)."""
+    settings = {**(finetune_kwargs or {}), **arm.settings}
+    return {k: settings[k] for k in RECORDED if k in settings}
+
+
+def _check_same_settings(rows: list[dict], grid: list, pool: int, finetune_kwargs: dict | None, csv_path: Path) -> None:
+    """UserError when results.csv already holds a cell of this grid run with other settings
+    (lr, unfreeze_at_step, backbone_lr_scale, pool size): resuming would skip it and mix
+    its row with new ones in one table. Rows from before a column existed are not judged on it."""
+    ours = {(a.name, b, s): _recorded(a, finetune_kwargs) for a, b, s in grid}
+    for r in rows:
+        want = ours.get((r["arm"], int(r["budget"]), int(r["seed"])))
+        if want is None:
+            continue
+        theirs = json.loads(r.get("settings") or "{}")
+        differ = sorted(k for k in theirs if theirs[k] != want.get(k)) + (["pool"] if r.get("pool") and int(r["pool"]) != pool else [])
+        if differ:
+            raise UserError(f"{csv_path}: already holds {r['arm']}, {r['budget']} slice(s), seed {r['seed']} run with other {', '.join(differ)} "
+                            f"({ {k: theirs.get(k, r.get(k)) for k in differ} }); use another --out, or the same settings to resume")
 
 
 def _duration(seconds: float) -> str:

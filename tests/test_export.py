@@ -266,3 +266,22 @@ def test_load_backbone_recovers_a_folder_left_by_a_crash(exported, tmp_path):
     exported.rename(hidden)
     model, meta = load_backbone(exported)
     assert exported.is_dir() and not hidden.exists()
+
+
+def test_cnn_export_records_its_training_tile_for_timm(tmp_path):
+    """A CNN's model_args hold no img_size: its export left timm's resolve_data_config at
+    ImageNet's 224, so timm's own transform resized every EM tile. The pretraining run
+    records its tile, and the export gives it to timm (crop 1.0)."""
+    import timm
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = build_backbone("test_resnet").eval()
+    run = run_metadata(model, SimpleNamespace(tile_size=96))
+    assert run["tile_size"] == 96
+    ckpt = {"state_dict": {f"backbone.{k}": v for k, v in model.state_dict().items()}, "global_step": 2, "ssl_em": {**run, "method": "ssl_em.pretrain.spark.SparK"}}
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, tmp_path / "run" / "checkpoints" / "last.ckpt")
+    out = export_run(tmp_path / "run", tmp_path / "cnn")
+    cfg = timm.data.resolve_data_config(model=timm.create_model(f"local-dir:{out}", pretrained=True))
+    assert cfg["input_size"] == (1, 96, 96) and cfg["crop_pct"] == 1.0

@@ -89,6 +89,9 @@ def run_metadata(backbone: nn.Module, datamodule) -> dict:
         "normalization": norm.to_dict() if norm is not None else None,
         "pixel_size_nm": getattr(datamodule, "pixel_size_nm", None) or streamed_pixel_size(datamodule),
         "data_fingerprint": getattr(datamodule, "fingerprint", None),
+        # The training tile: a CNN's model_args hold no img_size, and without it timm's
+        # resolve_data_config falls back to ImageNet's 224 and resizes every EM tile.
+        "tile_size": getattr(datamodule, "tile_size", None),
     }
 
 

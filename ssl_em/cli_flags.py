@@ -124,7 +124,68 @@ def prepare(argv: list[str], shortcuts: list[Shortcut]) -> tuple[list[str], bool
     turned into LightningCLI's `--help`, `--verbose` taken out."""
     verbose = VERBOSE in argv
     argv = ["--help" if a == HELP_ALL else a for a in argv if a != VERBOSE]
-    return config_first(expand(argv, shortcuts)), verbose
+    argv = config_first(expand(argv, shortcuts))
+    check_recipes(argv)
+    return argv, verbose
+
+
+def check_recipes(argv: list[str]) -> None:
+    """UserError naming the file (and the line) when a `--config` recipe is missing, not
+    YAML, empty or not a mapping: jsonargparse reports these without the file's name, after
+    a page of usage."""
+    import yaml
+
+    from ssl_em.errors import UserError
+
+    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in CONFIG_FLAGS] + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in paths:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise UserError(f"--config {path}: no such file") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise UserError(f"--config {path}: not valid YAML{where} ({getattr(err, 'problem', None) or err})") from None
+        if data is None:
+            raise UserError(f"--config {path}: is empty; a recipe is a YAML mapping of settings (model:, data:, trainer:...)")
+        if not isinstance(data, dict):
+            raise UserError(f"--config {path}: holds a YAML {type(data).__name__}, not a mapping of settings (model:, data:, trainer:...)")
+
+
+class parse_errors:
+    """Context manager: jsonargparse's parse errors (its parsers are built with
+    exit_on_error=False, so no page of usage is printed first) become a UserError whose
+    message names the key, which `ssl-em` prints as one line."""
+
+    def __enter__(self) -> "parse_errors":
+        return self
+
+    def __exit__(self, kind, err, tb) -> bool:
+        from jsonargparse import ArgumentError
+
+        from ssl_em.errors import UserError
+
+        if isinstance(err, ArgumentError):
+            raise UserError(one_parse_error(str(err))) from err
+        return False
+
+
+def one_parse_error(text: str) -> str:
+    """jsonargparse's nested report ('Parser key "model":' then the union's subtypes, each
+    one's errors, the value given) -> "--model: Option 'nope' is not accepted": the key
+    and the most specific reason."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return "cannot parse the arguments"
+    head = lines[0].replace("Parser key ", "").rstrip(":").strip('"')
+    noise = ("Subtypes:", "Errors:", "Given value", "Does not validate", "- Expected a <class 'NoneType'>", "- Problem with")
+    details = [line.lstrip("- ") for line in lines[1:] if not line.startswith(noise)]
+    if not details:
+        return head
+    key = f"--{head}" if head and " " not in head else head
+    return f"{key}: {details[0]}"
 
 
 def describe_data_flag(parser, text: str, metavar: str = "ARCHIVE") -> None:
@@ -161,6 +222,54 @@ def short_help(prog: str, summary: str, shortcuts: list[Shortcut], examples: str
 def print_short_help(text: str) -> int:
     sys.stdout.write(text)
     return 0
+
+
+def flag_for(key: str, shortcuts: list[Shortcut]) -> str:
+    """The flag a user types for the dotted `key` ("trainer.max_steps" -> "--max-steps")."""
+    return next((s.flag for s in shortcuts if s.key == f"--{key}"), f"--{key}")
+
+
+def check_trainer(trainer, shortcuts: list[Shortcut], error) -> None:
+    """`error` naming the flag when the trainer settings cannot work, before Lightning meets
+    them (it raises a traceback for these, or for max_steps -1 trains forever):
+    max_steps >= 1 (or -1 with max_epochs), devices >= 1 or -1 or "auto", an accelerator
+    Lightning knows."""
+    steps, epochs = trainer.get("max_steps"), trainer.get("max_epochs")
+    by_epochs = steps == -1 and isinstance(epochs, int) and epochs >= 1  # Lightning's "-1: no step limit"
+    if steps is not None and not by_epochs and (not isinstance(steps, int) or steps < 1):
+        raise error(f"{flag_for('trainer.max_steps', shortcuts)} {steps}: must be >= 1 (or -1 with --trainer.max_epochs N)")
+    devices = trainer.get("devices")
+    as_int = devices if isinstance(devices, int) else int(devices) if isinstance(devices, str) and devices.lstrip("-").isdigit() else None
+    if as_int is not None and as_int < 1 and as_int != -1:
+        raise error(f"{flag_for('trainer.devices', shortcuts)} {devices}: must be >= 1, -1 (all) or auto")
+    accelerator = trainer.get("accelerator")
+    if isinstance(accelerator, str):
+        from pytorch_lightning.accelerators import AcceleratorRegistry
+
+        known = sorted(set(AcceleratorRegistry.available_accelerators()) | {"auto", "gpu", "tpu"})
+        if accelerator.lower() not in known:
+            raise error(f"{flag_for('trainer.accelerator', shortcuts)} {accelerator}: not an accelerator; use one of {', '.join(known)}")
+
+
+def check_strategy(strategy, error) -> None:
+    """One device or DDP (any launcher, any number of nodes), for pretraining and
+    fine-tuning alike. Strategies that shard the parameters (FSDP, DeepSpeed, model parallel)
+    are refused: the weight-decay groups decide by a parameter's shape, which a flat shard
+    hides, the momentum teacher's update pairs parameters one by one, and export writes the
+    whole backbone's state_dict. `strategy`: the configured name or class_path, or an instance."""
+    from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+
+    if isinstance(strategy, str) and strategy in StrategyRegistry:
+        name = StrategyRegistry[strategy]["strategy"].__name__
+    elif isinstance(strategy, str) or strategy is None:
+        name = strategy or "auto"
+    elif hasattr(strategy, "class_path"):
+        name = strategy.class_path.rsplit(".", 1)[-1]
+    else:
+        name = type(strategy).__name__
+    ok = {"auto", "ddp", DDPStrategy.__name__, SingleDeviceStrategy.__name__}
+    if name not in ok and not (isinstance(strategy, (DDPStrategy, SingleDeviceStrategy))):
+        raise error(f"--trainer.strategy: strategy {name} is not supported; use ddp (several devices or nodes) or a single device")
 
 
 PRETRAIN = [

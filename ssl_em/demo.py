@@ -103,6 +103,9 @@ def run(args) -> int:
 
     from ssl_em.console import quiet
 
+    from ssl_em.errors import check_at_least
+
+    check_at_least(1, {"--pretrain-steps": args.pretrain_steps, "--finetune-steps": args.finetune_steps})  # -1 would train forever
     out = Path(args.out)
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)

@@ -49,6 +49,11 @@ def one_line(err: BaseException) -> str:
         text = f"{err.filename}: {err.strerror or type(err).__name__}"
     else:
         text = str(err).strip() or type(err).__name__
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        # Re-raised from a DataLoader worker: the message is the worker's traceback, whose
+        # last line is the error itself ("pkg.FooError: PATH: what went wrong").
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return "; ".join(lines) if len(lines) <= 3 else lines[0]
 

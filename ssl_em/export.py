@@ -43,6 +43,7 @@ import numpy as np
 from ssl_em import __version__
 from ssl_em.data.normalize import IntensityStats, Normalization, normalize_numpy
 from ssl_em.errors import UserError, check_parent_folders, read_json_object
+from ssl_em.metadata import check_backbone, check_finetuned
 
 WEIGHTS, CONFIG, META, CARD = "model.safetensors", "config.json", "ssl_em.json", "README.md"
 #: The method's own weights (everything but the backbone), for continued pretraining.
@@ -222,6 +223,10 @@ def export_backbone(backbone: nn.Module, out: str | Path, meta: BackboneMeta, dt
     description = f"{meta.architecture} pretrained on electron microscopy by ssl_em ({meta.method})"
     model_config = {"pretrained_cfg": {"tag": "ssl_em", "license": LICENSE, "description": description, "notes": (STRETCH,)}}
 
+    # What every reader will check, checked before writing: a run on constant or non-finite
+    # data records a NaN normalisation that must not leave it.
+    check_backbone(meta.to_dict(), f"{out} ({META})", BackboneError)
+
     def fill(folder: Path) -> None:
         save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
         if method_state:
@@ -245,7 +250,7 @@ def write_atomic(path: Path, write) -> None:
 def check_out_folder(out: str | Path, marker: str) -> Path:
     """`out` may be missing, empty, or an earlier model folder (it holds `marker`); anything
     else is refused (UserError) rather than replaced: it may be the user's own files."""
-    out = Path(out)
+    out = recover_folder(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: is a file; --out must be a folder (missing, empty, or an earlier export)")
     if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
@@ -256,9 +261,14 @@ def check_out_folder(out: str | Path, marker: str) -> Path:
 
 def replace_folder(out: str | Path, fill, marker: str) -> Path:
     """Write a whole folder at once: `fill(tmp)` writes every file into a temporary folder
-    beside `out`, which then takes `out`'s place by rename. Readers see the old folder or
-    the new one, never weights of one run beside metadata of another; a crash leaves `out`
-    as it was (and a hidden .tmp folder). Returns `out`."""
+    beside `out`, which then takes `out`'s place. Readers see the old folder or the new one,
+    never weights of one run beside metadata of another.
+
+    An existing `out` is swapped with the new folder in one step (Linux renameat2
+    RENAME_EXCHANGE), so `out` exists at every instant. Where that call is missing (other
+    systems, some network file systems) the old folder is first renamed to `.NAME.old`
+    beside it: a crash between the two renames leaves it there, and the next export or load
+    of `out` (`recover_folder`) puts it back. Returns `out`."""
     out = check_out_folder(out, marker)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -267,17 +277,64 @@ def replace_folder(out: str | Path, fill, marker: str) -> Path:
         fill(tmp)
         for f in tmp.iterdir():  # safetensors writes 0600; give what a plain open() would
             os.chmod(f, 0o666 & ~_umask())
-        if out.exists():
-            old = tmp.with_suffix(".old")
-            os.replace(out, old)
+        if not out.exists():
             os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+        elif exchange_paths(tmp, out):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
         else:
-            os.replace(tmp, out)
+            old = _old_copy(out)
+            shutil.rmtree(old, ignore_errors=True)  # a leftover of a crash whose `out` was since rewritten
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # put the old one back: `out` must not vanish
+                raise
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _old_copy(out: Path) -> Path:
+    """Where replace_folder keeps the old `out` between its two renames (without renameat2)."""
+    return out.with_name(f".{out.name}.old")
+
+
+def recover_folder(out: str | Path) -> Path:
+    """Put back a folder that a crash inside replace_folder's fallback left as `.NAME.old`
+    (only when `out` itself is missing, so nothing is ever overwritten). Returns `out`."""
+    out = Path(out)
+    old = _old_copy(out)
+    if not out.exists() and old.is_dir():
+        try:
+            os.replace(old, out)
+        except OSError:  # another process recovered it first, or the folder is read-only
+            pass
+    return out
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap the two existing paths `a` and `b` atomically (Linux renameat2 with
+    RENAME_EXCHANGE, glibc >= 2.28). False where the system or file system lacks it;
+    OSError naming both paths for any other failure."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux/glibc
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2  # <fcntl.h>, <linux/fs.h>
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def _umask() -> int:
@@ -316,9 +373,11 @@ class Preprocessing:
 def preprocessing(path: str | Path) -> Preprocessing:
     """The preprocessing an exported backbone (or a fine-tuned model) was trained with."""
     path = Path(path)
-    for name in (META, "ssl_em_finetuned.json"):
-        if (path / name).is_file():
-            return Preprocessing(Normalization.from_dict(json.loads((path / name).read_text())["normalization"]))
+    if (path / META).is_file():
+        return Preprocessing(backbone_meta(path).norm)
+    if (path / "ssl_em_finetuned.json").is_file():
+        d = read_json(path / "ssl_em_finetuned.json", "fine-tuned model metadata")
+        return Preprocessing(Normalization.from_dict(check_finetuned(d, str(path / "ssl_em_finetuned.json"), BackboneError)["normalization"]))
     raise BackboneError(f"{path}: no {META}; not an ssl_em backbone folder (make one with `ssl-em export`)")
 
 
@@ -327,16 +386,13 @@ def backbone_meta(backbone: str | Path) -> BackboneMeta | None:
     path = Path(backbone) / META
     if not path.is_file():
         return None
-    try:
-        return BackboneMeta.from_dict(read_json(path, "backbone metadata"))
-    except TypeError as err:  # a required field missing
-        raise BackboneError(f"{path}: not ssl_em backbone metadata ({err})") from None
+    return BackboneMeta.from_dict(check_backbone(read_json(path, "backbone metadata"), str(path), BackboneError))
 
 
 def load_backbone(path: str | Path, architecture: str | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, BackboneMeta]:
     """Load an exported backbone strictly from safetensors + JSON. `architecture`, if given,
     must match the recorded one. Raises BackboneError with the reason otherwise."""
-    path = Path(path)
+    path = recover_folder(path)
     if not path.is_dir():
         raise BackboneError(f"{path}: no such backbone folder (make one with `ssl-em export`)")
     for name in (WEIGHTS, META):
@@ -410,7 +466,7 @@ def backbone_from_checkpoint(ckpt: dict, where: str = "checkpoint") -> tuple[nn.
         architecture=run["architecture"],
         model_args=args,
         in_chans=int(args.get("in_chans", 1)),
-        img_size=_first(args.get("img_size")),
+        img_size=_first(args.get("img_size")) or run.get("tile_size"),  # CNNs: the tile they were trained on
         patch_size=patch_size_of(model),
         pixel_size_nm=run.get("pixel_size_nm"),
         normalization=run.get("normalization") or Normalization().to_dict(),

@@ -37,18 +37,20 @@ _AXIS_TYPES = {"c": "channel", "t": "time", "z": "space", "y": "space", "x": "sp
 PALETTE = ("E6194B", "3CB44B", "4363D8", "FFE119", "F58231", "911EB4", "42D4F4", "F032E6", "BFEF45", "FABED4", "469990", "DCBEFF")
 
 
-def axes(names: str | Sequence[str]) -> list[dict]:
-    """NGFF axes; spatial ones in nanometres."""
-    return [{"name": a, "type": _AXIS_TYPES[a]} | ({"unit": "nanometer"} if _AXIS_TYPES[a] == "space" else {}) for a in names]
+def axes(names: str | Sequence[str], units: bool = True) -> list[dict]:
+    """NGFF axes; spatial ones in nanometres, or without a unit when the voxel size is not
+    known (a scale of 1 per voxel then, which a unit would pass off as a measurement)."""
+    return [{"name": a, "type": _AXIS_TYPES[a]} | ({"unit": "nanometer"} if units and _AXIS_TYPES[a] == "space" else {}) for a in names]
 
 
-def multiscales(name: str, axis_names: str | Sequence[str], scales: Sequence[Sequence[float]], paths: Sequence[str] | None = None, kind: str | None = None) -> dict:
-    """One NGFF 0.4 multiscales entry: `scales[i]` is level i's spacing per axis (1 for c)."""
+def multiscales(name: str, axis_names: str | Sequence[str], scales: Sequence[Sequence[float]], paths: Sequence[str] | None = None, kind: str | None = None, units: bool = True) -> dict:
+    """One NGFF 0.4 multiscales entry: `scales[i]` is level i's spacing per axis (1 for c);
+    units False: spatial axes carry no unit (the voxel size is unknown)."""
     paths = list(paths) if paths is not None else [str(i) for i in range(len(scales))]
     entry = {
         "version": VERSION,
         "name": name,
-        "axes": axes(axis_names),
+        "axes": axes(axis_names, units),
         "datasets": [{"path": p, "coordinateTransformations": [{"type": "scale", "scale": [float(v) for v in s]}]} for p, s in zip(paths, scales)],
     }
     return entry | ({"type": kind} if kind else {})
@@ -109,7 +111,10 @@ def ome_xml(images: Sequence[tuple[str, tuple[int, ...], str, tuple[float, float
     as bioformats2raw writes beside the series. Each Image's ID is "Image:<group path>":
     napari-ome-zarr opens the group the ID names (bioformats2raw itself numbers the groups,
     so its IDs are "Image:0", "Image:1"...). Names must hold no whitespace (OME IDs)."""
-    types = {"uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "int8": "int8", "int16": "int16", "int32": "int32", "float32": "float", "float64": "double"}
+    # OME's PixelType has no 64-bit integers and no half floats: such images are listed with
+    # the type a reader should convert them to (never a narrower one that would wrap values).
+    types = {"uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "int8": "int8", "int16": "int16", "int32": "int32", "float32": "float", "float64": "double",
+             "float16": "float", "int64": "double", "uint64": "double", "bool": "bit"}
     out = ['<?xml version="1.0" encoding="UTF-8"?>',
            '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
            'xsi:schemaLocation="http://www.openmicroscopy.org/Schemas/OME/2016-06 http://www.openmicroscopy.org/Schemas/OME/2016-06/ome.xsd">']
@@ -117,11 +122,16 @@ def ome_xml(images: Sequence[tuple[str, tuple[int, ...], str, tuple[float, float
         z, y, x = shape
         size = "" if vs is None else f' PhysicalSizeZ="{vs[0]:g}" PhysicalSizeZUnit="nm" PhysicalSizeY="{vs[1]:g}" PhysicalSizeYUnit="nm" PhysicalSizeX="{vs[2]:g}" PhysicalSizeXUnit="nm"'
         out += [f'  <Image ID="Image:{_xml_escape(name)}" Name="{_xml_escape(name)}">',
-                f'    <Pixels ID="Pixels:{i}" DimensionOrder="XYZCT" Type="{types.get(str(np.dtype(dtype)), "uint8")}" SizeX="{x}" SizeY="{y}" SizeZ="{z}" SizeC="1" SizeT="1"{size}>',
+                f'    <Pixels ID="Pixels:{i}" DimensionOrder="XYZCT" Type="{_pixel_type(types, dtype)}" SizeX="{x}" SizeY="{y}" SizeZ="{z}" SizeC="1" SizeT="1"{size}>',
                 f'      <Channel ID="Channel:{i}:0" SamplesPerPixel="1"/>',
                 "    </Pixels>",
                 "  </Image>"]
     return "\n".join(out + ["</OME>", ""])
+
+
+def _pixel_type(types: dict, dtype) -> str:
+    """OME PixelType of a numpy dtype (any byte order); "double" holds any other real type."""
+    return types.get(np.dtype(dtype).name, "double")
 
 
 def _xml_escape(text: str) -> str:

@@ -66,7 +66,7 @@ class Generators:
 
     def __init__(self, stream: str, seed: int | None = None) -> None:
         self.stream, self.seed = stream, seed
-        self.step: int | None = None
+        self.step: int | tuple[int, int] | None = None  # optimizer step, or (step, micro-batch)
         self._by_device: dict[str, torch.Generator] = {}
         self._owner: tuple[int, int, int] | None = None  # (pid, rank, worker) they were made in
 
@@ -74,11 +74,14 @@ class Generators:
         """(seed, stream, rank, worker[, step]) of this process."""
         seed = self.seed if self.seed is not None else run_seed()
         base = (seed, stream_id(self.stream), process_rank(), worker_index())
-        return base if self.step is None else (*base, self.step)
+        if self.step is None:
+            return base
+        return (*base, *self.step) if isinstance(self.step, tuple) else (*base, self.step)
 
-    def at_step(self, step: int) -> None:
-        """Draw from the sequence of optimizer step `step` from now on."""
-        self.step = int(step)
+    def at_step(self, step: int, micro: int = 0) -> None:
+        """Draw from the sequence of optimizer step `step` from now on; `micro`: which
+        micro-batch of the step, under gradient accumulation (each gets its own draws)."""
+        self.step = int(step) if not micro else (int(step), int(micro))
         self._by_device, self._owner = {}, None
 
     def get(self, device: torch.device | str = "cpu") -> torch.Generator:
@@ -106,13 +109,14 @@ class Generators:
         return {"stream": self.stream, "seed": self.seed, "step": self.step, "_by_device": {}, "_owner": None}
 
 
-def seed_process(seed: int | None = None, step: int | None = None) -> int:
-    """Re-seed this process's global RNGs (torch, numpy, random) from (seed, rank[, step]),
-    so what still draws from them (dropout, drop-path) differs between ranks and, keyed by
-    the optimizer step, repeats exactly after a resume. Returns the seed."""
+def seed_process(seed: int | None = None, step: int | None = None, micro: int = 0) -> int:
+    """Re-seed this process's global RNGs (torch, numpy, random) from (seed, rank[, step
+    [, micro-batch]]), so what still draws from them (dropout, drop-path) differs between
+    ranks and micro-batches and, keyed by the optimizer step, repeats exactly after a
+    resume. Returns the seed."""
     import random
 
-    keys = (seed if seed is not None else run_seed(), process_rank(), 0x5EED) + (() if step is None else (int(step),))
+    keys = (seed if seed is not None else run_seed(), process_rank(), 0x5EED) + (() if step is None else (int(step),)) + ((int(micro),) if micro else ())
     s = derive_seed(*keys)
     torch.manual_seed(s)
     np.random.seed(s % 2**32)

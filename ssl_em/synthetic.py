@@ -142,8 +142,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+#: make_volume holds a few float copies of the volume in memory: 2^28 voxels is ~10 GB of it.
+MAX_VOXELS = 1 << 28
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """"z,y,x" -> three sizes >= 1 whose product fits in memory; UserError naming --shape."""
+    from ssl_em.errors import UserError
+
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise UserError(f"--shape {text}: give three sizes >= 1, z,y,x (e.g. 32,256,256)")
+    if shape[0] * shape[1] * shape[2] > MAX_VOXELS:
+        raise UserError(f"--shape {text}: {shape[0] * shape[1] * shape[2]:.3g} voxels; synthetic volumes are built in memory, at most {MAX_VOXELS:.3g}")
+    return shape
+
+
 def run(args) -> int:
-    shape = tuple(int(s) for s in args.shape.split(","))
+    shape = parse_shape(args.shape)
     em = make_volume(shape=shape, seed=args.seed)
     for key, path in write(args.out, em).items():
         print(f"{key:13s} {path}")

@@ -162,6 +162,14 @@ def _truncated_tif(f: Fx, t: Path) -> bytes:
     return data[: len(data) // 2]
 
 
+def _tif_bytes(array: np.ndarray) -> bytes:
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, array, photometric="minisblack")
+    return buf.getvalue()
+
+
 def _float_tif(bad: float):
     def make(f: Fx, t: Path) -> bytes:
         import tifffile
@@ -179,6 +187,28 @@ def _bool_zarr(f: Fx, t: Path) -> None:
     import zarr
 
     zarr.open_array(str(t / "mask.zarr"), mode="w", shape=(2, 64, 64), dtype=bool, zarr_format=2)[...] = np.broadcast_to(np.eye(64, dtype=bool), (2, 64, 64))
+
+
+def _uint8_zarr(f: Fx, t: Path) -> None:
+    import zarr
+
+    zarr.open_array(str(t / "in.zarr"), mode="w", shape=(2, 64, 64), dtype="uint8", zarr_format=2)[...] = np.random.default_rng(0).integers(0, 255, (2, 64, 64), dtype=np.uint8)
+
+
+def _corrupt_chunks(f: Fx, t: Path) -> None:
+    """A copy of the archive whose level-0 chunks are not blosc data any more (a bad disk)."""
+    _copy_tree("archive", "a.zarr")(f, t)
+    for chunk in (t / "a.zarr" / "synthetic" / "0").iterdir():
+        if not chunk.name.startswith("."):
+            chunk.write_bytes(b"garbage" * 50)
+
+
+def _huge_h5(f: Fx, t: Path) -> None:
+    """A dataset declared 100000^3 (chunked, one chunk written): kilobytes on disk."""
+    import h5py
+
+    with h5py.File(t / "huge.h5", "w") as h:
+        h.create_dataset("raw", shape=(100_000,) * 3, dtype=np.uint8, chunks=(1, 256, 256))[0, :256, :256] = 7
 
 
 def _h5_as_png(f: Fx, t: Path) -> None:
@@ -271,6 +301,7 @@ CASES = [
     Case("ingest-unknown-suffix", lambda f, t: ["ingest", str(t / "notes.txt"), "--out", str(t / "a.zarr"), "--quiet"], lambda f, t: "notes.txt", _write("notes.txt", "hello")),
     Case("ingest-garbage-tiff", lambda f, t: ["ingest", str(t / "g.tif"), "--out", str(t / "a.zarr"), "--quiet"], lambda f, t: "g.tif", _write("g.tif", bytes(range(256)) * 8)),
     Case("ingest-empty-folder", lambda f, t: ["ingest", str(t / "empty"), "--out", str(t / "a.zarr"), "--quiet"], lambda f, t: "empty", _write("empty/.keep", "")),
+    Case("ingest-h5-declared-huge", lambda f, t: ["ingest", str(t / "huge.h5"), "--out", str(t / "a.zarr"), "--quiet"], lambda f, t: "huge.h5", _huge_h5),
     Case("ingest-voxel-size-text", lambda f, t: ["ingest", str(f.tif), "--out", str(t / "a.zarr"), "--voxel-size", "abc", "--quiet"], lambda f, t: "voxel-size"),
     Case("ingest-voxel-size-negative", lambda f, t: ["ingest", str(f.tif), "--out", str(t / "a.zarr"), "--voxel-size=-4", "--quiet"], lambda f, t: "voxel-size"),
     # inspect
@@ -297,6 +328,21 @@ CASES = [
     Case("pretrain-checkpoint-every-0", lambda f, t: ["pretrain", *PRE, "--data", str(f.archive), "--run_dir", str(t / "r"), "--checkpoint_every_n_steps", "0"], lambda f, t: "--checkpoint_every_n_steps"),
     Case("pretrain-missing-data", lambda f, t: ["pretrain", *PRE, "--data", str(t / "nope.zarr"), "--run_dir", str(t / "r")], lambda f, t: "nope.zarr"),
     Case("pretrain-everything-flagged", lambda f, t: ["pretrain", *PRE, "--data", str(f.flagged), "--run_dir", str(t / "r")], lambda f, t: "flagged.zarr"),
+    Case("pretrain-corrupt-chunk", lambda f, t: ["pretrain", *PRE, "--data", str(t / "a.zarr"), "--run_dir", str(t / "r"), "--trainer.max_steps", "2"],
+         lambda f, t: "synthetic/0", _corrupt_chunks),
+    Case("inspect-sheet-corrupt-chunk", lambda f, t: ["inspect", str(t / "a.zarr"), "--sheet", str(t / "s.png")], lambda f, t: "synthetic/0", _corrupt_chunks),
+    Case("pretrain-nan-volume", lambda f, t: ["pretrain", *PRE, "--data", str(t / "nan.tif"), "--run_dir", str(t / "r")], lambda f, t: "nan.tif", _nan_volume),
+    Case("pretrain-constant-volume", lambda f, t: ["pretrain", *PRE, "--data", str(t / "c.tif"), "--run_dir", str(t / "r")], lambda f, t: "c.tif",
+         lambda f, t: _tif(t / "c.tif", np.full((2, 64, 64), 7, np.uint8)) and None),
+    # a loss gone NaN (here: std 0 divides every tile by zero) stops the run at once
+    Case("pretrain-nonfinite-loss", lambda f, t: ["pretrain", *PRE, "--data", str(f.archive), "--run_dir", str(t / "r"), "--trainer.max_steps", "3",
+                                                  "--data.normalization.mean", "0.5", "--data.normalization.std", "0"], lambda f, t: "train/loss is nan"),
+    Case("pretrain-max-steps-negative", lambda f, t: ["pretrain", *PRE, "--data", str(f.archive), "--run_dir", str(t / "r"), "--max-steps", "-5"], lambda f, t: "--max-steps"),
+    Case("pretrain-devices-0", lambda f, t: ["pretrain", *PRE, "--data", str(f.archive), "--run_dir", str(t / "r"), "--devices", "0"], lambda f, t: "--devices"),
+    Case("pretrain-accelerator-unknown", lambda f, t: ["pretrain", *PRE, "--data", str(f.archive), "--run_dir", str(t / "r"), "--trainer.accelerator", "tpu9"], lambda f, t: "tpu9"),
+    Case("pretrain-recipe-empty", lambda f, t: ["pretrain", *PRE, "--config", str(t / "empty.yaml"), "--data", str(f.archive), "--run_dir", str(t / "r")], lambda f, t: "empty.yaml",
+         _write("empty.yaml", "")),
+    Case("pretrain-unknown-model-argument", lambda f, t: ["pretrain", *PRE, "--data", str(f.archive), "--run_dir", str(t / "r"), "--model.init_args.nope", "3"], lambda f, t: "nope"),
     # export
     Case("export-no-checkpoint", lambda f, t: ["export", str(t / "empty_run"), "--out", str(t / "bb")], lambda f, t: "empty_run", _write("empty_run/config.yaml", "x: 1")),
     Case("export-missing-run", lambda f, t: ["export", str(t / "nope"), "--out", str(t / "bb")], lambda f, t: str(t / "nope")),
@@ -310,9 +356,31 @@ CASES = [
     Case("finetune-corrupt-backbone-json", lambda f, t: _ft(f, t, backbone=str(t / "b")), lambda f, t: "ssl_em.json", _all(_copy_tree("backbone", "b"), _write("b/ssl_em.json", "{"))),
     Case("finetune-backbone-checkpoint-path", lambda f, t: _ft(f, t, backbone=str(t / "b")), lambda f, t: "checkpoint_path",
          _backbone_copy(lambda d: d["model_args"].update(checkpoint_path="/etc/passwd"))),
+    # a backbone's recorded recipe is data: known keys of checked types, never a class to import
+    Case("finetune-backbone-recipe-names-a-head", lambda f, t: _ft(f, t, backbone=str(t / "b")), lambda f, t: "finetune settings ['head']",
+         _backbone_copy(lambda d: d.update(finetune={"head": {"class_path": "this.s"}}))),
+    Case("finetune-backbone-recipe-wrong-type", lambda f, t: _ft(f, t, backbone=str(t / "b")), lambda f, t: "finetune.unfreeze_at_step",
+         _backbone_copy(lambda d: d.update(finetune={"unfreeze_at_step": "soon"}))),
+    Case("finetune-backbone-recipe-not-an-object", lambda f, t: _ft(f, t, backbone=str(t / "b")), lambda f, t: "finetune",
+         _backbone_copy(lambda d: d.update(finetune=[1, 2]))),
+    Case("finetune-backbone-nan-normalization", lambda f, t: _ft(f, t, backbone=str(t / "b")), lambda f, t: "normalization",
+         _backbone_copy(lambda d: d["normalization"].update(mean=float("nan")))),
+    Case("finetune-backbone-img-size-text", lambda f, t: _ft(f, t, backbone=str(t / "b")), lambda f, t: "img_size", _backbone_copy(lambda d: d.update(img_size="abc"))),
     Case("finetune-out-is-file", lambda f, t: _ft(f, t, "--out", str(t / "o")), lambda f, t: str(t / "o"), _write("o", "x")),
     Case("finetune-train-slices-text", lambda f, t: _ft(f, t, "--train-slices=x-3"), lambda f, t: "--train-slices"),
     Case("finetune-train-slices-outside", lambda f, t: _ft(f, t, "--train-slices", "7"), lambda f, t: "--train-slices"),
+    Case("finetune-val-slices-backwards", lambda f, t: _ft(f, t, "--val-slices", "3-2"), lambda f, t: "--val-slices"),
+    Case("finetune-constant-images", lambda f, t: _ft(f, t, "--images", str(t / "c.tif")), lambda f, t: "c.tif", _write("c.tif", lambda f, t: _tif_bytes(np.full((4, 64, 64), 9, np.uint8)))),
+    Case("finetune-max-steps-negative", lambda f, t: _ft(f, t, "--max-steps", "-3"), lambda f, t: "--max-steps"),
+    Case("finetune-devices-0", lambda f, t: _ft(f, t, "--trainer.devices", "0"), lambda f, t: "--trainer.devices"),
+    Case("finetune-accelerator-unknown", lambda f, t: _ft(f, t, "--trainer.accelerator", "tpu9"), lambda f, t: "tpu9"),
+    Case("finetune-lr-negative", lambda f, t: _ft(f, t, "--lr=-0.1"), lambda f, t: "--lr"),
+    Case("finetune-nan-labels", lambda f, t: _ft(f, t, "--labels", str(t / "l.tif")), lambda f, t: "l.tif",
+         _write("l.tif", lambda f, t: _tif_bytes(np.where(np.arange(64) % 2, np.nan, 1.0).astype(np.float32) * np.ones((4, 64, 64), np.float32)))),
+    Case("finetune-recipe-yaml-syntax", lambda f, t: _ft(f, t, "--config", str(t / "bad.yaml")), lambda f, t: "bad.yaml", _write("bad.yaml", "model:\n  lr: [1\n")),
+    Case("finetune-recipe-is-a-list", lambda f, t: _ft(f, t, "--config", str(t / "list.yaml")), lambda f, t: "list.yaml", _write("list.yaml", "- 1\n- 2\n")),
+    Case("finetune-lr-text", lambda f, t: _ft(f, t, "--lr", "abc"), lambda f, t: "--model.lr"),
+    Case("finetune-strategy-fsdp", lambda f, t: _ft(f, t, "--trainer.strategy", "fsdp"), lambda f, t: "--trainer.strategy"),
     Case("finetune-missing-images", lambda f, t: _ft(f, t, "--images", str(t / "nope.tif")), lambda f, t: "nope.tif"),
     Case("finetune-labels-other-shape", lambda f, t: _ft(f, t, "--labels", str(f.labels_small)), lambda f, t: "labels_small.tif"),
     Case("finetune-missing-backbone", lambda f, t: _ft(f, t, backbone=str(t / "nope")), lambda f, t: "nope"),
@@ -334,12 +402,30 @@ CASES = [
     Case("predict-nan-input", lambda f, t: ["predict", str(f.model), str(t / "nan.tif"), "--out", str(t / "o.zarr"), *P], lambda f, t: "nan.tif", _nan_volume),
     Case("predict-out-is-file", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "o.zarr"), *P], lambda f, t: "o.zarr", _write("o.zarr", "x")),
     Case("predict-out-under-file", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "f" / "o.zarr"), *P], lambda f, t: str(t / "f"), _write("f", "x")),
+    Case("predict-constant-input", lambda f, t: ["predict", str(f.model), str(t / "c.tif"), "--out", str(t / "o.zarr"), *P], lambda f, t: "c.tif",
+         _write("c.tif", lambda f, t: _tif_bytes(np.zeros((2, 64, 64), np.uint8)))),
+    Case("predict-incomplete-archive-image", lambda f, t: ["predict", str(f.model), str(t / "a.zarr" / "synthetic"), "--out", str(t / "o.zarr"), *P], lambda f, t: "synthetic",
+         _all(_copy_tree("archive", "a.zarr"), _edit_json("a.zarr/synthetic/.zattrs", lambda d: d["ssl_em"].update(complete=False)))),
+    Case("predict-archive-root-with-incomplete-image", lambda f, t: ["predict", str(f.model), str(t / "a.zarr"), "--out", str(t / "o.zarr"), *P], lambda f, t: "synthetic",
+         _all(_copy_tree("archive", "a.zarr"), _edit_json("a.zarr/synthetic/.zattrs", lambda d: d["ssl_em"].update(complete=False)),
+              _edit_json("a.zarr/OME/.zattrs", lambda d: d.update(series=[])))),
+    Case("predict-corrupt-chunk", lambda f, t: ["predict", str(f.model), str(t / "a.zarr" / "synthetic"), "--out", str(t / "o.zarr"), *P], lambda f, t: "synthetic/0", _corrupt_chunks),
     Case("predict-slab-0", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "o.zarr"), "--slab", "0", *P], lambda f, t: "--slab"),
     Case("predict-batch-size-0", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "o.zarr"), "--batch-size", "0", *P], lambda f, t: "--batch-size"),
     Case("predict-overlap-negative", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "o.zarr"), "--overlap=-4", *P], lambda f, t: "--overlap"),
     Case("predict-overlap-equals-window", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "o.zarr"), "--overlap", "32", *P], lambda f, t: "--overlap"),
     Case("predict-window-0", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "o.zarr"), "--window", "0", *P], lambda f, t: "--window"),
     Case("predict-other-settings-same-out", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(f.pred), "--overlap", "4", *P], lambda f, t: "pred.zarr"),
+    # --overwrite replaces an earlier prediction only, never what --out happens to name
+    Case("predict-overwrite-the-input", lambda f, t: ["predict", str(f.model), str(t / "in.zarr"), "--out", str(t / "in.zarr"), "--overwrite", *P], lambda f, t: "in.zarr", _uint8_zarr),
+    Case("predict-overwrite-the-model", lambda f, t: ["predict", str(t / "m"), str(f.tif), "--out", str(t / "m"), "--overwrite", *P], lambda f, t: str(t / "m"), _copy_tree("model", "m")),
+    Case("predict-overwrite-an-archive", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "a.zarr"), "--overwrite", *P], lambda f, t: "a.zarr", _copy_tree("archive", "a.zarr")),
+    Case("predict-overwrite-own-files", lambda f, t: ["predict", str(f.model), str(f.tif), "--out", str(t / "mine"), "--overwrite", *P], lambda f, t: "mine", _write("mine/thesis.tex", "x")),
+    Case("predict-nan-normalization-model", lambda f, t: ["predict", str(t / "m"), str(f.tif), "--out", str(t / "o.zarr"), *P], lambda f, t: "normalization",
+         _model_copy(lambda d: d["normalization"].update(std=float("nan")))),
+    Case("predict-task-panoptic", lambda f, t: ["predict", str(t / "m"), str(f.tif), "--out", str(t / "o.zarr"), *P], lambda f, t: "task", _model_copy(lambda d: d.update(task="panoptic"))),
+    Case("predict-model-tile-size-text", lambda f, t: ["predict", str(t / "m"), str(f.tif), "--out", str(t / "o.zarr"), *P], lambda f, t: "tile_size", _model_copy(lambda d: d.update(tile_size="big"))),
+    Case("predict-model-tile-size-0", lambda f, t: ["predict", str(t / "m"), str(f.tif), "--out", str(t / "o.zarr"), *P], lambda f, t: "tile_size", _model_copy(lambda d: d.update(tile_size=0))),
     Case("predict-not-a-model-folder", lambda f, t: ["predict", str(f.backbone), str(f.tif), "--out", str(t / "o.zarr"), *P], lambda f, t: "backbone"),
     # evaluate
     Case("evaluate-json-missing-folder", lambda f, t: ["evaluate", str(f.pred), str(f.labels), "--json", str(t / "no" / "s.json")], lambda f, t: str(t / "no")),
@@ -349,12 +435,34 @@ CASES = [
     Case("evaluate-slices-outside", lambda f, t: ["evaluate", str(f.pred), str(f.labels), "--slices", "9"], lambda f, t: "--slices"),
     Case("evaluate-slices-text", lambda f, t: ["evaluate", str(f.pred), str(f.labels), "--slices", "a-b"], lambda f, t: "--slices"),
     Case("evaluate-label-values-text", lambda f, t: ["evaluate", str(f.pred), str(f.labels), "--label-values", "a,b"], lambda f, t: "--label-values"),
+    Case("evaluate-float-nan-prediction", lambda f, t: ["evaluate", str(t / "p.tif"), str(f.labels)], lambda f, t: "p.tif",
+         _write("p.tif", lambda f, t: _tif_bytes(np.where(np.arange(64) % 2, np.nan, 1.0).astype(np.float32) * np.ones((4, 64, 64), np.float32)))),
+    Case("evaluate-probabilities", lambda f, t: ["evaluate", str(t / "p.tif"), str(f.labels)], lambda f, t: "p.tif",
+         _write("p.tif", lambda f, t: _tif_bytes(np.full((4, 64, 64), 0.7, np.float32)))),
+    Case("evaluate-raw-archive-image", lambda f, t: ["evaluate", str(f.archive / "synthetic"), str(t / "gt.tif")], lambda f, t: "synthetic",
+         _write("gt.tif", lambda f, t: _tif_bytes(np.zeros((4, 128, 128), np.uint8)))),
+    # export-model
+    Case("export-model-nan-sample", lambda f, t: ["export-model", str(f.model), "--sample", str(t / "nan.tif"), "--out", str(t / "bmz")], lambda f, t: "nan.tif",
+         _write("nan.tif", lambda f, t: _tif_bytes(np.full((2, 64, 64), np.nan, np.float32)))),
+    Case("export-model-constant-sample", lambda f, t: ["export-model", str(f.model), "--sample", str(t / "c.tif"), "--out", str(t / "bmz")], lambda f, t: "c.tif",
+         _write("c.tif", lambda f, t: _tif_bytes(np.full((2, 64, 64), 3, np.uint8)))),
+    Case("export-model-unknown-license", lambda f, t: ["export-model", str(f.model), "--sample", str(f.tif), "--out", str(t / "bmz"), "--license", "NOT-A-LICENSE"], lambda f, t: "--license"),
+    Case("demo-pretrain-steps-negative", lambda f, t: ["demo", "--out", str(t / "demo"), "--pretrain-steps", "-1"], lambda f, t: "--pretrain-steps"),
+    # synth
+    Case("synth-shape-zero", lambda f, t: ["synth", "--out", str(t / "s"), "--shape", "0,0,0"], lambda f, t: "--shape"),
+    Case("synth-shape-text", lambda f, t: ["synth", "--out", str(t / "s"), "--shape", "a,b"], lambda f, t: "--shape"),
+    Case("synth-shape-huge", lambda f, t: ["synth", "--out", str(t / "s"), "--shape", "100000,100000,100000"], lambda f, t: "--shape"),
     # benchmark
     Case("benchmark-missing-backbone", lambda f, t: _bench(f, t, backbones=[str(t / "nope")]), lambda f, t: "nope"),
     Case("benchmark-budget-larger-than-pool", lambda f, t: _bench(f, t, budgets="8"), lambda f, t: "--budgets"),
     Case("benchmark-pool-text", lambda f, t: _bench(f, t, pool="x-3"), lambda f, t: "--pool"),
     Case("benchmark-seeds-text", lambda f, t: _bench(f, t, "--seeds", "a"), lambda f, t: "--seeds"),
     Case("benchmark-budgets-text", lambda f, t: _bench(f, t, budgets="two"), lambda f, t: "--budgets"),
+    Case("benchmark-backbone-recipe-names-a-head", lambda f, t: _bench(f, t, backbones=[str(t / "b")]), lambda f, t: "finetune settings ['head']",
+         _backbone_copy(lambda d: d.update(finetune={"head": "x"}))),
+    Case("benchmark-report-garbage-csv", lambda f, t: ["benchmark", "report", "--out", str(t / "b")], lambda f, t: "results.csv", _write("b/results.csv", "a,b\n1,2\n\x00,zz\n")),
+    Case("benchmark-report-score-text", lambda f, t: ["benchmark", "report", "--out", str(t / "b")], lambda f, t: "line 2",
+         _write("b/results.csv", "arm,backbone,random_init,budget,seed,score\nx,y,False,1,0,high\n")),
     Case("benchmark-foreign-backbone", lambda f, t: _bench(f, t, backbones=[str(t / "b")]), lambda f, t: "checkpoint_path",
          _backbone_copy(lambda d: d["model_args"].update(checkpoint_path="/etc/passwd"))),
 ]
@@ -389,6 +497,16 @@ API_CASES = [
      _backbone_copy(lambda d: d["model_args"].update(checkpoint_path="/tmp/evil.pth"))),
     ("load_backbone-pretrained-true", lambda f, t: _load_backbone(t / "b"), lambda f, t: "pretrained", _backbone_copy(lambda d: d["model_args"].update(pretrained=True))),
     ("load_backbone-local-dir-architecture", lambda f, t: _load_backbone(t / "b"), lambda f, t: "local-dir", _backbone_copy(lambda d: d.update(architecture="local-dir:/tmp"))),
+    ("load_backbone-nan-normalization", lambda f, t: _load_backbone(t / "b"), lambda f, t: "normalization", _backbone_copy(lambda d: d["normalization"].update(mean=float("nan")))),
+    ("load_backbone-zero-std", lambda f, t: _load_backbone(t / "b"), lambda f, t: "normalization", _backbone_copy(lambda d: d["normalization"].update(std=0))),
+    ("load_backbone-img-size-text", lambda f, t: _load_backbone(t / "b"), lambda f, t: "img_size", _backbone_copy(lambda d: d.update(img_size="abc"))),
+    ("load_backbone-patch-size-negative", lambda f, t: _load_backbone(t / "b"), lambda f, t: "patch_size", _backbone_copy(lambda d: d.update(patch_size=-1))),
+    ("load_backbone-no-architecture", lambda f, t: _load_backbone(t / "b"), lambda f, t: "architecture", _backbone_copy(lambda d: d.pop("architecture"))),
+    ("load_backbone-recipe-class-path", lambda f, t: _load_backbone(t / "b"), lambda f, t: "finetune", _backbone_copy(lambda d: d.update(finetune={"head": {"class_path": "os.system"}}))),
+    ("load_finetuned-task-panoptic", lambda f, t: _load_finetuned(t / "m"), lambda f, t: "task", _model_copy(lambda d: d.update(task="panoptic"))),
+    ("load_finetuned-nan-normalization", lambda f, t: _load_finetuned(t / "m"), lambda f, t: "normalization", _model_copy(lambda d: d["normalization"].update(mean=float("nan")))),
+    ("load_finetuned-backbone-zero-std", lambda f, t: _load_finetuned(t / "m"), lambda f, t: "normalization", _model_copy(lambda d: d["backbone"]["normalization"].update(std=0.0))),
+    ("load_finetuned-classes-empty", lambda f, t: _load_finetuned(t / "m"), lambda f, t: "classes", _model_copy(lambda d: d.update(classes=[]))),
     ("load_finetuned-foreign-class-path", lambda f, t: _load_finetuned(t / "m"), lambda f, t: "class_path", _model_copy(lambda d: d["head"].update(class_path="ssl_em_evil_probe.Head"))),
     ("load_finetuned-head-from-other-module", lambda f, t: _load_finetuned(t / "m"), lambda f, t: "class_path", _model_copy(lambda d: d["head"].update(class_path="torch.nn.Identity"))),
     ("load_finetuned-foreign-init-args", lambda f, t: _load_finetuned(t / "m"), lambda f, t: "init_args", _model_copy(lambda d: d["head"]["init_args"].update(evil=1))),
@@ -468,6 +586,20 @@ def test_foreign_head_module_is_never_imported(fx: Fx, tmp_path: Path, monkeypat
     with pytest.raises(BackboneError, match="not one of ssl_em's heads"):
         _load_finetuned(tmp_path / "m")
     assert not marker.exists() and "ssl_em_evil_probe" not in sys.modules
+
+
+def test_backbone_recipe_never_imports_code(fx: Fx, tmp_path: Path, monkeypatch):
+    """`finetune --backbone FOLDER` whose ssl_em.json recommends a head by class path: refused
+    before jsonargparse imports the module (which would run the sender's code)."""
+    probe = tmp_path / "mods" / "ssl_em_recipe_probe.py"
+    probe.parent.mkdir()
+    marker = tmp_path / "imported"
+    probe.write_text(f"open({str(marker)!r}, 'w').write('ran')\nimport torch\nHead = torch.nn.Identity\n")
+    monkeypatch.syspath_prepend(str(probe.parent))
+    _backbone_copy(lambda d: d.update(finetune={"head": {"class_path": "ssl_em_recipe_probe.Head"}}))(fx, tmp_path)
+    result, _, err = invoke(_ft(fx, tmp_path, backbone=str(tmp_path / "b")))
+    assert result == 2 and "finetune settings ['head']" in err, err
+    assert not marker.exists() and "ssl_em_recipe_probe" not in sys.modules
 
 
 def test_debug_shows_the_traceback(fx: Fx, tmp_path: Path, monkeypatch):

@@ -349,3 +349,23 @@ def test_labels_saved_when_lower_is_better():
     # A non-monotone curve: the first budget where the U-Net reaches the score counts.
     assert slices_needed({1: 0.7, 2: 0.8, 4: 0.75}, 0.78) == (pytest.approx(1.8), "")
     assert slices_needed({1: 0.7, 2: 0.8, 4: 0.75}, 0.81) == (4.0, ">=")
+
+
+def test_resume_refuses_rows_run_with_other_settings(tmp_path, monkeypatch):
+    """A rerun into the same --out with another --lr used to skip every cell already there
+    (keyed by arm, budget and seed alone) and mix the old rows with the new ones."""
+    import ssl_em.finetune.benchmark as bench
+    import ssl_em.finetune.cli as ft_cli
+    from ssl_em.cli import main
+
+    calls = []
+    monkeypatch.setattr(ft_cli, "finetune", lambda *a, **kw: calls.append(kw.get("lr")) or (None, {"mean_iou": 0.5}))
+    monkeypatch.setattr(bench, "check_backbone", lambda b: None)
+    monkeypatch.setattr(bench, "check_data", lambda *a: None)
+    argv = ["benchmark", "label-efficiency", "--backbones", "ckpt/mae", "--images", "i", "--labels", "l", "--pool", "0-3",
+            "--val-slices", "4", "--budgets", "1", "--seeds", "0", "--no-ceiling", "--out", str(tmp_path)]
+    assert main(argv) == 0 and len(calls) == 3
+    assert main(argv) == 0 and len(calls) == 3  # same settings: resumed, nothing left to run
+    before = (tmp_path / "results.csv").read_text()
+    assert main([*argv, "--lr", "0.002"]) == 2
+    assert len(calls) == 3 and (tmp_path / "results.csv").read_text() == before

@@ -68,3 +68,16 @@ def test_export_passes_bioimageio_model_test(finetuned, tmp_path):
     for name in ("test_input.npy", "test_output.npy"):
         np.testing.assert_array_equal(np.load(finetuned / "from_finetune" / name), np.load(out / name))
     assert yaml.safe_load((finetuned / "from_finetune" / "bioimageio.yaml").read_text())["weights"].keys() == rdf["weights"].keys()
+
+
+def test_rdf_holds_no_local_path_or_login_name(finetuned):
+    """`finetune --bioimageio` (no --author): the rdf named the backbone by its absolute path
+    on the training machine and the login name as the author."""
+    import getpass
+
+    import yaml
+
+    text = (finetuned / "from_finetune" / "bioimageio.yaml").read_text()
+    rdf = yaml.safe_load(text)
+    assert str(finetuned) not in text and "/" not in rdf["weights"]["pytorch_state_dict"]["architecture"]["kwargs"]["meta"]["backbone_source"]
+    assert [a["name"] for a in rdf["authors"]] != [getpass.getuser()]

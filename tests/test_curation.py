@@ -118,3 +118,16 @@ def test_hash_index_keeps_first_of_a_group():
     # Same position within the window: continuity, not a duplicate; elsewhere: duplicate.
     again = np.array([[0b1111, 0b111 << 20, 0b1111]], np.uint64)
     assert index.add(again, np.ones(again.shape, bool), z=1, ty0=0, z_window=2, max_distance=1).tolist() == [[False, False, True]]
+
+
+def test_tiles_holding_nan_or_inf_are_flagged():
+    """A non-finite tile's contrast is NaN, which no threshold caught: it reached pretraining
+    and made the loss NaN."""
+    from ssl_em.data.archive import TileFlag
+    from ssl_em.synthetic import make_volume
+
+    block = make_volume(shape=(1, 128, 128), seed=0).image.astype(np.float32)
+    block[0, 5, 5], block[0, 70, 100] = np.nan, np.inf  # tiles (0, 0) and (1, 1) of 64 px
+    flags = Curator(tile_size=64, dhash_max_distance=0).start(block.shape, block.dtype, (0.0, 255.0, 0.0, 255.0)).flag(block, 0, 0)
+    low = (flags[0] & TileFlag.LOW_INFORMATION) > 0
+    assert low[0, 0] and low[1, 1] and not low[0, 1] and not low[1, 0]

@@ -191,3 +191,97 @@ def test_model_card_front_matter_pixel_size_and_permissions(exported, tmp_path):
 def _tiny():
     model = build_backbone(ARCH, img_size=32, **TINY_VIT)
     return model, BackboneMeta(architecture=ARCH, model_args=run_metadata(model, None)["model_args"], img_size=32, patch_size=8)
+
+
+# -- replace_folder: `out` exists at every instant ------------------------------------------------
+
+
+def _fill(text: str):
+    def fill(folder):
+        (folder / "meta.json").write_text(text)
+
+    return fill
+
+
+def _second_replace_fails(monkeypatch):
+    """os.replace as seen by ssl_em.export, failing on its second call: a crash between the
+    two renames of a non-atomic swap."""
+    import os
+
+    import ssl_em.export as ex
+
+    calls, real = [], os.replace
+
+    def replace(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:
+            raise OSError("simulated crash between the renames")
+        real(a, b)
+
+    monkeypatch.setattr(ex.os, "replace", replace)
+
+
+def test_replace_folder_swaps_atomically(tmp_path, monkeypatch):
+    """With renameat2 the swap is one call: no window without `out`."""
+    from ssl_em.export import exchange_paths, replace_folder
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x").write_text("a")
+    if not exchange_paths(a, b):
+        pytest.skip("renameat2(RENAME_EXCHANGE) not available here")
+    assert (b / "x").read_text() == "a" and not (a / "x").exists()
+    out = tmp_path / "model"
+    replace_folder(out, _fill("old"), "meta.json")
+    _second_replace_fails(monkeypatch)
+    replace_folder(out, _fill("new"), "meta.json")
+    assert (out / "meta.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "model"]  # no temporary left
+
+
+def test_replace_folder_without_exchange_keeps_the_old_folder(tmp_path, monkeypatch):
+    """Fallback (no renameat2): a failure between the renames puts the old folder back, and a
+    kill there leaves `.NAME.old`, which the next load or export recovers."""
+    import ssl_em.export as ex
+
+    out = tmp_path / "model"
+    ex.replace_folder(out, _fill("old"), "meta.json")
+    monkeypatch.setattr(ex, "exchange_paths", lambda a, b: False)
+    with monkeypatch.context() as m:
+        _second_replace_fails(m)
+        with pytest.raises(OSError, match="simulated crash"):
+            ex.replace_folder(out, _fill("new"), "meta.json")
+    assert (out / "meta.json").read_text() == "old"
+    # A kill between the renames: the old folder sits at .model.old and nothing at `out`.
+    out.rename(tmp_path / ".model.old")
+    ex.replace_folder(out, _fill("newer"), "meta.json")  # recovers, then replaces as usual
+    assert (out / "meta.json").read_text() == "newer" and not (tmp_path / ".model.old").exists()
+    out.rename(tmp_path / ".model.old")
+    assert (ex.recover_folder(out) / "meta.json").read_text() == "newer"
+
+
+def test_load_backbone_recovers_a_folder_left_by_a_crash(exported, tmp_path):
+    _, exported = exported
+    hidden = exported.with_name(f".{exported.name}.old")
+    exported.rename(hidden)
+    model, meta = load_backbone(exported)
+    assert exported.is_dir() and not hidden.exists()
+
+
+def test_cnn_export_records_its_training_tile_for_timm(tmp_path):
+    """A CNN's model_args hold no img_size: its export left timm's resolve_data_config at
+    ImageNet's 224, so timm's own transform resized every EM tile. The pretraining run
+    records its tile, and the export gives it to timm (crop 1.0)."""
+    import timm
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = build_backbone("test_resnet").eval()
+    run = run_metadata(model, SimpleNamespace(tile_size=96))
+    assert run["tile_size"] == 96
+    ckpt = {"state_dict": {f"backbone.{k}": v for k, v in model.state_dict().items()}, "global_step": 2, "ssl_em": {**run, "method": "ssl_em.pretrain.spark.SparK"}}
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, tmp_path / "run" / "checkpoints" / "last.ckpt")
+    out = export_run(tmp_path / "run", tmp_path / "cnn")
+    cfg = timm.data.resolve_data_config(model=timm.create_model(f"local-dir:{out}", pretrained=True))
+    assert cfg["input_size"] == (1, 96, 96) and cfg["crop_pct"] == 1.0

@@ -70,3 +70,13 @@ def test_full_resolution_stem_sees_one_pixel_lines(tiny_vit):
     with torch.no_grad():
         la, lb = head(tiny_vit(a), a), head(tiny_vit(b), b)
     assert not torch.allclose(la[..., 20, :], lb[..., 20, :])
+
+
+def test_feature_indices_out_of_range_are_refused_not_wrapped(tiny_vit):
+    """i % n before the range check turned index n + 3 of an n-level backbone into level 3."""
+    from ssl_em.finetune.features import feature_info
+
+    n = len(feature_info(tiny_vit.backbone))
+    with pytest.raises(ValueError, match="out of range"):
+        FeatureExtractor(tiny_vit.backbone, indices=[n + 3])
+    assert FeatureExtractor(tiny_vit.backbone, indices=[-1]).indices == [n - 1]

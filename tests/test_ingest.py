@@ -277,3 +277,26 @@ def test_shard_is_checked():
     for bad in ("4/4", "-1/2", "x", "1/2/3"):
         with pytest.raises(ValueError, match="--shard"):
             parse_shard(bad)
+
+
+def test_disk_full_names_the_archive_file_not_the_source(tmp_path, capsys, monkeypatch):
+    """ENOSPC while writing the archive was reported as "SOURCE: [Errno 28] ...", blaming
+    the source; it names the file being written."""
+    import errno
+
+    import tifffile
+
+    import ssl_em.data.ingest as ing
+
+    src = tmp_path / "em.tif"
+    tifffile.imwrite(src, np.random.default_rng(0).integers(0, 255, (2, 64, 64), dtype=np.uint8), photometric="minisblack")
+    chunk = tmp_path / "a.zarr" / "em" / "0" / "0.0.0"
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(chunk))
+
+    monkeypatch.setattr(ing, "_ingest_one", full)
+    summary = ingest([src], tmp_path / "a.zarr", progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ssl-em ingest: error: {chunk}: no space left on device"), err
+    assert summary.failed

@@ -186,3 +186,14 @@ def test_archive_still_opens_in_ssl_em(archive):
     assert open_volume(f"{archive}:aniso").voxel_size.as_tuple() == (40.0, 4.0, 4.0)
     with pytest.raises(VolumeError, match="holds 2 series"):
         open_volume(archive)
+
+
+def test_ome_xml_pixel_types_never_narrow():
+    """int64, uint64 and float16 were listed as uint8 (a reader would wrap the values)."""
+    import re
+
+    from ssl_em.ngff import ome_xml
+
+    images = [(f"im{k}", (1, 2, 2), dt, None) for k, dt in enumerate(["uint8", ">u2", "int64", "uint64", "float16", "float32", "float64"])]
+    types = re.findall(r'Type="([a-z0-9]+)"', ome_xml(images))
+    assert types == ["uint8", "uint16", "double", "double", "float", "float", "double"]

@@ -265,3 +265,44 @@ def test_cli_prints_its_precision_once_and_the_flag_overrides(tmp_path, capsys):
         argv = ["predict", str(tmp_path / "m"), str(tmp_path / "v.tif"), "--out", str(tmp_path / f"p{len(flag)}.zarr"), "--no-progress", "--accelerator", "cpu", *flag]
         assert main(argv) == 0
         assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("ssl-em predict: precision")] == [f"ssl-em predict: precision {said}"]
+
+
+def test_overwrite_replaces_an_earlier_prediction_only(tmp_path):
+    """--overwrite may replace a store marked as an ssl_em prediction (even one cut short
+    before its attributes were complete), and nothing else."""
+    import zarr
+
+    from ssl_em.finetune.predict import FORMAT, Prediction, PredictionExistsError
+
+    ours = tmp_path / "cut.zarr"
+    zarr.open_group(str(ours), mode="w", zarr_format=2).attrs["ssl_em"] = {"format": FORMAT, "identity": None, "complete": False}
+    assert Prediction.check(ours, {"model": "m"}, overwrite=True)
+    foreign = tmp_path / "other.zarr"
+    zarr.open_group(str(foreign), mode="w", zarr_format=2).attrs["ssl_em"] = {"source": "x.tif", "complete": True}  # an archive image
+    with pytest.raises(PredictionExistsError, match="not an ssl_em prediction"):
+        Prediction.check(foreign, {"model": "m"}, overwrite=True)
+    assert (foreign / ".zattrs").is_file()
+
+
+def test_deleted_labels_are_noticed_and_unknown_voxel_size_has_no_unit(tmp_path, volume, capsys):
+    """A finished prediction whose labels/ group was deleted is not reported done; a volume
+    without a voxel size gets a scale of 1 and no unit, not a fake 1 nm."""
+    import shutil
+
+    from ssl_em.data.volume import VoxelSize
+
+    net, stats, out = local_net(3), IntensityStats.compute(volume), tmp_path / "p.zarr"
+    predict_volume(net, ArrayVolume(volume), out, CLASSES, NORM, _settings(), model_id="m1", stats=stats, progress=False)
+    for f in (".zattrs", "labels/semantic/.zattrs"):
+        axes = json.loads((out / f).read_text())["multiscales"][0]["axes"]
+        assert [a.get("unit") for a in axes if a["type"] == "space"] == [None] * 3, f
+    shutil.rmtree(out / "labels")
+    with pytest.raises(PredictionExistsError, match="labels/semantic/0 is missing"):
+        predict_volume(net, ArrayVolume(volume), out, CLASSES, NORM, _settings(), model_id="m1", stats=stats, progress=False)
+    predict_volume(net, ArrayVolume(volume), out, CLASSES, NORM, _settings(), model_id="m1", stats=stats, overwrite=True, progress=False)
+    assert (out / "labels" / "semantic" / "0" / ".zarray").is_file()
+    known = tmp_path / "known.zarr"
+    predict_volume(net, ArrayVolume(volume, voxel_size=VoxelSize(30.0, 4.0, 4.0)), known, CLASSES, NORM, _settings(), model_id="m1", stats=stats, progress=False)
+    ms = json.loads((known / ".zattrs").read_text())["multiscales"][0]
+    assert [a.get("unit") for a in ms["axes"]] == [None, "nanometer", "nanometer", "nanometer"]
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 30.0, 4.0, 4.0]

@@ -34,3 +34,41 @@ def test_no_decay_on_norms_biases_tokens():
 def test_embedding_std_detects_collapse():
     assert embedding_std(torch.ones(16, 8)) == 0
     assert embedding_std(torch.randn(4096, 64)) == pytest.approx(64**-0.5, rel=0.05)
+
+
+def test_micro_batches_of_one_step_draw_differently(monkeypatch):
+    """Gradient accumulation: SeedPerRank keys each micro-batch of an optimizer step by its
+    index, so they draw different masks and dropout; the same (step, micro-batch) repeats."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from ssl_em.pretrain.cli import SeedPerRank
+    from ssl_em.seeding import Generators
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # what LightningCLI's seed_everything sets
+    module = nn.Module()
+    module.masks = Generators("mask", seed=0)
+    trainer = SimpleNamespace(global_step=5)
+    cb = SeedPerRank()
+    cb.setup(trainer, module, "fit")
+
+    def draws() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.rand(4, generator=module.masks.get()), torch.rand(4)  # a mask, dropout (global RNG)
+
+    draws_by_batch = []
+    for step in (5, 5, 5, 6):  # three micro-batches of step 5, then step 6
+        trainer.global_step = step
+        cb.on_train_batch_start(trainer, module, None, 0)
+        draws_by_batch.append(draws())
+    masks = [m for m, _ in draws_by_batch]
+    dropout = [d for _, d in draws_by_batch]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not torch.equal(masks[i], masks[j]) and not torch.equal(dropout[i], dropout[j]), (i, j)
+    resumed = SeedPerRank()  # a resumed run at step 5 draws what the first micro-batch drew
+    resumed.setup(trainer, module, "fit")
+    trainer.global_step = 5
+    resumed.on_train_batch_start(trainer, module, None, 0)
+    again = draws()
+    assert torch.equal(again[0], masks[0]) and torch.equal(again[1], dropout[0])

@@ -205,6 +205,22 @@ def test_rgb_tiff_reads_as_luminance(tmp_path, vol, compression):
     _check(open_volume(tmp_path / "slices"), want)
 
 
+@pytest.mark.parametrize("depth", [3, 4])
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_plain_imwrite_of_a_short_stack_is_that_many_slices(tmp_path, vol, depth, compression):
+    """tifffile.imwrite of a (3, H, W) or (4, H, W) array writes one planar "RGB(A)" page;
+    tifffile reads it back as the stack, and so must we (it was read as one slice)."""
+    import tifffile
+
+    stack = np.ascontiguousarray(vol[:depth])
+    tifffile.imwrite(tmp_path / "short.tif", stack, compression=compression)
+    assert tifffile.imread(tmp_path / "short.tif").shape == stack.shape
+    v = open_volume(tmp_path / "short.tif")
+    assert v.shape == stack.shape
+    _check(v, stack)
+    np.testing.assert_array_equal(v.read(slice(1, 2)), stack[1:2])
+
+
 # -- folders of 2D images ---------------------------------------------------------------------
 def test_png_folder_natural_order(tmp_path, vol):
     from PIL import Image

@@ -3,7 +3,7 @@
 Every z-slice is cut into a grid of `tile_size` x `tile_size` tiles (the last row and
 column may run past the volume's edge). Each tile gets `TileFlag` bits:
 
-- LOW_INFORMATION: empty resin, blank or nearly uniform. Measured as the tile's contrast
+- LOW_INFORMATION: empty resin, blank or nearly uniform, or holding NaN/Inf. Measured as the tile's contrast
   after 4x4 mean pooling (which averages shot noise away but keeps membranes and
   organelles): (p90 - p10) of the pooled tile over the volume's p1..p99 range. Real
   tissue (ISBI ssTEM, FlyEM FIB-SEM, CREMI) scores 0.4-0.9; blank resin with noise 0.01-0.05.
@@ -96,7 +96,10 @@ class VolumeCuration:
         t = self.c.tile_size
         tiles, valid_y, valid_x = _as_tiles(block, t)  # (dz, ty, tx, t, t)
         flags = np.zeros(tiles.shape[:3], np.uint8)
-        flags[self._low_information(tiles)] |= np.uint8(TileFlag.LOW_INFORMATION)
+        # A tile holding NaN/Inf carries nothing to learn and would turn a batch's loss NaN
+        # (its contrast measure is NaN, which no threshold catches): flagged as such.
+        nonfinite = ~np.isfinite(tiles).all(axis=(-2, -1)) if tiles.dtype.kind == "f" else False
+        flags[self._low_information(tiles) | nonfinite] |= np.uint8(TileFlag.LOW_INFORMATION)
         flags[self._saturated(tiles, valid_y, valid_x)] |= np.uint8(TileFlag.SATURATED)
         flags[self._padding(tiles, valid_y, valid_x)] |= np.uint8(TileFlag.PADDING)
         hashes = dhash(tiles)

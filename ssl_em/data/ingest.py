@@ -153,7 +153,7 @@ def ingest(
                 used_names.add(name)
                 result = _ingest_one(writer, spec, volume, name, curator, chunks, workers, memory_mb << 20, progress, voxel_size is not None)
             except (VolumeError, ImageBusyError, OSError, ValueError) as err:
-                message = str(err) if str(err).startswith(str(spec)) or isinstance(err, (VolumeError, ImageBusyError)) else f"{spec}: {err}"
+                message = _ingest_error(err, spec, out)
                 print(f"ssl-em ingest: error: {message.splitlines()[0]}", file=sys.stderr)  # once, as it happens
                 result = SourceResult(str(spec), "failed", error=message)
             finally:
@@ -164,6 +164,20 @@ def ingest(
     finally:  # the images finished since the last listing, after an error too
         writer.close()
     return IngestSummary(Path(out), results)
+
+
+def _ingest_error(err: BaseException, spec, out) -> str:
+    """One line for a failed source, blaming what is at fault: a full or unwritable disk is
+    the archive's (named by the file being written), not the source's."""
+    import errno
+
+    text = str(err)
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC or "No space left on device" in text:
+        where = getattr(err, "filename", None) or out
+        return f"{where}: no space left on device while ingesting {spec}; free space or choose another --out"
+    if isinstance(err, OSError) and err.filename is not None and not str(err.filename).startswith(str(spec)):
+        return f"{err.filename}: {err.strerror or type(err).__name__} (while ingesting {spec})"
+    return text if text.startswith(str(spec)) or isinstance(err, (VolumeError, ImageBusyError)) else f"{spec}: {err}"
 
 
 def expand_sources(sources: list[str | Path]) -> list[tuple[str | Path, str | None]]:

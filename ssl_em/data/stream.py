@@ -26,7 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ssl_em.data.archive import Archive
 from ssl_em.data.heap import keep_freed_memory
 from ssl_em.data.normalize import IntensityStats, Normalization
-from ssl_em.data.volume import Volume, VoxelSize
+from ssl_em.data.volume import Volume, VoxelSize, check_finite
 from ssl_em.errors import UserError, check_at_least
 
 
@@ -63,6 +63,9 @@ class StreamSource:
         rng = np.random.default_rng(seed)
         zs = rng.choice(volume.shape[0], size=min(sample_slices, volume.shape[0]), replace=False)
         sample = np.concatenate([volume.read(int(z)).ravel() for z in zs])
+        # An archive's curation flags such data; a raw volume has none, and NaN/Inf would
+        # make every tile's stretch NaN.
+        check_finite(sample, f"{volume.path} (slices {sorted(int(z) for z in zs)})")
         return cls(volume.name, [volume], [volume.voxel_size], IntensityStats.compute(sample), voxel_size_known=volume.voxel_size_known)
 
 
@@ -473,6 +476,9 @@ def open_sources(data: str | list[str], voxel_size=None, threads: int | None = N
     from ssl_em.data.readers.open import open_volume, source_fingerprint
 
     sources = [StreamSource.from_volume(open_volume(p, voxel_size=voxel_size)) for p in paths]
+    for p, s in zip(paths, sources):  # a constant volume stretches to NaN (lo == hi) and teaches nothing
+        if s.stats.hi <= s.stats.lo:
+            raise UserError(f"{p}: every sampled voxel is {s.stats.lo:g}: a constant volume has nothing to learn from")
     h = hashlib.sha256("".join(source_fingerprint(p) for p in paths).encode()).hexdigest()[:16]
     return sources, h
 

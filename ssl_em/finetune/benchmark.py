@@ -164,6 +164,7 @@ def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slice
     if ceiling and len(pool) not in budgets:
         grid += [(a, len(pool), s) for s in seeds for a in arms if a.baseline == a.name]
     todo = [g for g in grid if (g[0].name, g[1], g[2]) not in done]
+    _check_same_settings(rows, grid, len(pool), finetune_kwargs, csv_path)
     with _appender(csv_path, rows) as (f, writer):
         started = time.time()
         for i, (arm, budget, seed) in enumerate(todo):
@@ -188,6 +189,28 @@ def label_efficiency(arms: list[Arm], images, labels, pool: list[int], val_slice
     return rows
 
 
+def _recorded(arm: Arm, finetune_kwargs: dict | None) -> dict:
+    """The settings a row of `arm` records (its "settings" column)."""
+    settings = {**(finetune_kwargs or {}), **arm.settings}
+    return {k: settings[k] for k in RECORDED if k in settings}
+
+
+def _check_same_settings(rows: list[dict], grid: list, pool: int, finetune_kwargs: dict | None, csv_path: Path) -> None:
+    """UserError when results.csv already holds a cell of this grid run with other settings
+    (lr, unfreeze_at_step, backbone_lr_scale, pool size): resuming would skip it and mix
+    its row with new ones in one table. Rows from before a column existed are not judged on it."""
+    ours = {(a.name, b, s): _recorded(a, finetune_kwargs) for a, b, s in grid}
+    for r in rows:
+        want = ours.get((r["arm"], int(r["budget"]), int(r["seed"])))
+        if want is None:
+            continue
+        theirs = json.loads(r.get("settings") or "{}")
+        differ = sorted(k for k in theirs if theirs[k] != want.get(k)) + (["pool"] if r.get("pool") and int(r["pool"]) != pool else [])
+        if differ:
+            raise UserError(f"{csv_path}: already holds {r['arm']}, {r['budget']} slice(s), seed {r['seed']} run with other {', '.join(differ)} "
+                            f"({ {k: theirs.get(k, r.get(k)) for k in differ} }); use another --out, or the same settings to resume")
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
@@ -196,14 +219,35 @@ def read_rows(csv_path: Path) -> list[dict]:
     """Rows as strings; rows written before a column existed get its value filled in."""
     if not Path(csv_path).is_file():
         return []
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"{csv_path}: not a benchmark results.csv ({err})") from None
+    for line, r in enumerate(rows, start=2):  # line 1 is the header
+        _check_row(r, csv_path, line)
     for r in rows:
         if not r.get("twin"):  # older files: one random-init twin per backbone, named after it
             r["twin"] = _twin_name(r["backbone"])
         r.setdefault("baseline", "")  # older files: no U-Net baseline
         r["baseline"] = r["baseline"] or ""
     return rows
+
+
+#: Columns a row must hold, and how each must parse: a garbage or foreign CSV is refused by
+#: line instead of failing as a KeyError or ValueError deep inside the tables.
+REQUIRED = {"arm": str, "backbone": str, "random_init": str, "budget": int, "seed": int, "score": float}
+
+
+def _check_row(row: dict, csv_path: Path, line: int) -> None:
+    missing = [k for k in REQUIRED if not row.get(k)]
+    if missing:
+        raise UserError(f"{csv_path}: line {line} has no {', '.join(missing)}; not a benchmark results.csv (columns {', '.join(FIELDS)})")
+    for key, kind in REQUIRED.items():
+        try:
+            kind(row[key])
+        except (TypeError, ValueError):
+            raise UserError(f"{csv_path}: line {line}: {key} {row[key]!r} is not {'an integer' if kind is int else 'a number'}") from None
 
 
 def is_random(row: dict) -> bool:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import getpass
 import hashlib
 import json
 import re
@@ -71,12 +70,52 @@ class ProbabilityNet(nn.Module):
 
 
 def sample_tile(volume: Volume, tile: int) -> np.ndarray:
-    """A (tile, tile) crop from the middle of the volume's middle slice, as float32."""
+    """A (tile, tile) crop from the middle of the volume's middle slice, as float32. Refused
+    (VolumeError) when it holds NaN/Inf or one value: its percentile stretch would be NaN,
+    and so would the test tensors every bioimage.io consumer checks the model against."""
+    from ssl_em.data.volume import VolumeError, check_finite
+
     z, (Y, X) = volume.shape[0] // 2, volume.shape[1:]
     if min(Y, X) < tile:
         raise ValueError(f"{volume.path}: slices of {Y} x {X} px are smaller than the model's {tile} px tile")
     y, x = (Y - tile) // 2, (X - tile) // 2
-    return volume.read(z, slice(y, y + tile), slice(x, x + tile))[0].astype(np.float32)
+    raw = volume.read(z, slice(y, y + tile), slice(x, x + tile))[0]
+    where = f"{volume.path} (slice {z}, y {y}..{y + tile - 1}, x {x}..{x + tile - 1}: the sample tile)"
+    check_finite(raw, where)
+    if raw.min() == raw.max():
+        raise VolumeError(f"{where}: every pixel is {raw.min()}; give a --sample with tissue in the middle of its middle slice")
+    return raw.astype(np.float32)
+
+
+#: The author written when none is given (`--author NAME`).
+UNNAMED_AUTHOR = "unnamed (set with ssl-em export-model --author NAME)"
+
+
+#: Used when `packaging` (>= 24.2, which carries the SPDX list) is missing: common ones.
+KNOWN_LICENSES = ("BSD-3-Clause", "BSD-2-Clause", "MIT", "Apache-2.0", "CC-BY-4.0", "CC-BY-SA-4.0", "CC-BY-NC-4.0", "CC-BY-NC-SA-4.0",
+                  "CC0-1.0", "GPL-3.0-only", "GPL-3.0-or-later", "LGPL-3.0-only", "MPL-2.0", "ODbL-1.0", "Unlicense")
+
+
+def spdx_license(text: str, flag: str = "--license") -> str:
+    """The SPDX identifier `text` names, in its canonical case (bsd-3-clause ->
+    BSD-3-Clause); UserError naming `flag` otherwise: bioimage.io requires one, and a
+    typo would leave the weights' terms unstated."""
+    from ssl_em.errors import UserError
+
+    try:
+        from packaging.licenses import LICENSES
+
+        known = {k: v["id"] for k, v in LICENSES.items()}
+    except ImportError:
+        known = {k.lower(): k for k in KNOWN_LICENSES}
+    found = known.get(str(text).strip().lower())
+    if found is None:
+        import difflib
+
+        close = difflib.get_close_matches(str(text).lower(), list(known), n=3)
+        hint = f"; did you mean {', '.join(known[c] for c in close)}?" if close else " (see https://spdx.org/licenses/)"
+        raise UserError(f"{flag} {text}: not an SPDX licence identifier{hint}")
+    return found
 
 
 def preprocess(tile: np.ndarray, meta: FinetunedMeta) -> np.ndarray:
@@ -88,12 +127,13 @@ def preprocess(tile: np.ndarray, meta: FinetunedMeta) -> np.ndarray:
 def export_bioimageio(model: str | Path, sample: Volume, out: str | Path, authors: list[str] | None = None, license: str = "BSD-3-Clause") -> Path:
     """Write `model` (an `ssl-em finetune --out` folder) as a bioimage.io model into `out`;
     the test tensors come from `sample` (real data, e.g. the images it was fine-tuned on)."""
+    license = spdx_license(license)
     net, meta = load_finetuned(model, device="cpu")
+    T = meta.tile_size
+    raw = sample_tile(sample, T)  # refused before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     prob = ProbabilityNet.wrapping(net).eval()
-    T = meta.tile_size
-    raw = sample_tile(sample, T)
     x = torch.from_numpy(preprocess(raw, meta))[None, None]
     with torch.no_grad():
         y = prob(x)
@@ -106,7 +146,9 @@ def export_bioimageio(model: str | Path, sample: Volume, out: str | Path, author
     (out / "README.md").write_text(_documentation(meta, Path(model).name))
     # ViT-like backbones (a patch embedding) take their tile size only; CNNs any multiple.
     fixed = getattr(net.extractor.backbone, "patch_embed", None) is not None
-    description = _description(meta, Path(model).name, sample, authors or [getpass.getuser()], license, None if fixed else net.extractor.spec.input_multiple)
+    # No login name as the author (it says nothing to the people the model is shared with,
+    # and is not the user's to publish): a stated placeholder until --author names them.
+    description = _description(meta, Path(model).name, sample, authors or [UNNAMED_AUTHOR], license, None if fixed else net.extractor.spec.input_multiple)
     description["weights"] = _weights(out, meta)
     for tensor, name in ((description["inputs"][0], "test_input.npy"), (description["outputs"][0], "test_output.npy")):
         tensor["test_tensor"] = {"source": name, "sha256": _sha256(out / name)}
@@ -171,6 +213,9 @@ def _description(meta: FinetunedMeta, name: str, sample: Volume, authors: list[s
 def _weights(out: Path, meta: FinetunedMeta) -> dict:
     version = torch.__version__.split("+")[0]
     meta_dict = json.loads(json.dumps(asdict(meta)))  # plain JSON types for the YAML
+    # The backbone by its folder's name, not the path on the machine that trained the model
+    # (it names that machine's folders and, often, its user).
+    meta_dict["backbone_source"] = Path(meta.backbone_source).name if meta.backbone_source else ""
     return {
         # traced from the state dict's network: the state dict is the original
         "torchscript": {"source": "weights_torchscript.pt", "sha256": _sha256(out / "weights_torchscript.pt"), "pytorch_version": version, "parent": "pytorch_state_dict"},
@@ -253,7 +298,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=sorted(FORMATS), default="bioimageio", help="what to write (default: bioimageio)")
     parser.add_argument("--sample", required=True, help="real data for the test tensors and cover, e.g. the images it was fine-tuned on (any format ssl_em reads)")
     parser.add_argument("--out", required=True, help="folder to write")
-    parser.add_argument("--author", action="append", default=None, help="an author's name (repeat for several; default: your user name)")
+    parser.add_argument("--author", action="append", default=None, help="an author's name (repeat for several; without it the author is written as unnamed)")
     parser.add_argument("--license", default="BSD-3-Clause", help="SPDX licence identifier of the weights (default: BSD-3-Clause)")
     parser.add_argument("--voxel-size", default=None, help="z,y,x nm of --sample (overrides the file)")
 

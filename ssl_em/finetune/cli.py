@@ -31,7 +31,7 @@ from pytorch_lightning.cli import LightningCLI
 
 from ssl_em import cli_flags, precision as precisions
 from ssl_em.console import quiet, run_callbacks
-from ssl_em.errors import debug_enabled, find_user_error, one_line
+from ssl_em.errors import UserError, debug_enabled, find_user_error, one_line
 from ssl_em.export import backbone_meta, check_out_folder
 from ssl_em.finetune.data import IGNORE, REST, LabeledSlicesDataModule
 from ssl_em.finetune.export import META
@@ -176,6 +176,10 @@ class FinetuneCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Settings the backbone recommends replace the defaults the user left alone."""
         model = self.config.model
+        cli_flags.check_trainer(self.config.trainer, cli_flags.FINETUNE, UserError)
+        cli_flags.check_strategy(self.config.trainer.strategy, UserError)  # the README says FSDP is refused: it is
+        if not (isinstance(model.lr, (int, float)) and model.lr > 0):  # AdamW's own refusal is a traceback mid-fit
+            raise UserError(f"--lr {model.lr}: must be > 0")
         self.recipe = backbone_recipe(model.backbone, model.random_init, self.given)
         for key, value in self.recipe.items():
             setattr(model, key, value)
@@ -227,7 +231,7 @@ def chosen_precision(cli: FinetuneCLI) -> precisions.Precision:
 def build_cli(argv: list[str]) -> FinetuneCLI:
     """Parse `argv` (short flags, any order: see ssl_em.cli_flags) and build model, data and trainer."""
     args, verbose = cli_flags.prepare(argv, cli_flags.FINETUNE)
-    with quiet(verbose):
+    with quiet(verbose), cli_flags.parse_errors():
         return FinetuneCLI(
             given=cli_flags.given_keys(args),
             model_class=SegmentationModule,
@@ -237,7 +241,7 @@ def build_cli(argv: list[str]) -> FinetuneCLI:
             seed_everything_default=0,
             save_config_callback=None,
             trainer_defaults={"max_steps": MAX_STEPS, "logger": False, "enable_checkpointing": False, "precision": precisions.choose().lightning},
-            parser_kwargs={"prog": "ssl-em finetune", "description": __doc__.split("\n\n")[0]},
+            parser_kwargs={"prog": "ssl-em finetune", "description": __doc__.split("\n\n")[0], "exit_on_error": False},
         )
 
 
@@ -272,6 +276,10 @@ def run_argv(argv: list[str]) -> int:
             raise
         print(f"ssl-em finetune: error: {one_line(cause)}", file=sys.stderr)
         return 2
+    if cli.trainer.global_rank != 0:
+        # DDP: one writer per artefact. Rank 0 scores and exports --out (and --bioimageio);
+        # the others are done (two ranks replacing one folder raced, and the loser exited 2).
+        return 0
     metrics = score_val_slices(cli.model, cli.datamodule, device=cli.trainer.strategy.root_device, precision=chosen)
     if metrics:
         print(f"scores on the validation slices {cli.datamodule.val_slices}:")

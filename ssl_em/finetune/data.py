@@ -63,9 +63,12 @@ def parse_slices(spec: "str | Sequence[int] | None", n: int, what: str = "slices
         for part in (p.strip() for p in spec.split(",") if p.strip()):
             a, sep, b = part.partition("-") if not part.startswith("-") else (part, "", "")
             try:
-                out += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+                first, last = (int(a), int(b)) if sep else (int(a), int(a))
             except ValueError:
                 raise LabelError(f"{what} {spec!r}: {part!r} is not a slice number or range like 20-29") from None
+            if last < first:  # range() would make it no slices at all, silently
+                raise LabelError(f"{what} {spec!r}: range {part!r} runs backwards; write {last}-{first}")
+            out += list(range(first, last + 1))
         spec = out
     try:
         idx = sorted({i % n if -n <= i < n else i for i in (int(s) for s in spec)})
@@ -79,11 +82,16 @@ def parse_slices(spec: "str | Sequence[int] | None", n: int, what: str = "slices
 
 def sample_stats(volume: Volume, max_slices: int = 16) -> IntensityStats:
     """Intensity statistics from up to `max_slices` evenly spaced z-slices (bounded memory)."""
-    from ssl_em.data.volume import check_finite
+    from ssl_em.data.volume import VolumeError, check_finite
 
     zs = np.unique(np.linspace(0, volume.shape[0] - 1, min(max_slices, volume.shape[0])).round().astype(int))
     values = np.concatenate([volume.read(int(z)).ravel() for z in zs])
-    check_finite(values, f"{volume.path} (z {', '.join(map(str, zs[:8]))}{'...' if len(zs) > 8 else ''})")
+    where = f"{volume.path} (z {', '.join(map(str, zs[:8]))}{'...' if len(zs) > 8 else ''})"
+    check_finite(values, where)
+    if values.size and values.min() == values.max():
+        # The percentile stretch would divide by zero: NaN tiles in training, all-zero
+        # probabilities in prediction. A blank image has nothing to segment.
+        raise VolumeError(f"{where}: every voxel is {values.min()}: a constant image has no contrast to learn from or segment")
     return IntensityStats.compute(values)
 
 
@@ -360,6 +368,9 @@ class LabeledSlicesDataModule(pl.LightningDataModule):
         self.stats = sample_stats(iv)
 
         raw = {z: lv.read(z)[0] for z in self.train_slices + self.val_slices}
+        for z, r in raw.items():  # labels are whole numbers; NaN would fail as int(nan) below
+            if r.dtype.kind == "f" and not (np.isfinite(r).all() and np.array_equal(r, np.round(r))):
+                raise LabelError(f"labels {lv.path} slice {z}: holds NaN/Inf or fractional values; labels are class values or instance ids")
         if task == "instance":
             self.classes = list(classes or INSTANCE_CLASSES)
             if len(self.classes) != len(INSTANCE_CLASSES):

@@ -35,7 +35,23 @@ def open_prediction(spec: str, task: str):
         if not (path / "labels" / name / "0").is_dir():
             raise LabelError(f"{spec}: holds no labels/{name} (predicted with --instances none?)")
         return ZarrVolume(path / "labels" / name / "0"), attrs
+    from ssl_em.data.archive import Archive
+
+    if "source" in attrs or (path.is_dir() and Archive.is_archive(path)):  # ingest's image attrs name their source
+        raise LabelError(f"{spec}: is raw EM from an ssl_em archive, not a prediction; give `ssl-em predict`'s OUT.zarr or a label volume")
     return as_volume(spec), {}
+
+
+def as_labels(values: np.ndarray, spec: str) -> np.ndarray:
+    """Predicted class indices or ids as integers; LabelError naming `spec` when they are
+    floats that are not whole numbers (probabilities, NaN): such a volume was never labels."""
+    if values.dtype.kind != "f":
+        return values
+    if not np.isfinite(values).all():
+        raise LabelError(f"{spec}: holds {int(np.count_nonzero(~np.isfinite(values)))} NaN/Inf values; a prediction holds class indices or ids")
+    if not np.array_equal(values, np.round(values)):
+        raise LabelError(f"{spec}: holds fractional {values.dtype} values (probabilities?), not class indices or ids")
+    return values.astype(np.int64)
 
 
 def default_task(pred_spec: str) -> str:
@@ -51,7 +67,7 @@ def evaluate(pred_spec: str, gt_spec: str, task: str | None = None, slices: str 
     if tuple(pred.shape) != tuple(gt.shape):
         raise LabelError(f"prediction {pred_spec} shape {tuple(pred.shape)} != ground truth {gt_spec} shape {tuple(gt.shape)}")
     zs = parse_slices(slices, gt.shape[0], "--slices") if slices else list(range(gt.shape[0]))
-    p = np.concatenate([pred.read(z) for z in zs])
+    p = as_labels(np.concatenate([pred.read(z) for z in zs]), pred_spec)
     g = np.concatenate([gt.read(z) for z in zs])
     if task == "semantic" and attrs:
         from ssl_em.finetune.predict import semantic_classes

@@ -26,8 +26,9 @@ from torch import nn
 from ssl_em import __version__
 from ssl_em.data.normalize import Normalization
 from ssl_em.export import META as BACKBONE_META
-from ssl_em.export import BackboneError, BackboneMeta, build_backbone, build_from_metadata, load_backbone, load_strict, patch_size_of, read_json, read_safetensors, replace_folder
+from ssl_em.export import BackboneError, BackboneMeta, build_backbone, build_from_metadata, load_backbone, load_strict, patch_size_of, read_json, read_safetensors, recover_folder, replace_folder
 from ssl_em.finetune.features import FeatureExtractor, FeatureSpec
+from ssl_em.metadata import check_finetuned
 
 WEIGHTS, META = "model.safetensors", "ssl_em_finetuned.json"
 FORMAT = "ssl_em.finetuned"
@@ -140,6 +141,7 @@ def export_finetuned(net: SegmentationNet, out: str | Path, meta: FinetunedMeta)
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    check_finetuned(asdict(meta), f"{out} ({META})", BackboneError)  # what load_finetuned will demand
 
     def fill(folder: Path) -> None:
         save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
@@ -157,18 +159,13 @@ def build_net(meta: FinetunedMeta, where: str = "fine-tuned model") -> Segmentat
 
 def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tuple[SegmentationNet, FinetunedMeta]:
     """Load a fine-tuned model strictly (safetensors + JSON only). Returns (net in eval mode, meta)."""
-    path = Path(path)
+    path = recover_folder(path)
     if not (path / META).is_file() or not (path / WEIGHTS).is_file():
         raise BackboneError(f"{path}: no {META} + {WEIGHTS}; not a fine-tuned ssl_em model (make one with `ssl-em finetune --out`)")
     where = str(path / META)
-    try:
-        meta = FinetunedMeta.from_dict(read_json(path / META, "fine-tuned model metadata"))
-    except TypeError as err:  # a required field missing
-        raise BackboneError(f"{where}: not fine-tuned ssl_em metadata ({err})") from None
+    meta = FinetunedMeta.from_dict(check_finetuned(read_json(path / META, "fine-tuned model metadata"), where, BackboneError))
     if meta.format != FORMAT:
         raise BackboneError(f"{path}: {META} has format {meta.format!r}, expected {FORMAT!r}")
-    if not isinstance(meta.backbone, dict) or not isinstance(meta.classes, list) or not meta.classes:
-        raise BackboneError(f"{where}: needs a backbone object and a non-empty list of classes")
     net = build_net(meta, where)
     load_strict(net, read_safetensors(path / WEIGHTS), f"{path} (fine-tuned {meta.backbone.get('architecture')})")
     return net.to(device).eval(), meta

@@ -65,9 +65,11 @@ class FeatureExtractor(nn.Module):
         self.backbone = backbone
         info = feature_info(backbone)
         n = len(info)
+        # Checked before negative indices are wrapped: `i % n` maps any integer into range,
+        # so 7 on a 4-level backbone silently became level 3.
+        if indices is not None and (not indices or any(not -n <= i < n for i in indices)):
+            raise ValueError(f"feature indices {list(indices)} out of range for a backbone with {n} levels (-{n}..{n - 1})")
         indices = default_indices(info) if indices is None else [i % n for i in indices]
-        if any(not -n <= i < n for i in indices) or not indices:
-            raise ValueError(f"feature indices {indices} out of range for a backbone with {n} levels")
         self.indices = sorted(set(indices))
         in_chans = in_chans if in_chans is not None else getattr(backbone, "in_chans", None) or _guess_in_chans(backbone)
         self.spec = FeatureSpec(

@@ -221,8 +221,14 @@ class Prediction:
         K, (Z, Y, X) = len(classes), shape
         cy, cx = min(Y, 512), min(X, 512)
         if existing is None:
-            zyx = list((voxel_size or VoxelSize(1.0, 1.0, 1.0)).as_tuple())
-            image_attrs = {"multiscales": [ngff.multiscales("probabilities", "czyx", [[1.0, *zyx]])], "omero": ngff.omero(classes, (0, ngff.PROBABILITY_SCALE))}
+            # Marked as ours before anything else is written: a store cut short by a crash is
+            # still recognisably a prediction that --overwrite may replace (its identity, None
+            # until the end, matches no run, so none resumes into it).
+            self.root.attrs["ssl_em"] = {"format": FORMAT, "identity": None, "complete": False}
+            # voxel_size None (the input records none): one per voxel and no unit, rather
+            # than a 1 nm that viewers would show as a measurement.
+            zyx, units = list((voxel_size or VoxelSize(1.0, 1.0, 1.0)).as_tuple()), voxel_size is not None
+            image_attrs = {"multiscales": [ngff.multiscales("probabilities", "czyx", [[1.0, *zyx]], units=units)], "omero": ngff.omero(classes, (0, ngff.PROBABILITY_SCALE))}
             self.root.create_array("0", shape=(K, Z, Y, X), chunks=(1, settings.slab, cy, cx), dtype="uint8", fill_value=0, overwrite=True)
             labels = self.root.require_group("labels")
             names = ["semantic"] + ["instances"] * bool(settings.instances)
@@ -234,14 +240,14 @@ class Prediction:
                 g.create_array("0", shape=(Z, Y, X), chunks=(settings.slab, cy, cx), dtype=dtype, fill_value=0, overwrite=True)
                 # Instance ids name no class: image-label without colours (the viewer picks them).
                 label = ngff.image_label(classes) if name == "semantic" else {"version": ngff.VERSION, "source": {"image": "../../"}}
-                g.attrs.update({"multiscales": [ngff.multiscales(name, "zyx", [zyx])], "image-label": label})
+                g.attrs.update({"multiscales": [ngff.multiscales(name, "zyx", [zyx], units=units)], "image-label": label})
             for plane in settings.planes[1:] if len(settings.planes) > 1 else ():
                 # A slab along the sliced axis fills whole chunks: processes never share one.
                 chunks = [1, min(Z, 64), min(Y, 256), min(X, 256)]
                 chunks[1 + PLANES[plane]] = settings.slab
                 g = self.root.require_group("planes").require_group(plane)
                 g.create_array("0", shape=(K, Z, Y, X), chunks=tuple(chunks), dtype="uint8", fill_value=0, overwrite=True)
-                g.attrs.update(image_attrs | {"multiscales": [ngff.multiscales(f"probabilities {plane}", "czyx", [[1.0, *zyx]])]})
+                g.attrs.update(image_attrs | {"multiscales": [ngff.multiscales(f"probabilities {plane}", "czyx", [[1.0, *zyx]], units=units)]})
             meta = {"format": FORMAT, "identity": identity, "classes": classes, "label_values": label_values, "label_offset": ngff.LABEL_OFFSET, "complete": False}
             self.root.attrs.update(image_attrs | {"ssl_em": meta})
         self.meta = dict(self.root.attrs["ssl_em"])
@@ -249,21 +255,48 @@ class Prediction:
 
     @staticmethod
     def _read_attrs(path: Path) -> dict | None:
+        """The "ssl_em" attributes at `path`; None when there are none or they are unreadable
+        (a foreign or damaged store: `check` then refuses it)."""
         f = path / ".zattrs"
-        return json.loads(f.read_text()).get("ssl_em") if f.is_file() else None
+        try:
+            attrs = json.loads(f.read_text()) if f.is_file() else None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        return attrs.get("ssl_em") if isinstance(attrs, dict) else None
 
     @classmethod
     def check(cls, path: str | Path, identity: dict, overwrite: bool) -> bool:
-        """True if `path` holds something to replace; PredictionExistsError if it may not be."""
+        """True if `path` holds something to replace; PredictionExistsError if it may not be.
+        --overwrite replaces an earlier ssl_em prediction only (its "ssl_em" attributes say
+        so): anything else at `path` (the input, a model, an archive, the user's files) is
+        refused, never deleted."""
         path = Path(path)
         existing = cls._read_attrs(path)
-        if not (path.exists() and any(path.iterdir()) and (existing is None or existing.get("identity") != identity)):
+        if isinstance(existing, dict) and existing.get("format") == FORMAT and existing.get("identity") == identity:
+            gone = [a for a in cls.arrays(identity) if not (path / a / ".zarray").is_file()]
+            if not gone:
+                return False  # this very prediction: resume it (or nothing to do)
+            if not overwrite:  # e.g. labels/ deleted by hand: do not report it done
+                raise PredictionExistsError(f"{path}: holds this prediction but {', '.join(gone)} is missing (deleted?); "
+                                            "pass --overwrite to predict it again")
+            return True
+        if not (path.exists() and any(path.iterdir())):
             return False
+        if not isinstance(existing, dict) or existing.get("format") != FORMAT:
+            raise PredictionExistsError(f"{path}: is not an ssl_em prediction; refusing to write there, even with --overwrite, "
+                                        "which only replaces an earlier prediction (choose another --out)")
         if not overwrite:
             theirs = (existing or {}).get("identity", {})
             what = "is not an ssl_em prediction" if existing is None else "holds another prediction (different " + ", ".join(sorted(k for k in set(identity) | set(theirs) if identity.get(k) != theirs.get(k))) + ")"
             raise PredictionExistsError(f"{path}: {what}; refusing to overwrite (pass --overwrite, or choose another --out)")
         return True
+
+    @staticmethod
+    def arrays(identity: dict) -> list[str]:
+        """The arrays a prediction with this identity holds, relative to OUT."""
+        planes = identity.get("planes") or ["xy"]
+        return (["0", "labels/semantic/0"] + ["labels/instances/0"] * bool(identity.get("instances"))
+                + [f"planes/{p}/0" for p in planes[1:]] * (len(planes) > 1))
 
     def done(self, step: str) -> set[int]:
         folder = self.progress / step
@@ -350,7 +383,8 @@ def predict_volume(
     stats = stats or sample_stats(volume)  # refuses NaN/Inf before OUT is touched
     identity = prediction_identity(volume, settings, model_id, input_id)
     # Rank 0 creates (or replaces) the store; the others open it once it exists.
-    pred = Prediction(out, identity, volume.shape, classes, settings, overwrite=overwrite, label_values=label_values, voxel_size=volume.voxel_size) if shard.main else None
+    voxel_size = volume.voxel_size if volume.voxel_size_known else None
+    pred = Prediction(out, identity, volume.shape, classes, settings, overwrite=overwrite, label_values=label_values, voxel_size=voxel_size) if shard.main else None
     shard.barrier()
     pred = pred or Prediction(out, identity, volume.shape, classes, settings)
     if pred.meta.get("complete"):
@@ -534,7 +568,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accelerator", default="auto", help="cpu, cuda, ... (Lightning's names; default: what is there)")
     parser.add_argument("--devices", default="1", help="devices per node sharing the work (a number, or -1 for all)")
     parser.add_argument("--num-nodes", type=int, default=1, help="nodes sharing the work (launch one process per node, as for Lightning training)")
-    parser.add_argument("--overwrite", action="store_true", help="replace whatever OUT holds")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier prediction at OUT (of another model, input or settings); nothing else is ever replaced")
     parser.add_argument("--precision", choices=[FP32, BF16], default=None, help="32-true or bf16-mixed (default: bf16 autocast where the CPU or GPU has bf16 units, ssl_em.precision)")
     parser.add_argument("--channels_last", "--channels-last", type=_bool, default=None, metavar="true|false", help="NHWC layout (default: ssl_em.precision decides)")
     parser.add_argument("--no-progress", action="store_true")
@@ -565,6 +599,16 @@ def check_flags(args) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; give a folder (OUT.zarr)")
     check_parent_folders(out, f"--out {out}")
+
+
+def check_out_is_not_a_source(out: Path, sources: dict[str, Path]) -> None:
+    """UserError when --out is (or holds) the model or the input: replacing it would
+    delete what the prediction is made from."""
+    target = out.resolve()
+    for what, source in sources.items():
+        src = source.resolve()
+        if src == target or target in src.parents:
+            raise UserError(f"--out {out}: is the {what} {source} or holds it; choose another --out")
 
 
 def run(args) -> int:
@@ -604,6 +648,8 @@ def run(args) -> int:
     if bad:
         print(f"ssl-em predict: error: --planes {args.planes}: unknown {bad}; use xy or xy,xz,yz", file=sys.stderr)
         return 2
+    source = Path(args.input) if Path(args.input).exists() else Path(str(args.input).rsplit(":", 1)[0])  # file.h5:/dataset, store.zarr:1
+    check_out_is_not_a_source(Path(args.out), {"model": Path(args.model), "input": source})
     model_id, input_id = model_fingerprint(args.model), volume_fingerprint(volume, args.input)
     try:
         # Refuse before any process starts: a refusal inside one rank would leave the others
@@ -623,4 +669,7 @@ def run(args) -> int:
         pred = Prediction(out, prediction_identity(volume, settings, model_id, input_id), volume.shape, meta.classes, settings)
         pred.update(source=os.path.abspath(args.input) if Path(args.input.split(":/")[0]).exists() else args.input)
         print(f"wrote {out} (open in napari with napari-ome-zarr)")
+        if not volume.voxel_size_known:
+            print(f"ssl-em predict: {args.input} records no voxel size: {out} has a scale of 1 per voxel and no unit "
+                  "(--voxel-size z,y,x in nm sets one)")
     return 0

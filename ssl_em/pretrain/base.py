@@ -23,6 +23,12 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from ssl_em.errors import UserError
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or Inf; training stopped before applying it."""
+
+
 #: The batch size at which `base_lr` is the actual learning rate.
 REFERENCE_BATCH = 256
 
@@ -83,6 +89,9 @@ def run_metadata(backbone: nn.Module, datamodule) -> dict:
         "normalization": norm.to_dict() if norm is not None else None,
         "pixel_size_nm": getattr(datamodule, "pixel_size_nm", None) or streamed_pixel_size(datamodule),
         "data_fingerprint": getattr(datamodule, "fingerprint", None),
+        # The training tile: a CNN's model_args hold no img_size, and without it timm's
+        # resolve_data_config falls back to ImageNet's 224 and resizes every EM tile.
+        "tile_size": getattr(datamodule, "tile_size", None),
     }
 
 
@@ -137,6 +146,16 @@ class PretrainMethod(pl.LightningModule):
         for opt in self.trainer.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """Stop at the first non-finite loss, before its gradients reach the weights: a run
+        that goes on trains nothing (every later step is NaN too) yet exits 0 and exports a
+        backbone of NaNs. One device sync per step, which logging the loss pays anyway."""
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(
+                f"train/loss is {loss.detach().float().item()} at step {self.global_step}: the data hold NaN/Inf or constant tiles "
+                "(ingest them into an archive: curation flags such tiles), or the learning rate is too high; "
+                "the checkpoints written so far are unaffected")
 
     # -- logging --------------------------------------------------------------------------
 

@@ -74,7 +74,7 @@ class RecordRecipe(Callback):
 
 
 class SeedPerRank(Callback):
-    """Random draws keyed by (seed, rank, optimizer step). LightningCLI seeds every rank with
+    """Random draws keyed by (seed, rank, optimizer step, micro-batch). LightningCLI seeds every rank with
     the same `seed_everything`, which keeps the initial weights equal; from then on, before
     every optimizer step, each rank re-seeds its global RNG (dropout, drop-path) and re-keys
     the method's `Generators` (masks, views) from (seed, rank, step). Ranks differ, a seed
@@ -83,12 +83,20 @@ class SeedPerRank(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         seed_process()
+        self._last: tuple[int, int] | None = None  # (step, micro-batch) of the previous batch
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        step = trainer.global_step
-        seed_process(step=step)
+        # With accumulate_grad_batches > 1 several micro-batches share an optimizer step;
+        # each is keyed by (step, its index within the step) or they would all draw the same
+        # masks, views and dropout. Counted here rather than from batch_idx, which does not
+        # restart at a step boundary after a resume; checkpoints fall on step boundaries, so
+        # a resumed run counts from 0 as an uninterrupted one does.
+        step, last = trainer.global_step, getattr(self, "_last", None)
+        micro = last[1] + 1 if last is not None and last[0] == step else 0
+        self._last = (step, micro)
+        seed_process(step=step, micro=micro)
         for g in generators_in(pl_module):
-            g.at_step(step)
+            g.at_step(step, micro)
 
 
 def continue_csv_metrics(trainer, resumed_step: int) -> None:
@@ -145,6 +153,7 @@ class PretrainCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config
         check_strategy(cfg.trainer.strategy)  # before Lightning builds it (FSDP fails later, or worse, trains)
+        cli_flags.check_trainer(cfg.trainer, cli_flags.PRETRAIN, PretrainError)
         # Checked here, before the model is built from them (the tile size is its img_size).
         check_at_least(1, {"--data.tile_size": cfg.data.tile_size, "--data.batch_size": cfg.data.batch_size,
                            "--checkpoint_every_n_steps": cfg.checkpoint_every_n_steps}, PretrainError)
@@ -197,23 +206,8 @@ def check_data(datamodule: EMDataModule) -> None:
 
 
 def check_strategy(strategy) -> None:
-    """One device or DDP (any launcher, any number of nodes). Strategies that shard the
-    parameters (FSDP, DeepSpeed, model parallel) are refused: the weight-decay groups decide
-    by a parameter's shape, which a flat shard hides, and the momentum teacher's update pairs
-    parameters one by one. `strategy`: the configured name or class_path, or an instance."""
-    from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
-
-    if isinstance(strategy, str) and strategy in StrategyRegistry:
-        name = StrategyRegistry[strategy]["strategy"].__name__
-    elif isinstance(strategy, str) or strategy is None:
-        name = strategy or "auto"
-    elif hasattr(strategy, "class_path"):
-        name = strategy.class_path.rsplit(".", 1)[-1]
-    else:
-        name = type(strategy).__name__
-    ok = {"auto", "ddp", DDPStrategy.__name__, SingleDeviceStrategy.__name__}
-    if name not in ok and not (isinstance(strategy, (DDPStrategy, SingleDeviceStrategy))):
-        raise PretrainError(f"strategy {name} is not supported; use ddp (several devices or nodes) or a single device")
+    """One device or DDP; see `ssl_em.cli_flags.check_strategy`."""
+    cli_flags.check_strategy(strategy, PretrainError)
 
 
 def check_resume(model: PretrainMethod, ckpt_path: Path) -> None:
@@ -291,7 +285,7 @@ def make_cli(argv: list[str]) -> PretrainCLI:
     """Parse `argv` (short flags, any order: see ssl_em.cli_flags) and instantiate model,
     datamodule and trainer; does not train."""
     args, verbose = cli_flags.prepare(argv, cli_flags.PRETRAIN)
-    with quiet(verbose):
+    with quiet(verbose), cli_flags.parse_errors():
         return PretrainCLI(
             PretrainMethod,
             EMDataModule,
@@ -304,7 +298,7 @@ def make_cli(argv: list[str]) -> PretrainCLI:
                 "precision": precision.choose().lightning,
                 "logger": {"class_path": "pytorch_lightning.loggers.WandbLogger", "init_args": {"project": "ssl_em", "offline": True}},
             },
-            parser_kwargs={"prog": "ssl-em pretrain", "description": __doc__.split("\n")[0]},
+            parser_kwargs={"prog": "ssl-em pretrain", "description": __doc__.split("\n")[0], "exit_on_error": False},
         )
 
 
@@ -348,8 +342,15 @@ def run_argv(argv: list[str]) -> int:
     resume = cfg.resume and ckpt_path.is_file()
     print(f"ssl-em pretrain: {cfg.trainer.max_steps} steps{' (resuming)' if resume else ''}; run folder {cfg.run_dir} "
           f"(checkpoints/last.ckpt every {cfg.checkpoint_every_n_steps} steps, config.yaml, logs); then: ssl-em export {cfg.run_dir} --out checkpoints/NAME", flush=True)
-    with quiet(verbose):
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt_path) if resume else None)
+    try:
+        with quiet(verbose):
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt_path) if resume else None)
+    except Exception as e:  # a non-finite loss, a full disk, a damaged chunk: one line, exit 2
+        cause = find_user_error(e)
+        if cause is None or debug_enabled():
+            raise
+        print(f"ssl-em pretrain: error: {one_line(cause)}", file=sys.stderr)
+        return 2
     print(f"ssl-em pretrain: finished at step {cli.trainer.global_step}; checkpoints in {ckpt_path.parent}")
     return 0
 

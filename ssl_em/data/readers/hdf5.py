@@ -35,6 +35,7 @@ class Hdf5Volume(Volume):
                 self.path = f"{self.file}:/{self.dataset}"
                 self.shape = _zyx(self.path, ds.shape)
                 self.dtype = np.dtype(ds.dtype)
+                _check_mostly_written(self.path, ds)
                 voxel_size = _voxel_size(ds.attrs)
         except VolumeError:
             raise
@@ -90,3 +91,21 @@ def _voxel_size(attrs) -> VoxelSize | None:
             if value.size in (1, 3) and np.all(value > 0):
                 return VoxelSize.parse(tuple(value[-3:]))
     return None
+
+
+#: A chunked dataset declared larger than this must store at least 1/MAX_UNWRITTEN_RATIO of it.
+CHECK_ABOVE_BYTES, MAX_UNWRITTEN_RATIO = 1 << 30, 1000
+
+
+def _check_mostly_written(path: str, ds) -> None:
+    """VolumeError when a chunked dataset declares far more than it stores: HDF5 creates a
+    100000^3 dataset in kilobytes and reads its unwritten chunks as the fill value, so it
+    would be ingested (and curated, with a flag per tile held in memory) as petabytes of
+    nothing. EM compresses a few-fold, never a thousand-fold."""
+    declared = int(np.prod(ds.shape, dtype=np.float64) * ds.dtype.itemsize)
+    if ds.chunks is None or declared < CHECK_ABOVE_BYTES:
+        return
+    stored = int(ds.id.get_storage_size())
+    if stored * MAX_UNWRITTEN_RATIO < declared:
+        raise VolumeError(f"{path}: declares shape {tuple(ds.shape)} ({declared / 2**30:.3g} GiB) but stores only {stored / 2**20:.3g} MiB: "
+                          "mostly unwritten chunks; write the data, or copy the written region into a dataset of its own")

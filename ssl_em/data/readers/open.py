@@ -24,6 +24,7 @@ from ssl_em.data.readers.zarr_store import (
     ZarrVolume,
     _metadata_driver,
     group_attributes,
+    incomplete_archive_image,
     is_group,
     open_ome_zarr,
     open_single_array_group,
@@ -66,6 +67,9 @@ def open_bioformats2raw(path: Path) -> Volume:
     series = [s for s in listed if _is_ome_zarr(path / s)] if listed else sorted((c.name for c in path.iterdir() if c.name.isdigit() and _is_ome_zarr(c)), key=int)
     if len(series) != 1:
         problem = "holds no OME-Zarr series" if not series else f"holds {len(series)} series ({', '.join(series[:8])}); open one as {path}:N"
+        cut = sorted(c.name for c in path.iterdir() if c.is_dir() and incomplete_archive_image(c))
+        if cut:  # what a killed ingest left: say which, rather than only "no series"
+            problem += f"; incomplete after an interrupted ingest: {', '.join(cut[:8])} (re-run the ingest to finish)"
         raise VolumeError(f"{path}: bioformats2raw store {problem}")
     return open_ome_zarr(path / series[0])
 

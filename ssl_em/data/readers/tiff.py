@@ -38,12 +38,16 @@ class TiffVolume(Volume):
             with _TiffComplaints() as complaints, tifffile.TiffFile(self.path) as tif:
                 series = tif.series[0]
                 _check_complete(self.path, tif, series, complaints)
-                self.shape = _zyx_shape(self.path, series.shape, series.axes)
-                self._axes = series.axes
+                # `tifffile.imwrite(path, stack)` of a (3, H, W) or (4, H, W) stack writes one
+                # planar page that tifffile labels RGB(A) samples (axes "SYX") and reads back
+                # as the stack it was given; so do we: its planes are slices, not colours.
+                axes = "Z" + series.axes[1:] if series.axes == "SYX" else series.axes
+                self.shape = _zyx_shape(self.path, series.shape, axes)
+                self._axes = axes
                 # The one axis the pages are stacked along (Z, T, I, Q...), or None for 2D.
-                self._z_axis = next((a for a, n in zip(series.axes[:-2], series.shape[:-2]) if a not in "YXS" and n > 1), None)
+                self._z_axis = next((a for a, n in zip(axes[:-2], series.shape[:-2]) if a not in "YXS" and n > 1), None)
                 self.dtype = np.dtype(series.dtype)
-                self._samples = int(dict(zip(series.axes, series.shape)).get("S", 1))  # 3/4: RGB(A)
+                self._samples = int(dict(zip(axes, series.shape)).get("S", 1))  # 3/4: RGB(A)
                 # dataoffset is set only for uncompressed data stored in one contiguous run.
                 self._memmappable = series.dataoffset is not None
                 voxel_size = _tiff_voxel_size(tif)

@@ -94,11 +94,7 @@ class ZarrVolume(Volume):
             raise VolumeError(f"{self.path}: cannot open {self.driver} array ({str(err).splitlines()[0][:200]})") from None
 
     def _read(self, zs, ys, xs) -> np.ndarray:
-        store = self.handle
-        if self._lead < 0:  # stored as 2D
-            return store[ys, xs].read().result()[None]
-        index = (0,) * self._lead + (zs, ys, xs)
-        return store[index].read().result()
+        return self.read_async(zs, ys, xs).result()
 
     def read_async(self, zs: slice, ys: slice, xs: slice):
         """Start a region read and return a future; `.result()` gives the (z, y, x) array.
@@ -108,7 +104,27 @@ class ZarrVolume(Volume):
         """
         store = self.handle
         index = (0,) * max(self._lead, 0) + (zs, ys, xs) if self._lead >= 0 else (ys, xs)
-        return store[index].read()
+        return _Read(store[index].read(), f"{self.path}: cannot read z {zs.start}..{zs.stop - 1}, y {ys.start}..{ys.stop - 1}, x {xs.start}..{xs.stop - 1}",
+                     self._lead < 0)
+
+
+class _Read:
+    """A tensorstore read in flight. A chunk that fails to decode (corrupt, truncated, a
+    codec error) becomes a VolumeError naming the array and the region, not tensorstore's
+    ValueError deep inside a loader; `flat`: a 2D array, given a z axis on the way out."""
+
+    def __init__(self, future, where: str, flat: bool = False) -> None:
+        self.future, self.where, self.flat = future, where, flat
+
+    def result(self) -> np.ndarray:
+        try:
+            out = self.future.result()
+        except ValueError as err:  # tensorstore reports I/O and decoding failures so
+            raise VolumeError(f"{self.where} ({str(err).splitlines()[0][:300]}); the store is damaged") from None
+        return out[None] if self.flat else out
+
+    def cancel(self) -> bool:
+        return self.future.cancel()
 
 
 def n5_voxel_size(attrs: dict) -> VoxelSize | None:
@@ -180,12 +196,26 @@ def _scale_of(transforms: list[dict]) -> list[float] | None:
 
 
 def open_ome_zarr(path: str | Path, level: int = 0, voxel_size=None) -> ZarrVolume:
-    """Open one level of an OME-Zarr image; voxel size from the NGFF metadata."""
+    """Open one level of an OME-Zarr image; voxel size from the NGFF metadata. An ssl_em
+    archive image whose ingest was interrupted (not marked complete) is refused, named."""
+    check_archive_image_complete(Path(path))
     levels = ome_zarr_levels(path)
     if level >= len(levels):
         raise VolumeError(f"{path}: level {level} requested but the image has {len(levels)} levels")
     array_path, vs = levels[level]
     return ZarrVolume(array_path, voxel_size=voxel_size if voxel_size is not None else vs)
+
+
+def incomplete_archive_image(path: Path) -> bool:
+    """True for an ssl_em archive image that an ingest created but never marked complete
+    (killed or failed midway): its pyramid and statistics may be partial."""
+    meta = group_attributes(path).get("ssl_em")
+    return isinstance(meta, dict) and "source" in meta and meta.get("complete") is False
+
+
+def check_archive_image_complete(path: Path) -> None:
+    if incomplete_archive_image(path):
+        raise VolumeError(f"{path}: archive image left incomplete by an interrupted ingest; re-run that `ssl-em ingest` to finish it")
 
 
 def is_group(path: Path) -> bool:

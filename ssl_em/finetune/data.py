@@ -107,7 +107,31 @@ def semantic_targets(raw: np.ndarray, label_values: Sequence[int], ignore_value:
     return np.array([lut[int(v)] for v in values], np.int64)[inverse].reshape(raw.shape)
 
 
-class TrainTiles(IterableDataset):
+class SeededTiles(IterableDataset):
+    """Plumbing of a random tile stream: `length` tiles per epoch over all ranks, each rank
+    yielding ceil(length / ranks), split between its loader workers, each (epoch, rank,
+    worker) drawing with its own generator seeded from (seed, epoch, rank, worker, *STREAM);
+    seed None = the run's seed. Subclasses set `length`, `seed`, `epoch` and `draw(g)`."""
+
+    #: Extra seed words that keep one stream's draws apart from another's.
+    STREAM: tuple[int, ...] = ()
+
+    def __len__(self) -> int:
+        """Tiles per rank."""
+        return -(-self.length // process_world())
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        base, extra = divmod(len(self), workers)
+        seed = self.seed if self.seed is not None else run_seed()
+        g = torch.Generator().manual_seed(derive_seed(seed, self.epoch, process_rank(), worker, *self.STREAM))
+        self.epoch += 1  # counted by each copy (the main process's, or a persistent worker's)
+        for _ in range(base + (worker < extra)):
+            yield self.draw(g)
+
+
+class TrainTiles(SeededTiles):
     """About `length` random tiles per epoch over all ranks: each rank yields ceil(length /
     ranks), split between its loader workers, so every rank has the same number of batches.
     Each (epoch, rank, worker) draws from its own generator seeded from (seed, epoch, rank,
@@ -133,20 +157,6 @@ class TrainTiles(IterableDataset):
         # Counted by each copy (the main process's, or a persistent worker's): one pass = one epoch.
         self.epoch = 0
 
-    def __len__(self) -> int:
-        """Tiles per rank."""
-        return -(-self.length // process_world())
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        base, extra = divmod(len(self), workers)
-        seed = self.seed if self.seed is not None else run_seed()
-        g = torch.Generator().manual_seed(derive_seed(seed, self.epoch, process_rank(), worker))
-        self.epoch += 1
-        for _ in range(base + (worker < extra)):
-            yield self.draw(g)
-
     def _corner(self, g: torch.Generator) -> tuple[int, int, int]:
         """(z, y, x) of a tile's corner: class-balanced with probability class_balance."""
         n, H, W = self.targets.shape
@@ -168,7 +178,7 @@ class TrainTiles(IterableDataset):
         return {"image": torch.from_numpy(image[None].copy()), "target": torch.from_numpy(target.copy())}
 
 
-class UnlabeledTiles(IterableDataset):
+class UnlabeledTiles(SeededTiles):
     """Random tiles of unlabeled z-slices for semi-supervised fine-tuning, read from the
     volume as they are drawn (hundreds of slices need not fit in memory; a Volume reopens
     itself in each loader worker) and stretched to [0, 1] with the labeled data's `stats`.
@@ -181,6 +191,7 @@ class UnlabeledTiles(IterableDataset):
 
     #: Keeps this stream apart from `TrainTiles`' (seed, epoch, rank, worker) stream.
     UNLABELED = 0x5EED
+    STREAM = (UNLABELED,)
 
     def __init__(self, volume: Volume, slices: list[int], stats: IntensityStats, tile: int, length: int, seed: int | None = None) -> None:
         super().__init__()
@@ -188,19 +199,6 @@ class UnlabeledTiles(IterableDataset):
             raise LabelError("no unlabeled slices to draw from")
         self.volume, self.slices, self.stats, self.tile, self.length, self.seed = volume, list(slices), stats, tile, length, seed
         self.epoch = 0
-
-    def __len__(self) -> int:
-        return -(-self.length // process_world())
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        base, extra = divmod(len(self), workers)
-        seed = self.seed if self.seed is not None else run_seed()
-        g = torch.Generator().manual_seed(derive_seed(seed, self.epoch, process_rank(), worker, self.UNLABELED))
-        self.epoch += 1
-        for _ in range(base + (worker < extra)):
-            yield self.draw(g)
 
     def draw(self, g: torch.Generator) -> dict:
         """One tile {"unlabeled": (1, T, T)} of a random unlabeled slice, drawn with `g`."""

@@ -125,16 +125,17 @@ def test_bf16_autocast_trains_with_float32_statistics():
 
 def test_batchnormact_keeps_its_activation_in_the_sparse_pass():
     """timm's BatchNormAct2d subclasses BatchNorm2d; the sparse pass must apply its activation
-    (a leaky ReLU here, so the output has negatives only where the norm's input gives them),
-    not drop it as a plain BatchNorm2d forward would."""
+    (a Hardtanh here, clamping to [-1, 1]), not drop it as a plain BatchNorm2d forward would."""
+    import functools
+
     from timm.layers import BatchNormAct2d
 
-    m = tiny_spark(mask_ratio=0.5).train()
-    old = m.backbone.bn1
-    act = BatchNormAct2d(old.num_features, act_layer=torch.nn.Hardtanh)  # clamps to [-1, 1]
-    m.backbone.bn1 = act
+    torch.manual_seed(0)
+    norm = functools.partial(BatchNormAct2d, act_layer=torch.nn.Hardtanh)
+    m = SparK(backbone="resnet18", img_size=64, decoder_width=32, mask_ratio=0.5, backbone_kwargs={"norm_layer": norm}).train()
+    assert isinstance(m.backbone.bn1, BatchNormAct2d)
     seen = {}
-    act.register_forward_hook(lambda mod, i, o: seen.setdefault("out", o.detach()))
+    m.backbone.bn1.register_forward_hook(lambda mod, i, o: seen.setdefault("out", o.detach()))
     m(torch.randn(2, 1, 64, 64) * 10)
     assert seen["out"].abs().max() <= 1.0 + 1e-6  # the activation ran
     assert seen["out"].abs().max() > 0.5

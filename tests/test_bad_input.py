@@ -65,7 +65,7 @@ def tiny_models(backbone_dir: Path, model_dir: Path):
 
     from ssl_em.export import BackboneMeta, build_backbone, export_backbone
     from ssl_em.finetune.export import FinetunedMeta, SegmentationNet, export_finetuned, head_config
-    from ssl_em.finetune.features import FeatureExtractor
+    from ssl_em.features import FeatureExtractor
     from ssl_em.finetune.heads import UNETRHead
 
     torch.manual_seed(0)

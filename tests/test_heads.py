@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from ssl_em.finetune.features import FeatureExtractor
+from ssl_em.features import FeatureExtractor
 from ssl_em.finetune.heads import LinearProbe, UNetHead, UNETRHead, default_head
 
 SMALL = dict(width=32, min_width=16, skip_width=16, stem_width=8)
@@ -74,7 +74,7 @@ def test_full_resolution_stem_sees_one_pixel_lines(tiny_vit):
 
 def test_feature_indices_out_of_range_are_refused_not_wrapped(tiny_vit):
     """i % n before the range check turned index n + 3 of an n-level backbone into level 3."""
-    from ssl_em.finetune.features import feature_info
+    from ssl_em.features import feature_info
 
     n = len(feature_info(tiny_vit.backbone))
     with pytest.raises(ValueError, match="out of range"):

@@ -27,7 +27,7 @@ from ssl_em import __version__
 from ssl_em.data.normalize import Normalization
 from ssl_em.export import META as BACKBONE_META
 from ssl_em.export import BackboneError, BackboneMeta, build_backbone, build_from_metadata, load_backbone, load_strict, patch_size_of, read_json, read_safetensors, recover_folder, replace_folder
-from ssl_em.finetune.features import FeatureExtractor, FeatureSpec
+from ssl_em.features import FeatureExtractor, FeatureSpec
 from ssl_em.metadata import check_finetuned
 
 WEIGHTS, META = "model.safetensors", "ssl_em_finetuned.json"

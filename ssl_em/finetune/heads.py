@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_em.finetune.features import FeatureSpec
+from ssl_em.features import FeatureSpec
 
 
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:

@@ -34,7 +34,7 @@ from timm.layers import BatchNormAct2d, SyncBatchNormAct
 from torch import nn
 
 from ssl_em.export import BackboneError, build_backbone
-from ssl_em.finetune.features import feature_info
+from ssl_em.features import feature_info
 from ssl_em.finetune.heads import conv_block
 from ssl_em.pretrain.base import PretrainMethod
 from ssl_em.pretrain.mae import masked_mse, patchify, random_masking

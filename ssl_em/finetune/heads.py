@@ -29,15 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_em.features import FeatureSpec
-
-
-def conv_block(c_in: int, c_out: int) -> nn.Sequential:
-    """Two 3x3 conv + BatchNorm + ReLU. BatchNorm (not GroupNorm) keeps inference local:
-    a pixel's output does not depend on the rest of the tile, so sliding windows blend exactly."""
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-    )  # fmt: skip
+from ssl_em.layers import conv_block
 
 
 def _log2(r: int) -> int:

@@ -35,7 +35,7 @@ from torch import nn
 
 from ssl_em.export import BackboneError, build_backbone
 from ssl_em.features import feature_info
-from ssl_em.finetune.heads import conv_block
+from ssl_em.layers import conv_block
 from ssl_em.pretrain.base import PretrainMethod
 from ssl_em.pretrain.mae import masked_mse, patchify, random_masking
 from ssl_em.seeding import Generators

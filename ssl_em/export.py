@@ -495,8 +495,8 @@ def export_run(run_or_ckpt: str | Path, out: str | Path, dtype: str = "float32",
     return export_backbone(model, out, meta, dtype, method_state=rest)
 
 
-def read_method_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], str | None] | None:
-    """The method weights an export carries (METHOD_STATE) and the method that wrote them,
+def method_state_owner(folder: str | Path) -> str | None:
+    """The method that wrote an export's METHOD_STATE (read from its header only, no tensors),
     or None when the folder has none (exports from before they were kept)."""
     from safetensors import safe_open
 
@@ -504,8 +504,7 @@ def read_method_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], str 
     if not path.is_file():
         return None
     with safe_open(str(path), framework="pt") as f:
-        method = (f.metadata() or {}).get("method")
-    return read_safetensors(path), method
+        return (f.metadata() or {}).get("method")
 
 
 def _recipe_text(recipe: dict) -> str:

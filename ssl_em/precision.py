@@ -6,8 +6,9 @@ slower than float32, so float32 stays. channels_last (NHWC) pays for convolution
 on those CPUs (oneDNN's fast kernels are NHWC) and costs a layout conversion otherwise; a ViT
 has no 4-D activations to lay out. On the one bf16 CPU measured (AMD EPYC, AVX512-BF16, no
 AMX) bf16 gave 1.44x on ResNet-18 training steps and channels_last nothing more (0.95-1.04x),
-so on CPUs it stays off; on GPUs it is on for CNNs, as tensor cores want. The measurements behind these choices are in
-benchmarks/RESULTS.md ("Precision"); a user overrides either with a flag.
+so on CPUs it stays off; on GPUs it is on for CNNs, as tensor cores want. The measurements
+behind these choices are in benchmarks/RESULTS.md ("Issue 17 (session 7)" and "Issue 21");
+a user overrides either with a flag.
 
 Shapes: none; this module only names settings.
 """

@@ -37,3 +37,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def em_files(em, tmp_path_factory):
+    """The requesting module's `em` volume written as image.tif and semantic.tif."""
+    import tifffile
+
+    d = tmp_path_factory.mktemp("em")
+    tifffile.imwrite(d / "image.tif", em.image, photometric="minisblack")
+    tifffile.imwrite(d / "semantic.tif", em.semantic, photometric="minisblack")
+    return d

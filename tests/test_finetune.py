@@ -39,16 +39,6 @@ def em():
 
 
 @pytest.fixture(scope="module")
-def em_files(em, tmp_path_factory):
-    import tifffile
-
-    d = tmp_path_factory.mktemp("em")
-    tifffile.imwrite(d / "image.tif", em.image, photometric="minisblack")
-    tifffile.imwrite(d / "semantic.tif", em.semantic, photometric="minisblack")
-    return d
-
-
-@pytest.fixture(scope="module")
 def exported_backbone(tmp_path_factory):
     """A 'pretrained' backbone folder in ssl_em.export's format (random weights stand in)."""
     model = timm.create_model("test_vit", in_chans=1, num_classes=0, img_size=32, pretrained=False)

@@ -80,6 +80,9 @@ def test_train_then_export(archive, tmp_path):
     # and the method's own weights (MAE's decoder and mask token) the export carries.
     cli = make_cli(["--config", TINY, "--data", str(archive), "--run_dir", str(tmp_path / "more")])
     assert init_from_export(cli.model, tmp_path / "bb") is True
+    from ssl_em.pretrain.cli import freeze_steps
+
+    assert freeze_steps(None, cli.model, tmp_path / "bb") == 0  # the decoder is there: nothing to freeze for
     assert all(torch.equal(a, b) for a, b in zip(cli.model.backbone.state_dict().values(), model.state_dict().values()))
     trained = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
     decoder = [k for k in trained if not k.startswith("backbone.")]
@@ -226,8 +229,17 @@ def test_init_from_without_method_state_freezes_the_backbone_first(archive, tmp_
     more = tmp_path / "more"
     args = ["--config", TINY, "--data", str(archive), "--run_dir", str(more), "--init_from", str(tmp_path / "bb"), "--data.batch_size", "8",
             "--checkpoint_every_n_steps", "2", *QUIET]
-    assert run_argv([*args, "--trainer.max_steps", "2", "--freeze_backbone_steps", "2"]) == 0
-    assert "decoder starts fresh" in capsys.readouterr().out
+    from ssl_em.pretrain.cli import DEFAULT_FREEZE_STEPS, freeze_steps
+
+    cli = make_cli(["--config", TINY, "--data", str(archive), "--run_dir", str(tmp_path / "probe")])
+    assert freeze_steps(None, cli.model, tmp_path / "bb") == DEFAULT_FREEZE_STEPS == 100  # the README's default
+    assert freeze_steps(None, cli.model, run.parent / "with_state") == DEFAULT_FREEZE_STEPS  # no export there at all
+    assert freeze_steps(7, cli.model, tmp_path / "bb") == 7
+    capsys.readouterr()
+    assert run_argv([*args, "--trainer.max_steps", "2", "--freeze_backbone_steps", "2", "--trainer.precision", "32-true"]) == 0
+    out = capsys.readouterr().out
+    assert "decoder starts fresh" in out
+    assert "ssl-em pretrain: precision 32-true, contiguous: as requested" in out  # printed once, the override named
     after = {k[len("backbone."):]: v for k, v in read_checkpoint(more / "checkpoints" / "last.ckpt")["state_dict"].items() if k.startswith("backbone.")}
     assert all(torch.equal(after[k], v) for k, v in start.state_dict().items())  # frozen: not a bit moved
     assert run_argv([*args, "--trainer.max_steps", "4", "--freeze_backbone_steps", "2", "--resume"]) == 0

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 
 from ssl_em.finetune.data import REST, LabeledSlicesDataModule, LabelError, UnlabeledTiles
 from ssl_em.finetune.heads import UNetHead
@@ -181,16 +180,6 @@ def test_semi_supervised_needs_unlabeled_slices_and_the_other_way_round(em):
 
 def _fit_one(module, dm):
     pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(module, datamodule=dm)
-
-
-@pytest.fixture(scope="module")
-def em_files(em, tmp_path_factory):
-    import tifffile
-
-    d = tmp_path_factory.mktemp("em")
-    tifffile.imwrite(d / "image.tif", em.image, photometric="minisblack")
-    tifffile.imwrite(d / "semantic.tif", em.semantic, photometric="minisblack")
-    return d
 
 
 def test_cli_semi_supervised(em_files, tmp_path, capsys):

@@ -230,7 +230,7 @@ def init_from_export(model: PretrainMethod, folder: str | Path) -> bool:
     architecture and its arguments must match the recipe's. When the export carries the
     method's own weights (SparK's decoder and mask tokens) from the same method, load those
     too, strictly, so continued pretraining resumes the method. Returns whether it did."""
-    from ssl_em.export import METHOD_STATE, load_backbone, load_strict, read_method_state
+    from ssl_em.export import METHOD_STATE, load_backbone, load_strict, read_safetensors
 
     loaded, meta = load_backbone(folder)
     ours = run_metadata(model.backbone, None)
@@ -239,7 +239,7 @@ def init_from_export(model: PretrainMethod, folder: str | Path) -> bool:
     load_strict(model.backbone, loaded.state_dict(), str(folder))
     if not carries_method_state(model, folder):
         return False
-    state, _ = read_method_state(folder)
+    state = read_safetensors(Path(folder) / METHOD_STATE)
     rest = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
     bad = sorted(set(rest) ^ set(state)) + [k for k in rest if k in state and rest[k].shape != state[k].shape]
     if bad:
@@ -251,10 +251,17 @@ def init_from_export(model: PretrainMethod, folder: str | Path) -> bool:
 
 def carries_method_state(model: PretrainMethod, folder: str | Path) -> bool:
     """Whether an export carries this method's own weights (METHOD_STATE written by it)."""
-    from ssl_em.export import read_method_state
+    from ssl_em.export import method_state_owner
 
-    found = read_method_state(folder)
-    return found is not None and found[1] == f"{type(model).__module__}.{type(model).__qualname__}"
+    return method_state_owner(folder) == f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+def freeze_steps(given: int | None, model: PretrainMethod, folder: str | Path) -> int:
+    """Steps the backbone stays frozen when continuing from `folder`: as given, else none
+    when the export carries the method's weights, else DEFAULT_FREEZE_STEPS."""
+    if given is not None:
+        return given
+    return 0 if carries_method_state(model, folder) else DEFAULT_FREEZE_STEPS
 
 
 class FreezeBackbone(Callback):
@@ -318,7 +325,7 @@ def run_argv(argv: list[str]) -> int:
             print(f"ssl-em pretrain: backbone from {cfg.init_from}; "
                   + ("the method's decoder and tokens too" if resumed_method else "the method's decoder starts fresh (the export has none of this method)"), flush=True)
         if cfg.init_from:  # also when resumed: a run killed during the frozen phase stays frozen
-            freeze = cfg.freeze_backbone_steps if cfg.freeze_backbone_steps is not None else (0 if carries_method_state(cli.model, cfg.init_from) else DEFAULT_FREEZE_STEPS)
+            freeze = freeze_steps(cfg.freeze_backbone_steps, cli.model, cfg.init_from)
             if freeze:
                 print(f"ssl-em pretrain: backbone frozen for the first {freeze} steps while the decoder learns", flush=True)
                 cli.trainer.callbacks.append(FreezeBackbone(freeze))

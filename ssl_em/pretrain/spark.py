@@ -101,7 +101,7 @@ class SparK(PretrainMethod):
         squares, so the next convolution sees them empty. Statistics are float32 whatever
         the autocast dtype (bf16 sums of thousands of positions lose digits, and the running
         buffers are float32); the result is cast back to x's dtype. A SyncBatchNorm sums
-        over every rank; timm's BatchNormAct2d applies its activation after the norm."""
+        over every rank (an all-reduce; tested in one process only so far); timm's BatchNormAct2d applies its activation after the norm."""
         v = self._visible_at(x.shape[-2:]).float()  # (B, 1, h, w)
         xf = x.float()
         if module.training or module.running_mean is None:

@@ -245,3 +245,14 @@ def test_init_from_without_method_state_freezes_the_backbone_first(archive, tmp_
     assert run_argv([*args, "--trainer.max_steps", "4", "--freeze_backbone_steps", "2", "--resume"]) == 0
     moved = {k[len("backbone."):]: v for k, v in read_checkpoint(more / "checkpoints" / "last.ckpt")["state_dict"].items() if k.startswith("backbone.")}
     assert not all(torch.equal(moved[k], v) for k, v in start.state_dict().items())  # then it trains
+
+
+def test_adaptation_recipe_is_the_short_run_the_readme_promises():
+    """README: adapt the shipped backbone in 300 steps, at most 30 minutes, a lower peak lr."""
+    import yaml
+
+    recipe = yaml.safe_load((Path(TINY).parent / "spark_resnet18_adapt.yaml").read_text())
+    assert recipe["trainer"]["max_steps"] == 300 and recipe["trainer"]["max_time"] == "00:00:30:00"
+    shipped = yaml.safe_load((Path(TINY).parent / "spark_resnet18_cpu.yaml").read_text())
+    assert recipe["model"]["init_args"]["base_lr"] < shipped["model"]["init_args"]["base_lr"]
+    assert recipe["model"]["init_args"]["backbone"] == shipped["model"]["init_args"]["backbone"]

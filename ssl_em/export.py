@@ -80,6 +80,11 @@ class BackboneMeta:
     # `ssl-em finetune` and the benchmark use them unless the user sets those keys.
     finetune: dict = field(default_factory=dict)
     ssl_em_version: str = __version__
+    tiles: int | None = None  # tiles this backbone's own run saw (steps x tiles per step)
+    # The exported backbones it continued (`--init_from`), oldest first, and the images its
+    # own run drew tiles from: see ssl_em.lineage.
+    lineage: list = field(default_factory=list)
+    data_sources: list | None = None
 
     @property
     def norm(self) -> Normalization:
@@ -201,11 +206,12 @@ def _stored(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tenso
 
 
 def export_backbone(backbone: nn.Module, out: str | Path, meta: BackboneMeta, dtype: str = "float32",
-                    method_state: dict[str, torch.Tensor] | None = None) -> Path:
+                    method_state: dict[str, torch.Tensor] | None = None, notes: str = "") -> Path:
     """Write backbone.state_dict() and its configs into `out` (created). Returns `out`.
     dtype: storage type of floating-point tensors (integer buffers stay as they are).
     method_state: the pretraining method's non-backbone weights (keys as in the method's
-    state_dict), written to METHOD_STATE with the method's name, for `--init_from`."""
+    state_dict), written to METHOD_STATE with the method's name, for `--init_from`.
+    notes: markdown appended to the model card (what was measured, the data's terms)."""
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
 
@@ -233,7 +239,7 @@ def export_backbone(backbone: nn.Module, out: str | Path, meta: BackboneMeta, dt
             save_file(_stored(method_state, dtype), str(folder / METHOD_STATE), metadata={"format": "pt", "method": str(meta.method)})
         save_config_for_hf(backbone, str(folder / CONFIG), model_config=model_config, data_config=data_config)
         (folder / META).write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
-        (folder / CARD).write_text(model_card(meta, out.name))
+        (folder / CARD).write_text(model_card(meta, out.name, notes))
 
     return replace_folder(out, fill, META)
 
@@ -477,6 +483,9 @@ def backbone_from_checkpoint(ckpt: dict, where: str = "checkpoint") -> tuple[nn.
         steps=int(ckpt.get("global_step", 0)),
         data_fingerprint=run.get("data_fingerprint"),
         finetune=dict(run.get("finetune") or {}),
+        tiles=int(ckpt.get("global_step", 0)) * run["tiles_per_step"] if run.get("tiles_per_step") else None,
+        lineage=list(run.get("lineage") or []),
+        data_sources=run.get("data_sources"),
     )
     return model, meta
 
@@ -485,14 +494,23 @@ def _first(size) -> int | None:
     return size[0] if isinstance(size, (list, tuple)) else size
 
 
-def export_run(run_or_ckpt: str | Path, out: str | Path, dtype: str = "float32", method_state: bool = True) -> Path:
+def export_run(run_or_ckpt: str | Path, out: str | Path, dtype: str = "float32", method_state: bool = True, notes: str | Path | None = None) -> Path:
     check_out_folder(out, META)  # before reading a checkpoint of gigabytes
+    notes_text = read_notes(notes) if notes else ""
     ckpt_path = find_checkpoint(run_or_ckpt)
     ckpt = read_checkpoint(ckpt_path)
     model, meta = backbone_from_checkpoint(ckpt, str(ckpt_path))
     prefix = "backbone."
     rest = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(prefix)} if method_state else None
-    return export_backbone(model, out, meta, dtype, method_state=rest)
+    return export_backbone(model, out, meta, dtype, method_state=rest, notes=notes_text)
+
+
+def read_notes(path: str | Path) -> str:
+    """The text of a model-card notes file (markdown, UTF-8); BackboneError if unreadable."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BackboneError(f"--notes {path}: cannot read it as UTF-8 text ({_first_line(e)})") from None
 
 
 def method_state_owner(folder: str | Path) -> str | None:
@@ -513,10 +531,13 @@ def _recipe_text(recipe: dict) -> str:
     return ", ".join(f"`{k}: {v}`" for k, v in recipe.items()) + " (recorded in ssl_em.json; `ssl-em finetune` and the benchmark use them unless set)"
 
 
-def model_card(meta: BackboneMeta, name: str) -> str:
+def model_card(meta: BackboneMeta, name: str, notes: str = "") -> str:
     """README.md with the front matter the Hugging Face Hub reads. The snippet loads the
     folder the card sits in, wherever it has been copied: run it from beside the folder, or
-    replace the folder name with its path (or `hf-hub:ORG/NAME` once uploaded)."""
+    replace the folder name with its path (or `hf-hub:ORG/NAME` once uploaded). Then the
+    lineage and training data (ssl_em.lineage) and the `notes`, as given."""
+    from ssl_em.lineage import card_section
+
     norm, method = meta.norm, (meta.method or "unknown").rsplit(".", 1)[-1]
     pixel = f"{meta.pixel_size_nm:g} nm" if meta.pixel_size_nm else "not recorded (native resolution of the data)"
     tags = ["electron-microscopy", "self-supervised", "ssl_em", "timm", f"ssl-{method.lower()}"]
@@ -546,7 +567,8 @@ import ssl_em  # or: strict load, the metadata, and the exact preprocessing
 model, meta = ssl_em.load_backbone(folder)
 x = ssl_em.preprocessing(folder)(image)  # image: (H, W) raw EM -> stretched, standardised float32
 ```
-"""
+
+{card_section(meta)}{chr(10) + notes.strip() + chr(10) if notes.strip() else ""}"""
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -555,9 +577,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="storage type of the weights (float16 halves the file; loading casts back to float32)")
     parser.add_argument("--method-state", action=argparse.BooleanOptionalAction, default=True,
                         help=f"also write {METHOD_STATE}, the method's decoder/heads, so `ssl-em pretrain --init_from` continues the method (default: yes)")
+    parser.add_argument("--notes", metavar="FILE", help="markdown appended to the model card: what was measured, the training data's terms "
+                                                        "(keep it beside your recipes, so a re-export writes the same card)")
 
 
 def run(args) -> int:
-    out = export_run(args.run, args.out, args.dtype, args.method_state)
+    out = export_run(args.run, args.out, args.dtype, args.method_state, args.notes)
     print(f"exported {out} (timm.create_model('local-dir:{out}', pretrained=True) loads it)")
     return 0

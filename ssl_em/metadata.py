@@ -75,6 +75,9 @@ BACKBONE: dict[str, Check] = {
     "data_fingerprint": _optional(TEXT),
     "finetune": FINETUNE,
     "ssl_em_version": _optional(TEXT),
+    "tiles": _optional(COUNT),
+    "lineage": ("a list of objects", lambda v: isinstance(v, list) and all(isinstance(a, dict) for a in v)),
+    "data_sources": _optional(("a list of objects", lambda v: isinstance(v, list) and all(isinstance(a, dict) for a in v))),
 }
 BACKBONE_REQUIRED = ("architecture",)
 

@@ -45,6 +45,8 @@ class StreamSource:
     curation: np.ndarray | None = None  # (z, ty, tx) TileFlag bits at level 0, or None
     curation_tile: int = 256
     voxel_size_known: bool = True  # False: voxel_sizes are a placeholder, no pixel size to resample from
+    origin: str | None = None  # the file it was ingested from (for the export's record of its data)
+    fingerprint: str | None = None  # that file's content fingerprint
 
     @classmethod
     def from_archive(cls, path, threads: int | None = None) -> list["StreamSource"]:
@@ -54,7 +56,8 @@ class StreamSource:
             levels = im.levels
             for lv in levels:
                 lv.threads = threads
-            out.append(cls(im.name, levels, im.voxel_sizes, im.stats, im.curation, im.curation_tile, bool(im.meta.get("voxel_size_known", True))))
+            out.append(cls(im.name, levels, im.voxel_sizes, im.stats, im.curation, im.curation_tile, bool(im.meta.get("voxel_size_known", True)),
+                           im.meta.get("source"), im.meta.get("source_fingerprint")))
         return out
 
     @classmethod
@@ -66,7 +69,7 @@ class StreamSource:
         # An archive's curation flags such data; a raw volume has none, and NaN/Inf would
         # make every tile's stretch NaN.
         check_finite(sample, f"{volume.path} (slices {sorted(int(z) for z in zs)})")
-        return cls(volume.name, [volume], [volume.voxel_size], IntensityStats.compute(sample), voxel_size_known=volume.voxel_size_known)
+        return cls(volume.name, [volume], [volume.voxel_size], IntensityStats.compute(sample), voxel_size_known=volume.voxel_size_known, origin=str(volume.path))
 
 
 @dataclass

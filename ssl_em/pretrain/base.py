@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from ssl_em.errors import UserError
+from ssl_em.lineage import data_sources
+
 
 class NonFiniteLossError(UserError):
     """The training loss became NaN or Inf; training stopped before applying it."""
@@ -92,6 +94,7 @@ def run_metadata(backbone: nn.Module, datamodule) -> dict:
         # The training tile: a CNN's model_args hold no img_size, and without it timm's
         # resolve_data_config falls back to ImageNet's 224 and resizes every EM tile.
         "tile_size": getattr(datamodule, "tile_size", None),
+        "data_sources": data_sources(datamodule.dataset) if getattr(datamodule, "dataset", None) is not None else None,
     }
 
 
@@ -179,5 +182,11 @@ class PretrainMethod(pl.LightningModule):
     # -- checkpoint metadata --------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        meta = run_metadata(self.backbone, getattr(self.trainer, "datamodule", None))
-        checkpoint.setdefault("ssl_em", {}).update(meta, method=f"{type(self).__module__}.{type(self).__qualname__}", finetune=dict(self.finetune_recipe))
+        datamodule = getattr(self.trainer, "datamodule", None)
+        meta = run_metadata(self.backbone, datamodule)
+        # Tiles one optimizer step consumes, across ranks and accumulated micro-batches:
+        # export multiplies it by the step count (the backbone's `tiles`).
+        batch = getattr(datamodule, "batch_size", None)
+        tiles_per_step = batch * self.trainer.world_size * self.trainer.accumulate_grad_batches if batch else None
+        checkpoint.setdefault("ssl_em", {}).update(meta, method=f"{type(self).__module__}.{type(self).__qualname__}", finetune=dict(self.finetune_recipe),
+                                                   tiles_per_step=tiles_per_step)

@@ -73,6 +73,20 @@ class RecordRecipe(Callback):
         checkpoint.setdefault("ssl_em", {}).update(recipe=self.recipe, recipe_content=self.content)
 
 
+class RecordLineage(Callback):
+    """Puts the lineage of an `--init_from` run into every checkpoint's "ssl_em" metadata:
+    the exported backbone it continued (name, weights hash, steps, tiles, data) after that
+    backbone's own ancestors, so export can say what the weights have seen in all."""
+
+    def __init__(self, init_from: str | Path) -> None:
+        from ssl_em.lineage import lineage_of
+
+        self.lineage = lineage_of(init_from)  # read once, at the start: the folder may move later
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint.setdefault("ssl_em", {})["lineage"] = self.lineage
+
+
 class SeedPerRank(Callback):
     """Random draws keyed by (seed, rank, optimizer step, micro-batch). LightningCLI seeds every rank with
     the same `seed_everything`, which keeps the initial weights equal; from then on, before
@@ -325,6 +339,7 @@ def run_argv(argv: list[str]) -> int:
             print(f"ssl-em pretrain: backbone from {cfg.init_from}; "
                   + ("the method's decoder and tokens too" if resumed_method else "the method's decoder starts fresh (the export has none of this method)"), flush=True)
         if cfg.init_from:  # also when resumed: a run killed during the frozen phase stays frozen
+            cli.trainer.callbacks.append(RecordLineage(cfg.init_from))
             freeze = freeze_steps(cfg.freeze_backbone_steps, cli.model, cfg.init_from)
             if freeze:
                 print(f"ssl-em pretrain: backbone frozen for the first {freeze} steps while the decoder learns", flush=True)

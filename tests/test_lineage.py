@@ -10,7 +10,7 @@ import pytest
 from pretrain_utils import make_archive
 
 from ssl_em.cli import main
-from ssl_em.export import BackboneError, load_backbone
+from ssl_em.backbones import BackboneError, load_backbone
 from ssl_em.lineage import total_tiles, weights_sha256
 from ssl_em.metadata import check_backbone
 from ssl_em.pretrain.cli import run_argv

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ssl_em.backbones import build_backbone
 from ssl_em.ema import cosine_momentum, ema_pairs, ema_update_, frozen_copy
-from ssl_em.export import build_backbone
 from ssl_em.pretrain.base import PretrainMethod, embedding_std
 from ssl_em.pretrain.losses import info_nce, nt_xent
 from ssl_em.pretrain.views import default_views

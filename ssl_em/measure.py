@@ -243,7 +243,7 @@ def open_labels(spec: str, instances: bool | None = None, voxel_size=None) -> La
 
     instances None: the prediction's instances when it holds them, else its semantic labels."""
     from ssl_em.data.readers.zarr_store import ZarrVolume, group_attributes, ome_zarr_levels
-    from ssl_em.finetune.data import as_volume
+    from ssl_em.data.readers.open import as_volume
 
     path = Path(spec)
     if not path.exists() and ":" not in spec:
@@ -308,7 +308,7 @@ def run(args) -> int:
 
 def _open_image(spec: str | None, shape: tuple[int, ...], given: bool) -> Volume | None:
     """The raw image as a Volume of `shape`; None when the recorded one is gone (a note says so)."""
-    from ssl_em.finetune.data import as_volume
+    from ssl_em.data.readers.open import as_volume
 
     if spec is None:
         return None

@@ -115,7 +115,7 @@ def predict_instances(rank: int, world: int, kw: dict) -> None:
 
     from torch import nn
 
-    import ssl_em.finetune.predict as P
+    import ssl_em.inference.predict as P
     from ssl_em.data.normalize import Normalization
     from ssl_em.data.volume import ArrayVolume
 

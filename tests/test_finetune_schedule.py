@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_em.finetune.data import IGNORE, LabeledSlicesDataModule, TrainTiles, split_holdout
+from ssl_em.data.labels import IGNORE
+from ssl_em.finetune.data import LabeledSlicesDataModule, TrainTiles, split_holdout
 from ssl_em.finetune.heads import UNetHead
 from ssl_em.finetune.schedule import KeepBestWeights, StepSchedule, warmup_cosine
 

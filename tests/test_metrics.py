@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skimage.metrics import adapted_rand_error, variation_of_information
 
-from ssl_em.finetune.metrics import instance_scores, match_counts, instance_iou, semantic_scores
+from ssl_em.inference.metrics import instance_iou, instance_scores, match_counts, semantic_scores
 
 
 def _random_labels(rng, shape=(40, 50), n=6):

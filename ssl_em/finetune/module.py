@@ -51,8 +51,8 @@ from ssl_em.data.normalize import Normalization
 from ssl_em.ema import ema_update_, frozen_copy
 from ssl_em.errors import UserError
 from ssl_em.features import FeatureExtractor, FeatureSpec
-from ssl_em.finetune.export import FinetunedMeta, SegmentationNet, export_finetuned, head_config
 from ssl_em.finetune.heads import LinearProbe
+from ssl_em.finetune.model_folder import FinetunedMeta, SegmentationNet, export_finetuned, head_config
 from ssl_em.finetune.schedule import warmup_cosine
 from ssl_em.finetune.semi import consistency_loss, pseudo_labels, sigmoid_rampup
 
@@ -359,7 +359,7 @@ class SegmentationModule(pl.LightningModule):
         )
 
     def export(self, out: str | Path, tile_size: int, metrics: dict | None = None, label_values: list[int] | None = None) -> Path:
-        """Weights-only safetensors + JSON; `ssl_em.finetune.export.load_finetuned` reads it back."""
+        """Weights-only safetensors + JSON; `ssl_em.finetune.model_folder.load_finetuned` reads it back."""
         return export_finetuned(self.net, out, self.finetuned_meta(tile_size, metrics, label_values))
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ssl_em.data.labels import IGNORE, LabelError, parse_slices, semantic_targets
+from ssl_em.data.readers.open import as_volume
 from ssl_em.errors import check_writable_file
-from ssl_em.finetune.data import IGNORE, LabelError, as_volume, parse_slices, semantic_targets
-from ssl_em.finetune.metrics import instance_scores, semantic_scores
+from ssl_em.inference.metrics import instance_scores, semantic_scores
 
 
 def open_prediction(spec: str, task: str):
@@ -70,7 +71,7 @@ def evaluate(pred_spec: str, gt_spec: str, task: str | None = None, slices: str 
     p = as_labels(np.concatenate([pred.read(z) for z in zs]), pred_spec)
     g = np.concatenate([gt.read(z) for z in zs])
     if task == "semantic" and attrs:
-        from ssl_em.finetune.predict import semantic_classes
+        from ssl_em.inference.store import semantic_classes
 
         p = semantic_classes(p, attrs)
     if task == "instance":

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import os
 import textwrap
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from ssl_em.atomic import write_csv
 from ssl_em.errors import UserError
 
 FIELDS = ["arm", "backbone", "random_init", "twin", "baseline", "budget", "seed", "train_slices", "metric", "score", "seconds", "metrics_json", "pool", "settings"]
@@ -69,13 +69,8 @@ def appender(csv_path: Path, rows: list[dict]):
     """(file, DictWriter) appending to results.csv; a file with an older header is first
     rewritten with the current columns, so old and new rows stay one table."""
     if rows and list(rows[0]) != FIELDS:
-        # Rewritten into a temporary file and renamed: a crash never leaves half the rows.
-        tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, csv_path)
+        # Rewritten whole (write_csv: a temporary file renamed): a crash never leaves half the rows.
+        write_csv(csv_path, FIELDS, rows, extrasaction="ignore")
     with open(csv_path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         if not rows:

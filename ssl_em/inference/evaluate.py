@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from ssl_em.atomic import write_atomic
 from ssl_em.data.labels import IGNORE, LabelError, parse_slices, semantic_targets
 from ssl_em.data.readers.open import as_volume
 from ssl_em.errors import check_writable_file
@@ -114,14 +114,3 @@ def run(args) -> int:
     if args.json:
         write_atomic(args.json, json.dumps(scores, indent=2, default=float) + "\n")
     return 0
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write a temporary file beside `path`, then rename it: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

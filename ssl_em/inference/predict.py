@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ssl_em import ngff
+from ssl_em.atomic import write_atomic
 from ssl_em.data.normalize import IntensityStats, Normalization, normalize_numpy, sample_stats
 from ssl_em.data.readers.open import as_volume
 from ssl_em.data.volume import Volume, check_finite
@@ -231,9 +232,7 @@ def _instances_3d(pred: Prediction, settings: PredictSettings, progress: bool) -
                 before, after = [slice(None)] * 3, [slice(None)] * 3
                 before[axis], after[axis] = c - 1, c
                 pairs += plane_merges(ids[tuple(before)], ids[tuple(after)])
-        tmp = merges_file.with_suffix(".tmp")  # written whole, then renamed: never half a file
-        tmp.write_text(json.dumps({str(a): b for a, b in merge_map(pairs).items()}))
-        tmp.replace(merges_file)
+        write_atomic(merges_file, json.dumps({str(a): b for a, b in merge_map(pairs).items()}))  # never half a file
     mapping = {int(a): b for a, b in json.loads(merges_file.read_text()).items()}
     done = pred.done("join")
     for k in tqdm([k for k in range(len(cores)) if k not in done], desc="join blocks", unit="block", disable=not progress or not mapping):

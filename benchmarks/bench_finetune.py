@@ -5,6 +5,7 @@ fixed random batch), interleaved in one process, at each precision.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_finetune.py --rounds 2 --steps 40
     python benchmarks/bench_finetune.py --profile        # where finetune()'s time goes
+    python benchmarks/bench_finetune.py --op-profile --precision bf16-mixed --steps 4   # by op
 
 Configuration: the label-efficiency benchmark's (`benchmarks/isbi_cnn_label_efficiency.sh`):
 ResNet-18 U-Net from scratch, head width 64, batch 4, 128 px tiles, ISBI 2012 slices 0-1,
@@ -64,7 +65,8 @@ def finetune_steps(steps: int, precision: str, clock: StepClock) -> None:
         pl.Trainer.__init__ = orig
 
 
-def bare_steps(steps: int, precision: str) -> tuple[float, float]:
+def bare_module(precision: str):
+    """The benchmark's network, its optimizer, precision and a fixed batch."""
     from ssl_em.finetune.benchmark import head_of_width
     from ssl_em.finetune.module import SegmentationModule
     from ssl_em.precision import choose
@@ -73,7 +75,13 @@ def bare_steps(steps: int, precision: str) -> tuple[float, float]:
     m = SegmentationModule(backbone="resnet18", num_classes=2, head=head_of_width(64), random_init=True, unfreeze_at_step=0, backbone_lr_scale=1.0).train()
     setting = choose("cpu", precision)
     opt = m.configure_optimizers()["optimizer"]  # the module's own optimizer (fused or not, its groups)
+    setting.apply(m)
     x, y = torch.randn(4, 1, 128, 128), torch.randint(0, 2, (4, 128, 128))
+    return m, opt, setting, x, y
+
+
+def bare_steps(steps: int, precision: str) -> tuple[float, float]:
+    m, opt, setting, x, y = bare_module(precision)
     for i in range(steps + 2):
         if i == 2:
             t0, c0 = time.perf_counter(), time.process_time()
@@ -85,6 +93,32 @@ def bare_steps(steps: int, precision: str) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def op_profile(steps: int, precision: str) -> None:
+    """torch.profiler over `steps` bare training steps (after 2 untimed): time by op and by
+    phase (forward + loss, backward, optimizer)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    m, opt, setting, x, y = bare_module(precision)
+
+    def step() -> None:
+        with record_function("forward+loss"), setting.autocast("cpu"):
+            loss = m.loss(m(x), y)
+        with record_function("backward"):
+            loss.backward()
+        with record_function("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    print(f"bare step, {precision}, {steps} steps")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=8))
+
+
 def main() -> None:
     from ssl_em.console import quiet
     from ssl_em.precision import BF16, FP32
@@ -94,7 +128,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--precision", nargs="+", default=[FP32, BF16])
     p.add_argument("--profile", action="store_true", help="cProfile one finetune() run of --steps steps (first --precision) and print the top entries")
+    p.add_argument("--op-profile", action="store_true", help="torch.profiler of --steps bare steps (first --precision), by op")
     a = p.parse_args()
+    if a.op_profile:
+        return op_profile(a.steps, a.precision[0])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)", flush=True)
     if a.profile:
         import cProfile

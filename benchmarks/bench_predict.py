@@ -4,6 +4,13 @@ volume size (each size a fresh `ssl-em predict` process).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_predict.py --model MODEL_DIR --rounds 2
     python benchmarks/bench_predict.py --model MODEL_DIR --memory 10,30,90 --rounds 0
+    python benchmarks/bench_predict.py --model INSTANCE_MODEL --input VOL.h5 --planes xy,xz,yz --instances none 3d
+
+--planes xy,xz,yz times the 3D ortho-plane path (every plane orientation predicted, then
+averaged); the bare forward then runs the windows of all three orientations. --instances
+(one or more of none, 2d, 3d) adds the watershed after the network, for an instance model:
+each value is an arm of its own in every round, so the watershed's cost is the difference
+between the `none` arm and the others.
 
 --model: a fine-tuned model folder (`ssl-em finetune --out`); --input: the volume (default
 the ISBI 2012 test stack, 30 x 512 x 512). The command is run in-process through
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -40,17 +48,20 @@ def supports_precision_flag() -> bool:
     return "--precision" in p._option_string_actions
 
 
-def predict_args(model: str, volume: str, out: str, batch: int, setting: str | None) -> list[str]:
+def predict_args(model: str, volume: str, out: str, batch: int, setting: str | None, planes: str = "xy", instances: str | None = None) -> list[str]:
     extra = ["--precision", setting] if setting and supports_precision_flag() else []
-    return ["predict", model, volume, "--out", out, "--overwrite", "--no-progress", "--batch-size", str(batch), "--accelerator", "cpu", *extra]
+    extra += ["--instances", instances] if instances else []
+    return ["predict", model, volume, "--out", out, "--overwrite", "--no-progress", "--batch-size", str(batch), "--accelerator", "cpu", "--planes", planes, *extra]
 
 
-def windows_of(model: str, volume: str) -> tuple[torch.Tensor, int]:
-    """Every xy window `ssl-em predict` runs, standardised as it does: (N, 1, w, w) float32."""
+def windows_of(model: str, volume: str, planes: str = "xy") -> tuple[torch.Tensor, int]:
+    """Every window `ssl-em predict --planes PLANES` runs, standardised and padded as it does
+    (planes smaller than the window reflect-padded, `predict_planes`): (N, 1, w, w) float32."""
     from ssl_em.data.normalize import normalize_numpy
     from ssl_em.data.normalize import sample_stats
     from ssl_em.data.readers.open import as_volume
     from ssl_em.finetune.model_folder import load_finetuned
+    from ssl_em.inference.store import PLANES
     from ssl_em.inference.window import window_starts
 
     _, meta = load_finetuned(model)
@@ -58,12 +69,16 @@ def windows_of(model: str, volume: str) -> tuple[torch.Tensor, int]:
     w = meta.tile_size
     stride = w - w // 4
     stats = sample_stats(vol)
+    whole = normalize_numpy(vol.read(slice(0, vol.shape[0])), stats, meta.norm).astype(np.float32)  # (Z, Y, X)
     out = []
-    for z in range(vol.shape[0]):
-        img = normalize_numpy(vol.read(z)[0], stats, meta.norm).astype(np.float32)
-        H, W = img.shape
-        out += [img[y : y + w, x : x + w] for y in window_starts(H, w, stride) for x in window_starts(W, w, stride)]
-    return torch.from_numpy(np.stack(out)[:, None]), w
+    for plane in planes.split(","):
+        for img in np.moveaxis(whole, PLANES[plane], 0):
+            H, W = img.shape
+            if min(H, W) < w:
+                img = np.pad(img, ((0, max(H, w) - H), (0, max(W, w) - W)), mode="reflect" if min(H, W) > 1 else "edge")
+                H, W = img.shape
+            out += [img[y : y + w, x : x + w] for y in window_starts(H, w, stride) for x in window_starts(W, w, stride)]
+    return torch.from_numpy(np.ascontiguousarray(np.stack(out)[:, None])), w
 
 
 def bare_forward(model: str, windows: torch.Tensor, batch: int, setting) -> tuple[float, float]:
@@ -133,35 +148,41 @@ def main() -> None:
     p.add_argument("--precision", nargs="+", default=[FP32, BF16])
     p.add_argument("--slices", type=int, default=None, help="time the first N slices of the ISBI test stack only (a busy machine)")
     p.add_argument("--memory", default="", help="volume sizes (slices) for the peak-memory runs, e.g. 10,30,90")
+    p.add_argument("--planes", default="xy", help="xy, or xy,xz,yz for the 3D ortho-plane path")
+    p.add_argument("--instances", nargs="+", default=[None], help="none, 2d, 3d: one arm each (an instance model)")
     a = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), precision flag in ssl-em predict: {supports_precision_flag()}", flush=True)
     keep = tempfile.TemporaryDirectory(prefix="bench_predict_in_")
     if a.slices:
         a.input = str(stack(Path(keep.name), a.slices))
     if a.rounds:
-        windows, _ = windows_of(a.model, a.input)
-        print(f"{len(windows)} windows of {tuple(windows.shape[2:])}, batch {a.batch_size}", flush=True)
-    seen = {s: {"predict": [], "bare": []} for s in a.precision}
+        windows, _ = windows_of(a.model, a.input, a.planes)
+        print(f"{len(windows)} windows of {tuple(windows.shape[2:])} ({a.planes}), batch {a.batch_size}, load {os.getloadavg()}", flush=True)
+    arms = [(s, i) for s in a.precision for i in a.instances]
+    seen = {arm: {"predict": [], "bare": []} for arm in arms}
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         for r in range(a.rounds):
-            for s in a.precision:
+            for s, inst in arms:
                 setting = Precision(s, False, s)
                 bare = bare_forward(a.model, windows, a.batch_size, setting)
                 t0, c0 = time.perf_counter(), time.process_time()
-                rc = cli.main(predict_args(a.model, a.input, str(Path(tmp) / f"{s}.zarr"), a.batch_size, s))
+                out = str(Path(tmp) / f"{s}{'_' + inst if inst else ''}.zarr")
+                rc = cli.main(predict_args(a.model, a.input, out, a.batch_size, s, a.planes, inst))
                 pred = (time.perf_counter() - t0, time.process_time() - c0)
                 assert rc == 0, rc
-                seen[s]["predict"].append(pred)
-                seen[s]["bare"].append(bare)
-                print(f"round {r}: {s:10s} predict {pred[0]:6.1f} s wall {pred[1]:6.1f} s CPU | bare forward {bare[0]:6.1f} s wall {bare[1]:6.1f} s CPU | ratio {pred[0] / bare[0]:.3f}", flush=True)
-        agreement(Path(tmp), a.precision)
-    for s, v in seen.items():
+                seen[s, inst]["predict"].append(pred)
+                seen[s, inst]["bare"].append(bare)
+                print(f"round {r}: {s:10s} instances {inst or '-':4s} predict {pred[0]:6.1f} s wall {pred[1]:6.1f} s CPU | bare forward {bare[0]:6.1f} s wall {bare[1]:6.1f} s CPU "
+                      f"| ratio {pred[0] / bare[0]:.3f} (CPU {pred[1] / bare[1]:.3f}) | peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB, load {os.getloadavg()[0]:.2f}", flush=True)
+        if a.instances == [None]:
+            agreement(Path(tmp), a.precision)
+    for (s, inst), v in seen.items():
         if not v["predict"]:
             continue
         pw, pc = statistics.median(x[0] for x in v["predict"]), statistics.median(x[1] for x in v["predict"])
         bw, bc = statistics.median(x[0] for x in v["bare"]), statistics.median(x[1] for x in v["bare"])
         n = len(windows)
-        print(f"{s:10s} predict {pw:6.1f} s ({n / pw:5.1f} windows/s, {n / pc:5.1f} per CPU-s) | bare {bw:6.1f} s ({n / bw:5.1f} windows/s, {n / bc:5.1f} per CPU-s) | ratio {pw / bw:.3f} (CPU {pc / bc:.3f})")
+        print(f"{s:10s} instances {inst or '-':4s} predict {pw:6.1f} s ({n / pw:5.1f} windows/s, {n / pc:5.1f} per CPU-s) | bare {bw:6.1f} s ({n / bw:5.1f} windows/s, {n / bc:5.1f} per CPU-s) | ratio {pw / bw:.3f} (CPU {pc / bc:.3f})")
     if a.memory:
         for s in a.precision:
             memory_runs(a.model, [int(n) for n in a.memory.split(",")], a.batch_size, s)

@@ -12,6 +12,21 @@ optimizer), so they are the FLOPs the model needs, whatever the kernels do.
     python benchmarks/bench_pretrain.py --device cuda               # bf16 on a GPU
     python benchmarks/bench_pretrain.py --tiny                      # CPU, tiny models
     python benchmarks/bench_pretrain.py --data ARCHIVE.zarr ...     # your archive (else a synthetic one)
+    python benchmarks/bench_pretrain.py --vs-lightly --rounds 4     # the MAE step against lightly's
+    python benchmarks/bench_pretrain.py --vs-lightly --profile      # where ssl_em's MAE step goes
+
+--vs-lightly times bare training steps (forward, loss, backward, AdamW; no Trainer, no
+loader) of ssl_em's MAE and of lightly's (`MaskedVisionTransformerTIMM` + `MAEDecoderTIMM`,
+its MAE example's step) at an identical configuration: the same timm ViT (ViT-Ti/16 at
+128 px by default), decoder width, depth and heads, mask ratio, masked-patch MSE without
+normalised pixels, and the same optimizer (fused AdamW, the same parameter groups), in
+float32 and under bf16 autocast. Two more arms run each at its default: ssl_em's MAE as
+`ssl-em pretrain` runs it here (normalised-pixel loss, precision from
+`ssl_em.precision.choose`) and lightly's example as written (float32, torch's default
+AdamW). Arms alternate within each round in one process (A, B, C, ... then again), so a
+slow spell of a shared machine hits all alike; medians over rounds are reported, per
+CPU-second (`time.process_time`) and per wall-clock second. Needs the `bench` extra
+(`pip install -e .[bench]`).
 """
 
 from __future__ import annotations
@@ -134,18 +149,174 @@ def synthetic_archive(folder: Path) -> Path:
     return folder / "synthetic.zarr"
 
 
+# -- ssl_em's MAE against lightly's -------------------------------------------------------
+
+
+def lightly_mae(backbone: str, img_size: int, decoder: dict, mask_ratio: float) -> tuple[torch.nn.Module, callable]:
+    """lightly's MAE (its examples/pytorch/mae.py) around a fresh timm ViT: the module and
+    its loss as a function of a batch of images (B, 1, H, W)."""
+    import warnings
+
+    from lightly.models import utils
+    from lightly.models.modules import MAEDecoderTIMM, MaskedVisionTransformerTIMM
+
+    from ssl_em.backbones import build_backbone
+
+    vit = build_backbone(backbone, in_chans=1, img_size=img_size)
+    net = torch.nn.Module()
+    net.backbone = MaskedVisionTransformerTIMM(vit=vit)
+    with warnings.catch_warnings():  # deprecated in favour of MaskedVisionTransformerDecoderTIMM (lightly 1.7)
+        warnings.simplefilter("ignore")
+        net.decoder = MAEDecoderTIMM(num_patches=vit.patch_embed.num_patches, patch_size=vit.patch_embed.patch_size[0], in_chans=1, embed_dim=vit.embed_dim,
+                                     decoder_embed_dim=decoder["decoder_dim"], decoder_depth=decoder["decoder_depth"], decoder_num_heads=decoder["decoder_heads"])
+    seq, p = net.backbone.sequence_length, vit.patch_embed.patch_size[0]
+
+    def loss(images: torch.Tensor) -> torch.Tensor:
+        B = images.shape[0]
+        idx_keep, idx_mask = utils.random_token_mask(size=(B, seq), mask_ratio=mask_ratio, device=images.device)
+        x = net.backbone.encode(images=images, idx_keep=idx_keep)
+        x = net.decoder.embed(x)
+        tokens = utils.set_at_index(utils.repeat_token(net.decoder.mask_token, (B, seq)), idx_keep, x.type_as(net.decoder.mask_token))
+        pred = net.decoder.predict(utils.get_at_index(net.decoder.decode(tokens), idx_mask))
+        target = utils.get_at_index(utils.patchify(images, p), idx_mask - 1)
+        return torch.nn.functional.mse_loss(pred, target)
+
+    return net, loss
+
+
+def ssl_em_mae(backbone: str, img_size: int, decoder: dict, mask_ratio: float, norm_pix: bool) -> tuple[torch.nn.Module, callable]:
+    model = MAE(backbone=backbone, img_size=img_size, mask_ratio=mask_ratio, norm_pix_loss=norm_pix, image_every_n_steps=0, **decoder)
+    return model, lambda images: model(images)["loss"]
+
+
+@dataclass
+class Arm:
+    """One way of running an MAE training step: a module, its loss, optimizer and precision."""
+
+    name: str
+    net: torch.nn.Module
+    loss: callable
+    optimizer: torch.optim.Optimizer
+    bf16: bool
+
+    def step(self, images: torch.Tensor) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.loss(images)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def make_arms(args) -> list[Arm]:
+    from ssl_em.pretrain.base import param_groups
+    from ssl_em.precision import choose
+
+    decoder = {"decoder_dim": args.decoder_dim, "decoder_depth": args.decoder_depth, "decoder_heads": args.decoder_heads}
+    spec = (args.backbone, args.img_size, decoder, 0.75)
+
+    def fused(net):  # what PretrainMethod.configure_optimizers builds
+        return torch.optim.AdamW(param_groups(net, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
+
+    default_bf16 = choose("cpu").autocast_dtype is not None
+    arms = []
+    for bf16 in (False, True):
+        tag = "bf16" if bf16 else "fp32"
+        net, loss = ssl_em_mae(*spec, norm_pix=False)
+        arms.append(Arm(f"ssl_em {tag}", net, loss, fused(net), bf16))
+        net, loss = lightly_mae(*spec)
+        arms.append(Arm(f"lightly {tag}", net, loss, fused(net), bf16))
+    net, loss = ssl_em_mae(*spec, norm_pix=True)
+    arms.append(Arm(f"ssl_em default ({'bf16' if default_bf16 else 'fp32'}, norm-pix)", net, loss, fused(net), default_bf16))
+    net, loss = lightly_mae(*spec)
+    arms.append(Arm("lightly default (fp32, AdamW)", net, loss, torch.optim.AdamW(net.parameters(), lr=1.5e-4), False))
+    return arms
+
+
+def versus_lightly(args) -> None:
+    import os
+    import statistics
+
+    torch.manual_seed(0)
+    arms = make_arms(args)
+    images = torch.randn(args.batch or 64, 1, args.img_size, args.img_size)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.backbone} at {args.img_size} px, batch {images.shape[0]}, "
+          f"decoder {args.decoder_dim} x {args.decoder_depth} ({args.decoder_heads} heads), load {os.getloadavg()}", flush=True)
+    if args.profile:
+        return profile_arm(arms[0 if not args.profile_bf16 else 2], images, args)
+    for arm in arms:  # warm-up: first-call allocations, oneDNN primitive caches
+        for _ in range(args.warmup):
+            arm.step(images)
+    cpu: dict[str, list[float]] = {a.name: [] for a in arms}
+    wall: dict[str, list[float]] = {a.name: [] for a in arms}
+    for r in range(args.rounds):
+        for arm in arms:
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(args.steps):
+                arm.step(images)
+            cpu[arm.name].append(args.steps * images.shape[0] / (time.process_time() - c0))
+            wall[arm.name].append(args.steps * images.shape[0] / (time.perf_counter() - t0))
+        print(f"round {r + 1}/{args.rounds}, load {os.getloadavg()[0]:.2f}: " + ", ".join(f"{a.name} {cpu[a.name][-1]:.1f}" for a in arms) + " img per CPU-s", flush=True)
+    med = {k: statistics.median(v) for k, v in cpu.items()}
+    medw = {k: statistics.median(v) for k, v in wall.items()}
+    print(f"\n| arm (median of {args.rounds} rounds) | img per CPU-s | img/s wall |\n|---|---|---|")
+    for a in arms:
+        print(f"| {a.name} | {med[a.name]:.1f} | {medw[a.name]:.1f} |")
+
+    def ratio(x: str, y: str) -> str:
+        per_round = [p / q for p, q in zip(cpu[x], cpu[y])]
+        return f"{statistics.median(per_round):.2f}x [{min(per_round):.2f}-{max(per_round):.2f}]"
+
+    print(f"ssl_em / lightly per CPU-second (median per-round ratio [range]): fp32 {ratio('ssl_em fp32', 'lightly fp32')}, "
+          f"bf16 {ratio('ssl_em bf16', 'lightly bf16')}, each at its default {ratio(arms[4].name, arms[5].name)}")
+
+
+def profile_arm(arm: Arm, images: torch.Tensor, args) -> None:
+    """torch.profiler table of a few steps of one arm, by op (self CPU time)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    for _ in range(args.warmup):
+        arm.step(images)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            with record_function("forward+loss"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=arm.bf16):
+                loss = arm.loss(images)
+            with record_function("backward"):
+                loss.backward()
+            with record_function("optimizer"):
+                arm.optimizer.step()
+                arm.optimizer.zero_grad(set_to_none=True)
+    print(f"profile of {arm.name}, {args.steps} steps")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny models for a CPU smoke run")
     p.add_argument("--data", help="archive for the real-stream feed (default: a synthetic one in a temp dir)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (cudnn, compile, loader start)")
+    p.add_argument("--steps", type=int, help="timed steps (default 20; with --vs-lightly 3 per arm and round)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (cudnn, compile, loader start; default 5, with --vs-lightly 1)")
     p.add_argument("--batch", type=int, help="per-device batch (default per config)")
     p.add_argument("--num-workers", type=int, default=None, help="loader workers for the real stream (default 8 on GPU, 0 on CPU)")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (known GPUs are looked up)")
     p.add_argument("--compile", action="store_true")
+    v = p.add_argument_group("--vs-lightly: bare MAE steps, ssl_em against lightly (CPU, one process)")
+    v.add_argument("--vs-lightly", action="store_true")
+    v.add_argument("--backbone", default="vit_tiny_patch16_224")
+    v.add_argument("--img-size", type=int, default=128)
+    v.add_argument("--decoder-dim", type=int, default=512)
+    v.add_argument("--decoder-depth", type=int, default=8)
+    v.add_argument("--decoder-heads", type=int, default=16)
+    v.add_argument("--rounds", type=int, default=4)
+    v.add_argument("--profile", action="store_true", help="profile ssl_em's float32 arm instead of timing")
+    v.add_argument("--profile-bf16", action="store_true", help="with --profile: the bf16 arm")
+    v.add_argument("--profile-rows", type=int, default=30)
     args = p.parse_args()
+    if args.vs_lightly:
+        args.warmup, args.steps = (1 if args.warmup is None else args.warmup), args.steps or 3
+        return versus_lightly(args)
+    args.warmup, args.steps = (5 if args.warmup is None else args.warmup), args.steps or 20
     device = torch.device(args.device)
     workers = args.num_workers if args.num_workers is not None else (8 if device.type == "cuda" else 0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -128,3 +128,30 @@ def test_reconstruction_logged_to_offline_wandb_as_uint8_em(tmp_path, monkeypatc
     expected = np.round((tiles[0, 0].numpy() - tiles.numpy().min()) / (tiles.numpy().max() - tiles.numpy().min()) * 255)
     np.testing.assert_allclose(inputs, expected, atol=1)  # the EM itself, at full contrast
     assert inputs.std() > 20 and inputs.max() - inputs.min() > 128
+
+
+def test_cpu_attention_kernel_keeps_the_loss():
+    """On a CPU the MAE runs timm's explicit attention instead of the fused kernel (a speed
+    choice): the loss and its gradients are those of the fused kernel, for the same masks."""
+    from ssl_em.pretrain.mae import use_fused_attention
+    from ssl_em.seeding import Generators
+
+    model = tiny_mae()
+    attn = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    assert len(attn) == 2 + 1  # the tiny encoder's blocks and the decoder's
+    imgs = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = []
+    for fused in (None, True):  # None: forward's own choice on a CPU; then the fused kernel
+        if fused:
+            use_fused_attention(model, True)  # kept: forward chooses once per device type
+        model.mask_rng = Generators("mae.mask", seed=3)  # the same masks for both
+        model.zero_grad()
+        loss = model(imgs)["loss"]
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        assert all(m.fused_attn == bool(fused) for m in attn)
+    (loss_explicit, g_explicit), (loss_fused, g_fused) = out
+    torch.testing.assert_close(loss_explicit, loss_fused, rtol=1e-5, atol=1e-6)
+    assert len(g_explicit) == len(g_fused) > 0
+    for a, b in zip(g_explicit, g_fused):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

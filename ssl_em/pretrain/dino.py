@@ -62,6 +62,7 @@ class DINO(MultiViewMethod):
         teacher_temp_warmup_steps: int = 30000,
         center_momentum: float = 0.9,
         momentum: float = 0.996,
+        clip_grad: float | None = 3.0,
         export_teacher: bool = True,
         base_lr: float = 5e-4,
         weight_decay: float = 0.04,
@@ -83,7 +84,7 @@ class DINO(MultiViewMethod):
             raise UserError(f"DINO: {backbone} is built for {global_size} px and the local crops are {local_size} px; "
                             "set --model.init_args.backbone_kwargs '{dynamic_img_size: true}' (or local_size to the global size)")
         self.base_momentum, self.export_teacher = momentum, export_teacher
-        self.freeze_last_layer_steps = freeze_last_layer_steps
+        self.freeze_last_layer_steps, self.clip_grad = freeze_last_layer_steps, clip_grad
         self.teacher_temps = (warmup_teacher_temp, teacher_temp, teacher_temp_warmup_steps)
 
         def head() -> DINOProjectionHead:
@@ -134,3 +135,14 @@ class DINO(MultiViewMethod):
         if self.global_step < self.freeze_last_layer_steps:
             for p in self.head.last_layer.parameters():
                 p.grad = None
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Gradients clipped to norm `clip_grad` over the student, as in the authors' code
+        (3.0). Here rather than through `trainer.gradient_clip_val`, which Lightning refuses
+        with the fused AdamW every method uses: that optimizer unscales fp16 gradients itself,
+        after this hook, so clipping is refused under 16-mixed (bf16 and fp32 have no scaler)."""
+        if self.clip_grad and str(self.trainer.precision).startswith("16"):
+            raise UserError("DINO: clip_grad needs bf16-mixed or 32-true precision (the fused AdamW unscales fp16 gradients after clipping); "
+                            "set --trainer.precision bf16-mixed or --model.init_args.clip_grad null")
+        if self.clip_grad:
+            torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], self.clip_grad)

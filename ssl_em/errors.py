@@ -102,3 +102,10 @@ def check_parent_folders(out, label: str) -> None:
             if not parent.is_dir():
                 raise UserError(f"{label}: {parent} is a file, not a folder")
             return
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), or its type's name.
+    For wrapping a library's error whose own text does not name our file."""
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:200]

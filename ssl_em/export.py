@@ -1,193 +1,34 @@
-"""Backbones in and out: build by timm name, export a pretrained one, load it back strictly.
+"""Export a pretraining run as a backbone folder (layout: `ssl_em.backbones`).
 
-An exported backbone is a folder::
-
-    checkpoints/NAME/
-      config.json          timm's own local-dir config (architecture + model_args)
-      model.safetensors    backbone.state_dict(), nothing else
-      ssl_em.json          BackboneMeta: normalisation, pixel size, method, data fingerprint...
-      README.md            model card
-      pretrain_state.safetensors  optional: the pretraining method's own modules (SparK's
-                           decoder and mask tokens), so `ssl-em pretrain --init_from`
-                           continues the method, not just the encoder
-
-`timm.create_model("local-dir:checkpoints/NAME", pretrained=True)` loads it with only timm
-installed, and timm's `resolve_data_config` + `create_transform` then keep EM tiles at their
-size (crop_pct 1.0, bilinear) and standardise with the recorded (mean, std); they cannot do
-the per-volume percentile stretch that comes first, which `pretrained_cfg["notes"]`
-describes and `ssl_em.preprocessing(path)` performs. `ssl_em.load_backbone(path)` loads the
-backbone strictly and returns the metadata too. Files are written with the process's
-normal permissions (umask), so a shared folder stays readable by colleagues.
-Nothing here unpickles a file that left a run: loading reads safetensors and JSON only. The
-one torch.load (of our own Lightning checkpoint, at export) uses weights_only=True.
+`ssl-em export RUN --out checkpoints/NAME` reads the run's Lightning checkpoint (the one
+torch.load here uses weights_only=True: our own file, still never unpickling objects),
+rebuilds the backbone strictly, and writes `config.json` + `model.safetensors` (timm's
+local-dir format), `ssl_em.json` and a model card, all at once (`ssl_em.atomic.replace_folder`).
+timm's `resolve_data_config` + `create_transform` then keep EM tiles at their size
+(crop_pct 1.0, bilinear) and standardise with the recorded (mean, std); the per-volume
+percentile stretch that comes first is described in `pretrained_cfg["notes"]`.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
-import functools
-import inspect
 import json
-import os
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
-import numpy as np
+from ssl_em.atomic import check_out_folder, replace_folder
+from ssl_em.backbones import CARD, CONFIG, META, METHOD_STATE, WEIGHTS, BackboneError, BackboneMeta, build_from_metadata, load_strict, patch_size_of
+from ssl_em.data.normalize import Normalization
+from ssl_em.errors import UserError, first_line
+from ssl_em.metadata import check_backbone
 
-from ssl_em import __version__
-from ssl_em.data.normalize import IntensityStats, Normalization, normalize_numpy
-from ssl_em.errors import UserError, check_parent_folders, read_json_object
-from ssl_em.metadata import check_backbone, check_finetuned
-
-WEIGHTS, CONFIG, META, CARD = "model.safetensors", "config.json", "ssl_em.json", "README.md"
-#: The method's own weights (everything but the backbone), for continued pretraining.
-METHOD_STATE = "pretrain_state.safetensors"
 #: The licence weights are shared under (the model card's and pretrained_cfg's); ssl_em's own.
 LICENSE = "bsd-3-clause"
 #: What timm's transform cannot do and must come first (pretrained_cfg["notes"]).
 STRETCH = ("per volume: (x - p0.5) / (p99.5 - p0.5) with the volume's own percentiles, clipped to [0, 1], "
            "then (x - mean) / std; ssl_em.preprocessing(path) does both")
-
-
-class BackboneError(UserError):
-    """A backbone cannot be built or loaded as asked; the message says why in one line."""
-
-
-@dataclass
-class BackboneMeta:
-    """Everything needed to rebuild a backbone and feed it the images it was trained on."""
-
-    architecture: str
-    model_args: dict = field(default_factory=dict)
-    in_chans: int = 1
-    img_size: int | None = None
-    patch_size: int | None = None
-    pixel_size_nm: float | None = None
-    normalization: dict = field(default_factory=lambda: Normalization().to_dict())
-    method: str | None = None
-    recipe: str | None = None  # the recipe's name(s), never a path of the training machine
-    recipe_content: str | None = None  # the recipe file(s) as they were
-    steps: int | None = None
-    data_fingerprint: str | None = None
-    # SegmentationModule settings that fine-tune this backbone best, as its pretraining
-    # method measured them ({"unfreeze_at_step": 0, "backbone_lr_scale": 1.0} for SparK);
-    # `ssl-em finetune` and the benchmark use them unless the user sets those keys.
-    finetune: dict = field(default_factory=dict)
-    ssl_em_version: str = __version__
-
-    @property
-    def norm(self) -> Normalization:
-        return Normalization.from_dict(self.normalization)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BackboneMeta":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def _takes_img_size(name: str) -> bool:
-    """Models whose input size is fixed at construction (ViTs, Swin...) take `img_size`;
-    convolutional ones accept any size and reject the argument."""
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(name.split(".")[0])
-    return bool(cfg is not None and cfg.fixed_input_size)
-
-
-def build_backbone(name: str, in_chans: int = 1, img_size: int | None = None, **kwargs) -> nn.Module:
-    """A randomly initialised timm backbone without classifier: num_classes=0, pretrained=False.
-
-    img_size is passed only to models with a fixed input size and must then be a multiple of
-    the patch size. kwargs go to timm as they are (depth, embed_dim, drop_path_rate...).
-    """
-    import timm
-
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
-        raise BackboneError(f"unknown timm backbone {name!r}{hint}")
-    if img_size is not None and _takes_img_size(name):
-        kwargs["img_size"] = img_size
-    kwargs.setdefault("num_classes", 0)
-    model = timm.create_model(name, pretrained=False, in_chans=in_chans, **kwargs)
-    patch, size = patch_size_of(model), kwargs.get("img_size")
-    sizes = (size,) if isinstance(size, int) else tuple(size or ())
-    if patch is not None and any(s % patch for s in sizes):
-        raise BackboneError(f"tile size {size} is not divisible by the patch size {patch} of {name}; use a multiple of {patch}")
-    return model
-
-
-@functools.lru_cache(maxsize=None)
-def _architecture_params(name: str) -> frozenset[str]:
-    """The keyword arguments the architecture's class takes, read from its __init__ after a
-    build on the meta device (no memory, no weights; 0.1 s for a ViT-B)."""
-    import timm
-
-    with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, num_classes=0)
-    params = inspect.signature(type(model).__init__).parameters.values()
-    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self")
-
-
-def build_from_metadata(architecture, model_args, where: str) -> nn.Module:
-    """build_backbone from what a shared folder or checkpoint says, treated as data: the
-    architecture must be a plain timm name (no `hf-hub:` / `local-dir:` source) and only
-    the architecture's own constructor arguments pass. timm's factory options
-    (`checkpoint_path`, `pretrained`, `pretrained_cfg_overlay`, `cache_dir`...) would let a
-    model folder make timm read a file or download weights of the sender's choosing."""
-    import timm
-
-    if not isinstance(architecture, str) or ":" in architecture or not timm.is_model(architecture):
-        raise BackboneError(f"{where}: architecture {architecture!r} is not a timm model name; refusing to build it")
-    if not isinstance(model_args, dict):
-        raise BackboneError(f"{where}: model_args must be a mapping of arguments, got {type(model_args).__name__}")
-    # img_size is build_backbone's own argument (given to fixed-size models only).
-    foreign = sorted(k for k in model_args if k not in _architecture_params(architecture) | {"img_size"})
-    if foreign:
-        raise BackboneError(f"{where}: model_args {foreign} are not arguments of the {architecture} architecture; "
-                            "refusing to pass them to timm (a shared model is data, never code)")
-    try:
-        return build_backbone(architecture, **model_args)
-    except (TypeError, AssertionError, RuntimeError) as err:
-        raise BackboneError(f"{where}: cannot build {architecture} from model_args {model_args}: {err}") from err
-
-
-def read_json(path: Path, what: str) -> dict:
-    """A JSON object from `path`; BackboneError naming the file when it is not one."""
-    return read_json_object(path, what, BackboneError)
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file; BackboneError naming the file when it is truncated or
-    not safetensors at all (safetensors' own error does not say which file)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:
-        raise BackboneError(f"{path}: not a readable safetensors file ({_first_line(err)}); the weights are damaged or truncated") from None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return (lines[0] if lines else type(err).__name__)[:200]
-
-
-def patch_size_of(model: nn.Module) -> int | None:
-    """The (square) patch size of a ViT-like model, None for CNNs."""
-    pe = getattr(model, "patch_embed", None)
-    ps = getattr(pe, "patch_size", None)
-    return None if ps is None else int(ps[0] if isinstance(ps, (tuple, list)) else ps)
 
 
 #: Storage types `--dtype` offers. Half precision halves the file (a ResNet-18 is 45 MB in
@@ -238,185 +79,6 @@ def export_backbone(backbone: nn.Module, out: str | Path, meta: BackboneMeta, dt
     return replace_folder(out, fill, META)
 
 
-def write_atomic(path: Path, write) -> None:
-    """Write through a temporary file, then rename. Some writers (safetensors) create files
-    with mode 0600; the result gets the mode a plain open() would give (0666 & ~umask)."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-
-
-def check_out_folder(out: str | Path, marker: str) -> Path:
-    """`out` may be missing, empty, or an earlier model folder (it holds `marker`); anything
-    else is refused (UserError) rather than replaced: it may be the user's own files."""
-    out = recover_folder(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: is a file; --out must be a folder (missing, empty, or an earlier export)")
-    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
-        raise UserError(f"{out}: is a non-empty folder without {marker}, not an earlier export; refusing to replace it (choose another --out)")
-    check_parent_folders(out, str(out))
-    return out
-
-
-def replace_folder(out: str | Path, fill, marker: str) -> Path:
-    """Write a whole folder at once: `fill(tmp)` writes every file into a temporary folder
-    beside `out`, which then takes `out`'s place. Readers see the old folder or the new one,
-    never weights of one run beside metadata of another.
-
-    An existing `out` is swapped with the new folder in one step (Linux renameat2
-    RENAME_EXCHANGE), so `out` exists at every instant. Where that call is missing (other
-    systems, some network file systems) the old folder is first renamed to `.NAME.old`
-    beside it: a crash between the two renames leaves it there, and the next export or load
-    of `out` (`recover_folder`) puts it back. Returns `out`."""
-    out = check_out_folder(out, marker)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared model from the group
-        fill(tmp)
-        for f in tmp.iterdir():  # safetensors writes 0600; give what a plain open() would
-            os.chmod(f, 0o666 & ~_umask())
-        if not out.exists():
-            os.replace(tmp, out)
-        elif exchange_paths(tmp, out):
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
-        else:
-            old = _old_copy(out)
-            shutil.rmtree(old, ignore_errors=True)  # a leftover of a crash whose `out` was since rewritten
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)  # put the old one back: `out` must not vanish
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _old_copy(out: Path) -> Path:
-    """Where replace_folder keeps the old `out` between its two renames (without renameat2)."""
-    return out.with_name(f".{out.name}.old")
-
-
-def recover_folder(out: str | Path) -> Path:
-    """Put back a folder that a crash inside replace_folder's fallback left as `.NAME.old`
-    (only when `out` itself is missing, so nothing is ever overwritten). Returns `out`."""
-    out = Path(out)
-    old = _old_copy(out)
-    if not out.exists() and old.is_dir():
-        try:
-            os.replace(old, out)
-        except OSError:  # another process recovered it first, or the folder is read-only
-            pass
-    return out
-
-
-def exchange_paths(a: Path, b: Path) -> bool:
-    """Swap the two existing paths `a` and `b` atomically (Linux renameat2 with
-    RENAME_EXCHANGE, glibc >= 2.28). False where the system or file system lacks it;
-    OSError naming both paths for any other failure."""
-    import ctypes
-    import errno
-
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # not Linux/glibc
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    renameat2.restype = ctypes.c_int
-    at_fdcwd, rename_exchange = -100, 2  # <fcntl.h>, <linux/fs.h>
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
-
-
-def _umask() -> int:
-    """The process's umask. Linux reports it in /proc; elsewhere reading it means setting it
-    (briefly, so another thread creating a file at that instant could get mode 0666)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """ssl_em's exact preprocessing for an exported backbone: stretch each volume by its own
-    p0.5..p99.5 to [0, 1], clip, then (x - mean) / std with the backbone's recorded values.
-
-    `pre = ssl_em.preprocessing("checkpoints/NAME")`; `x = pre(image)` gives a float32
-    tensor of image's shape, statistics taken from `image` itself; pass `stats=pre.stats(volume)`
-    to use a whole volume's percentiles for each of its slices, as ssl_em does."""
-
-    norm: Normalization
-
-    def stats(self, volume: np.ndarray) -> IntensityStats:
-        return IntensityStats.compute(volume)
-
-    def __call__(self, image: np.ndarray, stats: IntensityStats | None = None) -> torch.Tensor:
-        """image: (..., H, W) any real dtype -> float32 tensor of the same shape."""
-        return torch.from_numpy(normalize_numpy(np.asarray(image), stats or self.stats(image), self.norm))
-
-
-def preprocessing(path: str | Path) -> Preprocessing:
-    """The preprocessing an exported backbone (or a fine-tuned model) was trained with."""
-    path = Path(path)
-    if (path / META).is_file():
-        return Preprocessing(backbone_meta(path).norm)
-    if (path / "ssl_em_finetuned.json").is_file():
-        d = read_json(path / "ssl_em_finetuned.json", "fine-tuned model metadata")
-        return Preprocessing(Normalization.from_dict(check_finetuned(d, str(path / "ssl_em_finetuned.json"), BackboneError)["normalization"]))
-    raise BackboneError(f"{path}: no {META}; not an ssl_em backbone folder (make one with `ssl-em export`)")
-
-
-def backbone_meta(backbone: str | Path) -> BackboneMeta | None:
-    """The metadata of an exported backbone folder; None for anything else (a timm name)."""
-    path = Path(backbone) / META
-    if not path.is_file():
-        return None
-    return BackboneMeta.from_dict(check_backbone(read_json(path, "backbone metadata"), str(path), BackboneError))
-
-
-def load_backbone(path: str | Path, architecture: str | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, BackboneMeta]:
-    """Load an exported backbone strictly from safetensors + JSON. `architecture`, if given,
-    must match the recorded one. Raises BackboneError with the reason otherwise."""
-    path = recover_folder(path)
-    if not path.is_dir():
-        raise BackboneError(f"{path}: no such backbone folder (make one with `ssl-em export`)")
-    for name in (WEIGHTS, META):
-        if not (path / name).is_file():
-            raise BackboneError(f"{path}: no {name}; not an ssl_em backbone folder (make one with `ssl-em export`)")
-    meta = backbone_meta(path)
-    if architecture is not None and architecture != meta.architecture:
-        raise BackboneError(f"{path}: holds a {meta.architecture} backbone, not the {architecture} asked for")
-    model = build_from_metadata(meta.architecture, meta.model_args, str(path / META))
-    load_strict(model, read_safetensors(path / WEIGHTS), f"{path} ({meta.architecture})")
-    return model.to(device), meta
-
-
-def load_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """load_state_dict(strict=True) with a one-line error naming what does not fit."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
-    problems = [f"{len(missing)} missing (e.g. {missing[:3]})"] * bool(missing) + [f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"] * bool(unexpected) + [f"{len(shapes)} of another shape (e.g. {shapes[:2]})"] * bool(shapes)
-    if problems:
-        raise BackboneError(f"{what}: weights do not fit the architecture: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
-
 
 # -- from a training run ---------------------------------------------------------------------
 
@@ -446,7 +108,7 @@ def read_checkpoint(ckpt: str | Path) -> dict:
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
     except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError) as err:
-        raise UserError(f"{ckpt}: not a readable checkpoint ({_first_line(err)}); truncated by a crash? "
+        raise UserError(f"{ckpt}: not a readable checkpoint ({first_line(err)}); truncated by a crash? "
                         "use an earlier one (checkpoints/step*.ckpt)") from None
     if not isinstance(ckpt_dict, dict) or "state_dict" not in ckpt_dict:
         raise UserError(f"{ckpt}: not a Lightning checkpoint (no state_dict)")
@@ -504,17 +166,6 @@ def export_run(run_or_ckpt: str | Path, out: str | Path, dtype: str = "float32",
     rest = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(prefix)} if method_state else None
     return export_backbone(model, out, meta, dtype, method_state=rest)
 
-
-def method_state_owner(folder: str | Path) -> str | None:
-    """The method that wrote an export's METHOD_STATE (read from its header only, no tensors),
-    or None when the folder has none (exports from before they were kept)."""
-    from safetensors import safe_open
-
-    path = Path(folder) / METHOD_STATE
-    if not path.is_file():
-        return None
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("method")
 
 
 def _recipe_text(recipe: dict) -> str:

@@ -63,7 +63,8 @@ def tiny_models(backbone_dir: Path, model_dir: Path):
     Returns (backbone module, its training-checkpoint model_args)."""
     import torch
 
-    from ssl_em.export import BackboneMeta, build_backbone, export_backbone
+    from ssl_em.backbones import BackboneMeta, build_backbone
+    from ssl_em.export import export_backbone
     from ssl_em.finetune.export import FinetunedMeta, SegmentationNet, export_finetuned, head_config
     from ssl_em.features import FeatureExtractor
     from ssl_em.finetune.heads import UNETRHead
@@ -469,7 +470,7 @@ CASES = [
 
 
 def _load_backbone(path):
-    from ssl_em.export import load_backbone
+    from ssl_em.backbones import load_backbone
 
     return load_backbone(path)
 
@@ -562,7 +563,7 @@ def test_bad_input_is_one_line_and_exit_2(case: Case, fx: Fx, tmp_path: Path):
 @pytest.mark.parametrize("case", API_CASES, ids=lambda c: c[0])
 def test_api_raises_documented_error(case, fx: Fx, tmp_path: Path):
     from ssl_em.data.volume import VolumeError
-    from ssl_em.export import BackboneError
+    from ssl_em.backbones import BackboneError
 
     name, call, names, prep = case
     if prep:
@@ -575,7 +576,7 @@ def test_api_raises_documented_error(case, fx: Fx, tmp_path: Path):
 
 def test_foreign_head_module_is_never_imported(fx: Fx, tmp_path: Path, monkeypatch):
     """A model folder naming a module of the sender's: refused before the import runs it."""
-    from ssl_em.export import BackboneError
+    from ssl_em.backbones import BackboneError
 
     probe = tmp_path / "mods" / "ssl_em_evil_probe.py"
     probe.parent.mkdir()

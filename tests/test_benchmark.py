@@ -72,7 +72,8 @@ def test_paired_gains_pair_each_seed_with_its_random_twin():
 def test_backbones_of_one_architecture_share_a_random_twin_and_the_unet_is_always_there(tmp_path):
     import timm
 
-    from ssl_em.export import BackboneMeta, export_backbone
+    from ssl_em.backbones import BackboneMeta
+    from ssl_em.export import export_backbone
     from ssl_em.finetune.benchmark import arms_for
 
     for name, model in (("mae", "test_vit"), ("moco", "test_vit"), ("cnn", "test_resnet")):

@@ -82,7 +82,8 @@ def test_finetune_takes_the_backbones_recommended_settings_unless_the_user_sets_
     import tifffile
     import timm
 
-    from ssl_em.export import BackboneMeta, export_backbone
+    from ssl_em.backbones import BackboneMeta
+    from ssl_em.export import export_backbone
     from ssl_em.finetune.cli import build_cli, freeze_plan
 
     net = timm.create_model("test_resnet", in_chans=1, num_classes=0, pretrained=False)

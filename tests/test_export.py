@@ -12,8 +12,9 @@ import pytest
 import torch
 from pretrain_utils import TINY_VIT
 
+from ssl_em.backbones import BackboneError, BackboneMeta, build_backbone, load_backbone
 from ssl_em.data.normalize import Normalization
-from ssl_em.export import BackboneError, BackboneMeta, build_backbone, export_backbone, export_run, load_backbone
+from ssl_em.export import export_backbone, export_run
 from ssl_em.pretrain.base import run_metadata
 
 ARCH = "vit_tiny_patch16_224"
@@ -191,73 +192,6 @@ def test_model_card_front_matter_pixel_size_and_permissions(exported, tmp_path):
 def _tiny():
     model = build_backbone(ARCH, img_size=32, **TINY_VIT)
     return model, BackboneMeta(architecture=ARCH, model_args=run_metadata(model, None)["model_args"], img_size=32, patch_size=8)
-
-
-# -- replace_folder: `out` exists at every instant ------------------------------------------------
-
-
-def _fill(text: str):
-    def fill(folder):
-        (folder / "meta.json").write_text(text)
-
-    return fill
-
-
-def _second_replace_fails(monkeypatch):
-    """os.replace as seen by ssl_em.export, failing on its second call: a crash between the
-    two renames of a non-atomic swap."""
-    import os
-
-    import ssl_em.export as ex
-
-    calls, real = [], os.replace
-
-    def replace(a, b):
-        calls.append((a, b))
-        if len(calls) == 2:
-            raise OSError("simulated crash between the renames")
-        real(a, b)
-
-    monkeypatch.setattr(ex.os, "replace", replace)
-
-
-def test_replace_folder_swaps_atomically(tmp_path, monkeypatch):
-    """With renameat2 the swap is one call: no window without `out`."""
-    from ssl_em.export import exchange_paths, replace_folder
-
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir(), b.mkdir()
-    (a / "x").write_text("a")
-    if not exchange_paths(a, b):
-        pytest.skip("renameat2(RENAME_EXCHANGE) not available here")
-    assert (b / "x").read_text() == "a" and not (a / "x").exists()
-    out = tmp_path / "model"
-    replace_folder(out, _fill("old"), "meta.json")
-    _second_replace_fails(monkeypatch)
-    replace_folder(out, _fill("new"), "meta.json")
-    assert (out / "meta.json").read_text() == "new"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "model"]  # no temporary left
-
-
-def test_replace_folder_without_exchange_keeps_the_old_folder(tmp_path, monkeypatch):
-    """Fallback (no renameat2): a failure between the renames puts the old folder back, and a
-    kill there leaves `.NAME.old`, which the next load or export recovers."""
-    import ssl_em.export as ex
-
-    out = tmp_path / "model"
-    ex.replace_folder(out, _fill("old"), "meta.json")
-    monkeypatch.setattr(ex, "exchange_paths", lambda a, b: False)
-    with monkeypatch.context() as m:
-        _second_replace_fails(m)
-        with pytest.raises(OSError, match="simulated crash"):
-            ex.replace_folder(out, _fill("new"), "meta.json")
-    assert (out / "meta.json").read_text() == "old"
-    # A kill between the renames: the old folder sits at .model.old and nothing at `out`.
-    out.rename(tmp_path / ".model.old")
-    ex.replace_folder(out, _fill("newer"), "meta.json")  # recovers, then replaces as usual
-    assert (out / "meta.json").read_text() == "newer" and not (tmp_path / ".model.old").exists()
-    out.rename(tmp_path / ".model.old")
-    assert (ex.recover_folder(out) / "meta.json").read_text() == "newer"
 
 
 def test_load_backbone_recovers_a_folder_left_by_a_crash(exported, tmp_path):

@@ -16,7 +16,8 @@ import timm
 import torch
 import zarr
 
-from ssl_em.export import BackboneError, BackboneMeta, export_backbone
+from ssl_em.backbones import BackboneError, BackboneMeta
+from ssl_em.export import export_backbone
 from ssl_em.finetune.cli import build_cli, finetune, run_argv
 from ssl_em.finetune.data import LabeledSlicesDataModule, LabelError
 from ssl_em.finetune.export import load_finetuned

@@ -6,7 +6,7 @@ import pytest
 import torch
 from pretrain_utils import TINY_VIT
 
-from ssl_em.export import build_backbone
+from ssl_em.backbones import build_backbone
 from ssl_em.pretrain.base import embedding_std, param_groups, scaled_lr, warmup_cosine
 
 

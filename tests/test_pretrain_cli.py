@@ -15,7 +15,8 @@ import pytest
 import torch
 from pretrain_utils import make_archive
 
-from ssl_em.export import BackboneError, load_backbone, read_checkpoint
+from ssl_em.backbones import BackboneError, load_backbone
+from ssl_em.export import read_checkpoint
 from ssl_em.pretrain.cli import init_from_export, make_cli, run_argv
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes" / "pretrain").glob("*.yaml"))
@@ -219,7 +220,7 @@ def test_init_from_without_method_state_freezes_the_backbone_first(archive, tmp_
     fresh and trains alone for --freeze_backbone_steps, the backbone's weights and
     statistics unchanged, then everything trains."""
     from ssl_em.cli import main
-    from ssl_em.export import METHOD_STATE
+    from ssl_em.backbones import METHOD_STATE
 
     run = tmp_path / "run"
     assert run_argv(["--config", TINY, "--data", str(archive), "--run_dir", str(run), "--trainer.max_steps", "2", "--data.batch_size", "8", *QUIET]) == 0

@@ -221,7 +221,7 @@ def test_cli_trains_and_exports_the_deployable_network(archive, tmp_path, recipe
     network (DINO's teacher, BYOL's online backbone), plain timm loads it and gives that
     network's features, and `--init_from` starts student and teacher from it."""
     from ssl_em.cli import main
-    from ssl_em.export import load_backbone
+    from ssl_em.backbones import load_backbone
     from ssl_em.pretrain.cli import init_from_export, make_cli
 
     run = tmp_path / "run"

@@ -86,7 +86,7 @@ def test_loss_decreases_on_fixed_batch():
 
 
 def test_cnn_backbone_rejected_clearly():
-    from ssl_em.export import BackboneError
+    from ssl_em.backbones import BackboneError
 
     with pytest.raises(BackboneError, match="ViT"):
         MAE(backbone="resnet18", img_size=32, decoder_dim=16, decoder_depth=1, decoder_heads=2)

@@ -7,7 +7,7 @@ import timm
 import torch
 from pretrain_utils import fixed_batch_losses
 
-from ssl_em.export import BackboneError
+from ssl_em.backbones import BackboneError
 from ssl_em.pretrain.spark import SparK
 
 

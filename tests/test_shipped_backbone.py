@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ssl_em.export import load_backbone
+from ssl_em.backbones import load_backbone
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "em_resnet18_spark"
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "pretrain" / "spark_resnet18_cpu.yaml"

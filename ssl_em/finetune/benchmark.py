@@ -71,7 +71,7 @@ def arms_for(backbones: list[str], random_twins: bool = True, unet_encoder: str 
     backbone_lr_scale, say), so the baselines keep their own. A pretrained arm starts from
     the settings its backbone recommends (`BackboneMeta.finetune`); pretrained_settings
     override them."""
-    from ssl_em.export import backbone_meta
+    from ssl_em.backbones import backbone_meta
 
     unet = Arm(unet_name(unet_encoder), unet_encoder, True, unet_name(unet_encoder), unet_name(unet_encoder), {"lr": unet_lr, "unfreeze_at_step": 0}) if unet_encoder else None
     pretrained, twins = [], {}
@@ -597,7 +597,7 @@ def check_backbone(backbone: str) -> None:
     """An exported folder (with ssl_em.json) or a timm name, checked before any run starts."""
     import timm
 
-    from ssl_em.export import META, load_backbone
+    from ssl_em.backbones import META, load_backbone
 
     path = Path(backbone)
     if path.exists() or "/" in backbone:

@@ -30,9 +30,10 @@ import torch
 from pytorch_lightning.cli import LightningCLI
 
 from ssl_em import cli_flags, precision as precisions
+from ssl_em.atomic import check_out_folder
+from ssl_em.backbones import backbone_meta
 from ssl_em.console import quiet, run_callbacks
 from ssl_em.errors import UserError, debug_enabled, find_user_error, one_line
-from ssl_em.export import backbone_meta, check_out_folder
 from ssl_em.finetune.data import IGNORE, REST, LabeledSlicesDataModule
 from ssl_em.finetune.export import META
 from ssl_em.finetune.heads import default_head

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from ssl_em import __version__
+from ssl_em.atomic import recover_folder, replace_folder
+from ssl_em.backbones import BackboneError, BackboneMeta, build_from_metadata, load_strict, read_json, read_safetensors
 from ssl_em.data.normalize import Normalization
-from ssl_em.export import META as BACKBONE_META
-from ssl_em.export import BackboneError, BackboneMeta, build_backbone, build_from_metadata, load_backbone, load_strict, patch_size_of, read_json, read_safetensors, recover_folder, replace_folder
 from ssl_em.features import FeatureExtractor, FeatureSpec
 from ssl_em.metadata import check_finetuned
 
@@ -43,38 +43,6 @@ class SegmentationNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.extractor(x), x)
-
-
-def resolve_backbone(backbone: str | Path, random_init: bool = False, tile_size: int | None = None) -> tuple[nn.Module, BackboneMeta]:
-    """A backbone and its metadata from an exported folder or a timm name.
-
-    backbone: `checkpoints/NAME` (an `ssl-em export` folder) or a timm model name (always
-    random weights; `pretrained=True` is never used). random_init: same architecture and
-    model_args as the folder's, fresh weights (the like-for-like baseline).
-    tile_size: ViTs are resized to it (position embeddings resampled) when it differs
-    from the pretraining img_size; `model_args["img_size"]` then records the new size.
-    """
-    path = Path(backbone)
-    if (path / BACKBONE_META).is_file():
-        model, meta = load_backbone(path)
-        meta = BackboneMeta.from_dict(meta.to_dict())
-        if random_init:
-            model = build_backbone(meta.architecture, **meta.model_args)
-            meta.method = "random-init"
-    elif path.exists() or "/" in str(backbone):
-        raise BackboneError(f"{backbone}: not an exported backbone folder (no {BACKBONE_META}); make one with `ssl-em export`, or give a timm model name")
-    else:
-        args = {"in_chans": 1, "img_size": tile_size}
-        model = build_backbone(str(backbone), **args)
-        meta = BackboneMeta(architecture=str(backbone), model_args=args, in_chans=1, img_size=tile_size, patch_size=patch_size_of(model), method="random-init")
-    patch = patch_size_of(model)
-    if tile_size is not None and patch is not None and tile_size % patch:
-        raise BackboneError(f"tile size {tile_size} is not divisible by the patch size {patch} of {meta.architecture}; use a multiple of {patch}")
-    if tile_size is not None and hasattr(model, "set_input_size") and meta.model_args.get("img_size") not in (None, tile_size):
-        model.set_input_size(img_size=tile_size)
-        meta.model_args = {**meta.model_args, "img_size": tile_size}
-        meta.img_size = tile_size
-    return model, meta
 
 
 @dataclass

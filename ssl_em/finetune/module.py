@@ -45,13 +45,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_em.backbones import BackboneError, BackboneMeta, patch_size_of, resolve_backbone
 from ssl_em.data.augment import BrightnessContrast, FlipRot90, Gamma, GaussianBlur, GaussianNoise, RandomWarp, Stripes
 from ssl_em.data.normalize import Normalization
 from ssl_em.ema import ema_update_, frozen_copy
 from ssl_em.errors import UserError
-from ssl_em.export import BackboneError, BackboneMeta, patch_size_of
-from ssl_em.finetune.export import FinetunedMeta, SegmentationNet, export_finetuned, head_config, resolve_backbone
 from ssl_em.features import FeatureExtractor, FeatureSpec
+from ssl_em.finetune.export import FinetunedMeta, SegmentationNet, export_finetuned, head_config
 from ssl_em.finetune.heads import LinearProbe
 from ssl_em.finetune.schedule import warmup_cosine
 from ssl_em.finetune.semi import consistency_loss, pseudo_labels, sigmoid_rampup

@@ -359,7 +359,7 @@ class FinetuneWidget(QWidget):
         measurement, objects.csv."""
         import tifffile
 
-        from ssl_em.export import check_out_folder
+        from ssl_em.atomic import check_out_folder
         from ssl_em.finetune.export import META
         from ssl_em.measure import write_csv
 

@@ -231,7 +231,7 @@ def init_from_export(model: PretrainMethod, folder: str | Path) -> bool:
     architecture and its arguments must match the recipe's. When the export carries the
     method's own weights (SparK's decoder and mask tokens) from the same method, load those
     too, strictly, so continued pretraining resumes the method. Returns whether it did."""
-    from ssl_em.export import METHOD_STATE, load_backbone, load_strict, read_safetensors
+    from ssl_em.backbones import METHOD_STATE, load_backbone, load_strict, read_safetensors
 
     loaded, meta = load_backbone(folder)
     ours = run_metadata(model.backbone, None)
@@ -256,7 +256,7 @@ def init_from_export(model: PretrainMethod, folder: str | Path) -> bool:
 
 def carries_method_state(model: PretrainMethod, folder: str | Path) -> bool:
     """Whether an export carries this method's own weights (METHOD_STATE written by it)."""
-    from ssl_em.export import method_state_owner
+    from ssl_em.backbones import method_state_owner
 
     return method_state_owner(folder) == f"{type(model).__module__}.{type(model).__qualname__}"
 

@@ -22,7 +22,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ssl_em.export import BackboneError, build_backbone
+from ssl_em.backbones import BackboneError, build_backbone
 from ssl_em.pretrain.base import PretrainMethod
 from ssl_em.seeding import Generators
 

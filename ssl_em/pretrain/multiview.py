@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ssl_em.ema import cosine_momentum, ema_pairs, ema_update_
-from ssl_em.export import build_backbone
+from ssl_em.backbones import build_backbone
 from ssl_em.pretrain.base import PretrainMethod, embedding_std
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, SyncBatchNormAct
 from torch import nn
 
-from ssl_em.export import BackboneError, build_backbone
+from ssl_em.backbones import BackboneError, build_backbone
 from ssl_em.features import feature_info
 from ssl_em.layers import conv_block
 from ssl_em.pretrain.base import PretrainMethod

@@ -157,6 +157,36 @@ def test_teacher_temperature_warms_up_linearly():
     assert linear_warmup(3, 0, 1.0, 2.0) == 2.0
 
 
+def test_dino_clips_gradients_and_freezes_the_last_layer_early():
+    """Gradient norm clipped to clip_grad before the optimizer step; the last layer gets no
+    gradient during the first freeze_last_layer_steps; fp16 with its scaler is refused."""
+    from types import SimpleNamespace
+
+    from ssl_em.errors import UserError
+
+    m = tiny_dino(clip_grad=0.5, freeze_last_layer_steps=3)
+    m._trainer = SimpleNamespace(precision="bf16-mixed", global_step=2)
+    (m(*fixed_views())["loss"] * 1000).backward()
+    m.on_after_backward()
+    assert all(p.grad is None for p in m.head.last_layer.parameters())
+    m.on_before_optimizer_step(None)
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) == pytest.approx(0.5, rel=1e-4)
+    m._trainer = SimpleNamespace(precision="16-mixed", global_step=3)
+    with pytest.raises(UserError, match="bf16-mixed"):
+        m.on_before_optimizer_step(None)
+
+
+def test_deployable_prefix_of_a_checkpoint():
+    from ssl_em.backbones import BackboneError
+    from ssl_em.export import deployable_prefix
+
+    assert deployable_prefix({}, "old.ckpt") == "backbone."  # checkpoints from before the hook
+    assert deployable_prefix({"deployable": "teacher_backbone"}, "x") == "teacher_backbone."
+    with pytest.raises(BackboneError, match="not a module name"):
+        deployable_prefix({"deployable": "a.b"}, "x")
+
+
 def test_deployable_network():
     assert tiny_dino().deployable() == "teacher_backbone" and tiny_dino(export_teacher=False).deployable() == "backbone"
     assert tiny_byol().deployable() == "backbone" and tiny_byol(export_target=True).deployable() == "target_backbone"

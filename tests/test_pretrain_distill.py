@@ -153,7 +153,7 @@ def test_dino_centre_follows_the_teacher_outputs():
 
 def test_teacher_temperature_warms_up_linearly():
     m = tiny_dino(warmup_teacher_temp=0.04, teacher_temp=0.07, teacher_temp_warmup_steps=10)
-    assert [round(m.teacher_temp(s), 4) for s in (0, 5, 10, 50)] == [0.04, 0.055, 0.07, 0.07]
+    assert [round(m.teacher_temp_at(s), 4) for s in (0, 5, 10, 50)] == [0.04, 0.055, 0.07, 0.07]
     assert linear_warmup(3, 0, 1.0, 2.0) == 2.0
 
 

@@ -107,7 +107,7 @@ class DINO(MultiViewMethod):
     def deployable(self) -> str:
         return "teacher_backbone" if self.export_teacher else "backbone"
 
-    def teacher_temp(self, step: int) -> float:
+    def teacher_temp_at(self, step: int) -> float:
         start, end, steps = self.teacher_temps
         return linear_warmup(step, steps, start, end)
 
@@ -124,7 +124,7 @@ class DINO(MultiViewMethod):
             f = self.backbone(torch.cat(views[a:b]))  # ((b - a) B, F)
             s_feat.append(f)
             s_out += list(self.head(f).chunk(b - a))
-        temp = self.teacher_temp(self.global_step)
+        temp = self.teacher_temp_at(self.global_step)
         # Softmax of outputs divided by a temperature of 0.04 is float32, as in the authors' code.
         with torch.autocast(device_type=views[0].device.type, enabled=False):
             loss = self.criterion([t.float() for t in t_out], [s.float() for s in s_out], teacher_temp=temp)

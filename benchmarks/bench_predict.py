@@ -33,7 +33,7 @@ ISBI_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012"
 
 
 def supports_precision_flag() -> bool:
-    from ssl_em.finetune import predict
+    from ssl_em.inference import predict
 
     p = argparse.ArgumentParser()
     predict.configure(p)
@@ -48,9 +48,10 @@ def predict_args(model: str, volume: str, out: str, batch: int, setting: str | N
 def windows_of(model: str, volume: str) -> tuple[torch.Tensor, int]:
     """Every xy window `ssl-em predict` runs, standardised as it does: (N, 1, w, w) float32."""
     from ssl_em.data.normalize import normalize_numpy
-    from ssl_em.finetune.data import as_volume, sample_stats
-    from ssl_em.finetune.export import load_finetuned
-    from ssl_em.finetune.predict import window_starts
+    from ssl_em.data.normalize import sample_stats
+    from ssl_em.data.readers.open import as_volume
+    from ssl_em.finetune.model_folder import load_finetuned
+    from ssl_em.inference.window import window_starts
 
     _, meta = load_finetuned(model)
     vol = as_volume(volume)
@@ -67,7 +68,7 @@ def windows_of(model: str, volume: str) -> tuple[torch.Tensor, int]:
 
 def bare_forward(model: str, windows: torch.Tensor, batch: int, setting) -> tuple[float, float]:
     """(wall s, CPU s) of the network alone over `windows`, batch by batch."""
-    from ssl_em.finetune.export import load_finetuned
+    from ssl_em.finetune.model_folder import load_finetuned
 
     net, _ = load_finetuned(model)
     net = setting.apply(net).eval()

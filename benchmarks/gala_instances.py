@@ -38,7 +38,7 @@ def predict_3d(model: Path, image: Path, out: Path) -> np.ndarray:
     """(K, Z, Y, X) probabilities averaged over the three planes."""
     import zarr
 
-    from ssl_em.finetune.predict import read_probabilities
+    from ssl_em.inference.store import read_probabilities
 
     subprocess.run(["ssl-em", "predict", str(model), str(image), "--out", str(out), "--planes", "xy,xz,yz",
                     "--instances", "none", "--overwrite", "--no-progress"], check=True)
@@ -47,8 +47,8 @@ def predict_3d(model: Path, image: Path, out: Path) -> np.ndarray:
 
 def sweep(probs: np.ndarray, gt: np.ndarray) -> dict[float, dict]:
     """Seed threshold -> 3D instance scores (VOI split/merge, adapted Rand error, AP50)."""
-    from ssl_em.finetune.instance import foreground_boundary, watershed_instances
-    from ssl_em.finetune.metrics import instance_scores
+    from ssl_em.inference.instance import foreground_boundary, watershed_instances
+    from ssl_em.inference.metrics import instance_scores
 
     fg, bd = foreground_boundary(probs)
     out = {}

@@ -7,21 +7,49 @@ the result the mode a plain open() would (0666 & ~umask), so shared folders stay
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from ssl_em.errors import UserError, check_parent_folders
 
 
-def write_atomic(path: Path, write) -> None:
-    """Write through a temporary file, then rename. Some writers (safetensors) create files
-    with mode 0600; the result gets the mode a plain open() would give (0666 & ~umask)."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], object]) -> Path:
+    """Write the file `path` whole or not at all. `data` (text, bytes, or a callable that writes
+    the whole file at the path it is given) goes to a temporary file beside `path`, named after
+    this process so concurrent writers never share one, which then replaces `path` in one
+    rename. The result gets the mode a plain open() would give (0666 & ~umask; some writers,
+    safetensors, create 0600). The temporary file never outlives a failure. Returns `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        elif isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            data(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_csv(path: str | Path, fieldnames: Sequence[str], rows: Iterable[dict], **writer_args) -> Path:
+    """A CSV table, header then `rows`, written with `write_atomic` (never half a table).
+    writer_args go to csv.DictWriter (extrasaction="ignore", say)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(fieldnames), **writer_args)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return write_atomic(path, write)
 
 
 def check_out_folder(out: str | Path, marker: str) -> Path:

@@ -23,10 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("ssl_em.pretrain.cli", "self-supervised pretraining (LightningCLI)"),
     "export": ("ssl_em.export", "export a backbone as a timm-loadable checkpoint"),
     "finetune": ("ssl_em.finetune.cli", "fine-tune a backbone and a segmentation head on a few labeled slices (LightningCLI)"),
-    "predict": ("ssl_em.finetune.predict", "sliding-window inference over a whole volume"),
-    "evaluate": ("ssl_em.finetune.evaluate", "score a prediction against ground truth"),
+    "predict": ("ssl_em.inference.predict", "sliding-window inference over a whole volume"),
+    "evaluate": ("ssl_em.inference.evaluate", "score a prediction against ground truth"),
     "measure": ("ssl_em.measure", "measure the objects of a prediction in nm: a CSV of objects and a per-class summary"),
-    "export-model": ("ssl_em.finetune.bioimageio", "export a fine-tuned model for other tools (bioimage.io)"),
+    "export-model": ("ssl_em.inference.bioimageio", "export a fine-tuned model for other tools (bioimage.io)"),
     "benchmark": ("ssl_em.finetune.benchmark", "label-efficiency benchmark: pretrained vs random init"),
 }
 

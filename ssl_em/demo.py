@@ -79,7 +79,7 @@ def _stage(title: str, argv: list[str] | None = None, fn=None) -> None:
 def verdict(gains: dict, metric: str, noise: float = 0.01) -> list[str]:
     """One sentence per (pretrained arm, budget) saying what the paired comparison shows.
 
-    gains: `ssl_em.finetune.benchmark.paired_gains` (arm -> budget -> (mean, std, wins,
+    gains: `ssl_em.finetune.benchmark_report.paired_gains` (arm -> budget -> (mean, std, wins,
     pairs)). A single seed cannot separate a difference from seed-to-seed noise, and a
     difference under `noise` is not a gain whatever the seeds; with several seeds a gain
     must clear two standard errors of the paired differences."""
@@ -117,7 +117,7 @@ def run(args) -> int:
     with quiet():
         bench = _run_stages(args, out)
     print(f"\nssl-em demo finished in {time.time() - t0:.0f}s. Comparison (mean IoU on held-out slices {VAL}, {BUDGET} labeled slices from {POOL}):")
-    from ssl_em.finetune.benchmark import markdown_table, paired_gains, read_rows, summarize
+    from ssl_em.finetune.benchmark_report import markdown_table, paired_gains, read_rows, summarize
 
     rows = read_rows(bench / "results.csv")
     print(markdown_table(summarize(rows), "mean_iou"))

@@ -35,13 +35,12 @@ the whole of it); so is the raw image in 3D, which `--2d` reads slice by slice.
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ssl_em import atomic
 from ssl_em.data.volume import UNKNOWN_VOXEL_SIZE, Volume, VoxelSize
 from ssl_em.errors import UserError, check_writable_file
 
@@ -217,17 +216,8 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def write_csv(path: str | Path, rows: list[dict], columns: tuple[str, ...] | None = None) -> None:
     """CSV with a header, written to a temporary file and renamed (never half a table)."""
-    path = Path(path)
     columns = columns or (tuple(rows[0]) if rows else ())
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(columns))
-            w.writeheader()
-            w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic.write_csv(path, columns, ({k: ("" if v is None else v) for k, v in r.items()} for r in rows))
 
 
 def summary_path(out: str | Path) -> Path:
@@ -243,7 +233,7 @@ def open_labels(spec: str, instances: bool | None = None, voxel_size=None) -> La
 
     instances None: the prediction's instances when it holds them, else its semantic labels."""
     from ssl_em.data.readers.zarr_store import ZarrVolume, group_attributes, ome_zarr_levels
-    from ssl_em.finetune.data import as_volume
+    from ssl_em.data.readers.open import as_volume
 
     path = Path(spec)
     if not path.exists() and ":" not in spec:
@@ -308,7 +298,7 @@ def run(args) -> int:
 
 def _open_image(spec: str | None, shape: tuple[int, ...], given: bool) -> Volume | None:
     """The raw image as a Volume of `shape`; None when the recorded one is gone (a note says so)."""
-    from ssl_em.finetune.data import as_volume
+    from ssl_em.data.readers.open import as_volume
 
     if spec is None:
         return None

@@ -141,8 +141,7 @@ def _xml_escape(text: str) -> str:
 def write_json(path: Path, attrs: dict) -> None:
     """A zarr v2 .zattrs/.zgroup file, written whole then renamed."""
     import json
-    import os
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(attrs, indent=2) + "\n")
-    os.replace(tmp, path)
+    from ssl_em.atomic import write_atomic
+
+    write_atomic(path, json.dumps(attrs, indent=2) + "\n")

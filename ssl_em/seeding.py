@@ -30,18 +30,26 @@ def run_seed() -> int:
     return int(s) if s is not None else torch.initial_seed()
 
 
-def process_rank() -> int:
-    """This process's global rank: torch.distributed's, else the launcher's RANK, else 0."""
+def process_group(launcher: bool = True) -> tuple[int, int]:
+    """(global rank, number of processes): torch.distributed's once it is initialised; else,
+    with `launcher`, the launcher's RANK and WORLD_SIZE (a process before the group exists, or
+    a DataLoader worker, still knows its place); else (0, 1). Collectives (the losses' gather)
+    pass launcher=False: there is nothing to gather from before the group is initialised."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", 0))
+        return dist.get_rank(), dist.get_world_size()
+    if launcher:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return 0, 1
+
+
+def process_rank() -> int:
+    """This process's global rank (`process_group`)."""
+    return process_group()[0]
 
 
 def process_world() -> int:
-    """The number of processes: torch.distributed's, else the launcher's WORLD_SIZE, else 1."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", 1))
+    """The number of processes (`process_group`)."""
+    return process_group()[1]
 
 
 def worker_index() -> int:

@@ -77,7 +77,8 @@ def finetune_ddp(rank: int, world: int, kw: dict) -> None:
 
     from ssl_em.finetune.data import GridTiles, LabeledSlicesDataModule
     from ssl_em.finetune.heads import UNETRHead
-    from ssl_em.finetune.module import SegmentationModule, confusion, iou_from_confusion
+    from ssl_em.finetune.module import SegmentationModule
+    from ssl_em.inference.metrics import confusion_matrix, iou_dice
     from ssl_em.synthetic import make_volume
 
     em = make_volume(shape=(4, 64, 64), seed=1)
@@ -99,9 +100,9 @@ def finetune_ddp(rank: int, world: int, kw: dict) -> None:
     with torch.no_grad():
         for i in range(len(grid.index)):
             b = model.on_after_batch_transfer({k: v[None] for k, v in grid[i].items()}, 0)
-            cm = cm + confusion(model(b["image"]).argmax(1), b["target"], dm.num_classes)
+            cm = cm + confusion_matrix(model(b["image"]).argmax(1).numpy(), b["target"].numpy(), dm.num_classes, ignore_index=-1)
     out["val_iou"] = model.last_val_iou
-    out["one_process_iou"] = [float(v) for v in iou_from_confusion(cm)]
+    out["one_process_iou"] = [float(v) for v in iou_dice(cm)[0]]  # numpy, against torchmetrics' rank-summed matrix
     out["val_tiles"] = len(grid)
     torch.save(out, Path(kw["out"]) / f"finetune{rank}.pt")
 
@@ -115,7 +116,7 @@ def predict_instances(rank: int, world: int, kw: dict) -> None:
 
     from torch import nn
 
-    import ssl_em.finetune.predict as P
+    import ssl_em.inference.predict as P
     from ssl_em.data.normalize import Normalization
     from ssl_em.data.volume import ArrayVolume
 

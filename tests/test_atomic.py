@@ -70,3 +70,38 @@ def test_replace_folder_without_exchange_keeps_the_old_folder(tmp_path, monkeypa
     assert (out / "meta.json").read_text() == "newer" and not (tmp_path / ".model.old").exists()
     out.rename(tmp_path / ".model.old")
     assert (ex.recover_folder(out) / "meta.json").read_text() == "newer"
+
+
+def test_write_atomic_replaces_whole_or_not_at_all(tmp_path):
+    """Text, bytes or a writer callable; the umask's mode even where the writer makes 0600;
+    a writer that fails leaves the old file and no temporary behind."""
+    import os
+
+    from ssl_em.atomic import write_atomic, write_csv
+
+    path = tmp_path / "scores.json"
+    write_atomic(path, "old")
+    assert path.read_text() == "old"
+    write_atomic(path, b"new")
+    assert path.read_bytes() == b"new"
+
+    def private(tmp):
+        tmp.write_text("private")
+        os.chmod(tmp, 0o600)  # what safetensors does
+
+    mask = os.umask(0o022)
+    try:
+        write_atomic(path, private)
+    finally:
+        os.umask(mask)
+    assert path.read_text() == "private" and path.stat().st_mode & 0o777 == 0o644
+
+    def crash(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomic(path, crash)
+    assert path.read_text() == "private" and sorted(p.name for p in tmp_path.iterdir()) == ["scores.json"]
+    write_csv(tmp_path / "t.csv", ["a", "b"], [{"a": 1, "b": 2, "c": 3}], extrasaction="ignore")
+    assert (tmp_path / "t.csv").read_text().splitlines() == ["a,b", "1,2"]

@@ -65,7 +65,7 @@ def tiny_models(backbone_dir: Path, model_dir: Path):
 
     from ssl_em.backbones import BackboneMeta, build_backbone
     from ssl_em.export import export_backbone
-    from ssl_em.finetune.export import FinetunedMeta, SegmentationNet, export_finetuned, head_config
+    from ssl_em.finetune.model_folder import FinetunedMeta, SegmentationNet, export_finetuned, head_config
     from ssl_em.features import FeatureExtractor
     from ssl_em.finetune.heads import UNETRHead
 
@@ -476,7 +476,7 @@ def _load_backbone(path):
 
 
 def _load_finetuned(path):
-    from ssl_em.finetune.export import load_finetuned
+    from ssl_em.finetune.model_folder import load_finetuned
 
     return load_finetuned(path)
 

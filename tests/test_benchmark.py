@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from ssl_em.finetune.benchmark import Arm, choose_slices, gains_table, label_efficiency, markdown_table, paired_gains, read_rows, report, summarize
+from ssl_em.finetune.benchmark import Arm, choose_slices, label_efficiency
+from ssl_em.finetune.benchmark_report import gains_table, markdown_table, paired_gains, read_rows, report, summarize
 
 
 def test_choose_slices_is_seeded_sized_and_inside_the_pool():
@@ -140,7 +141,7 @@ def test_gains_over_both_baselines_match_a_hand_computed_example():
     mae 0.80 / 0.60, twin 0.70 / 0.65, U-Net 0.75 / 0.50 (0.90 / 0.86 with all 4 slices).
     Over the twin: +0.10, -0.05 -> +0.025 ± 0.075, 1/2 wins. Over the U-Net: +0.05, +0.10
     -> +0.075 ± 0.025, 2/2 wins; the twin over the U-Net: -0.05, +0.15 -> +0.050 ± 0.100."""
-    from ssl_em.finetune.benchmark import _ceiling_label, ceiling
+    from ssl_em.finetune.benchmark_report import _ceiling_label, ceiling
 
     u = "U-Net from scratch (resnet18)"
     rows = [_row("mae", False, 1, 0, 0.80) | {"baseline": u}, _row("rand", True, 1, 0, 0.70) | {"baseline": u},
@@ -173,7 +174,7 @@ def test_results_from_before_the_twin_column_are_upgraded(tmp_path):
         w.writerows([_row("mae", False, 1, 0, 0.8), _row("random-init (mae arch)", True, 1, 0, 0.7)])
     (tmp_path / "new").mkdir()
     with open(tmp_path / "new" / "results.csv", "w", newline="") as f:
-        from ssl_em.finetune.benchmark import FIELDS
+        from ssl_em.finetune.benchmark_report import FIELDS
 
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
@@ -189,7 +190,7 @@ def test_results_from_before_the_twin_column_are_upgraded(tmp_path):
 def test_report_merges_parallel_folders_once(tmp_path):
     import csv
 
-    from ssl_em.finetune.benchmark import FIELDS
+    from ssl_em.finetune.benchmark_report import FIELDS
 
     for name, rows in {"a": [_row("mae", False, 1, 0, 0.8), _row("rand", True, 1, 0, 0.7)],
                        "b": [_row("mae", False, 1, 1, 0.6), _row("rand", True, 1, 1, 0.65)]}.items():
@@ -295,7 +296,7 @@ def test_labels_saved_match_a_hand_computed_table(tmp_path):
     smallest budget: <= 1.0x; at 2: -21%, 1.5 slices: 0.75x."""
     import csv
 
-    from ssl_em.finetune.benchmark import LabelsSaved, ceiling, labels_saved, labels_saved_table, summarize
+    from ssl_em.finetune.benchmark_report import LabelsSaved, ceiling, labels_saved, labels_saved_table, summarize
 
     u, rows = _labels_saved_rows()
     saved = labels_saved(summarize(rows), ceiling(rows))
@@ -319,7 +320,7 @@ def test_labels_saved_match_a_hand_computed_table(tmp_path):
 
     # report: the table, summary.csv and the plot carry them.
     with open(tmp_path / "results.csv", "w", newline="") as f:
-        from ssl_em.finetune.benchmark import FIELDS
+        from ssl_em.finetune.benchmark_report import FIELDS
 
         w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         w.writeheader()
@@ -340,7 +341,7 @@ def test_labels_saved_when_lower_is_better():
     """VOI: U-Net 1.0 / 0.8 at 1 / 2 slices, 0.5 with all 4; an arm at 0.7 with 1 slice
     closes (0.7 - 1.0) / (0.5 - 1.0) = 60% of the gap; the U-Net reaches 0.7 a third of the
     way from 2 to 4 slices: 2.67 slices, 2.67x."""
-    from ssl_em.finetune.benchmark import ceiling, labels_saved, slices_needed, summarize
+    from ssl_em.finetune.benchmark_report import ceiling, labels_saved, slices_needed, summarize
 
     u = "U-Net from scratch (resnet18)"
     rows = [_row(u, True, b, 0, v) | {"twin": u, "baseline": u, "pool": "4"} for b, v in ((1, 1.0), (2, 0.8), (4, 0.5))]

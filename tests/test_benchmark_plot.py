@@ -12,7 +12,7 @@ def test_legend_sits_outside_the_axes_of_a_one_budget_plot(tmp_path, monkeypatch
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from ssl_em.finetune.benchmark import Ceiling, plot
+    from ssl_em.finetune.benchmark_report import Ceiling, plot
 
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)  # keep the figure plot() would close

@@ -221,7 +221,7 @@ def test_contact_sheet_common_scale_legend_and_whole_captions(tmp_path):
 
 
 def test_label_efficiency_plot_names_the_metric_and_keeps_small_differences_small(tmp_path):
-    from ssl_em.finetune.benchmark import MIN_Y_SPAN, metric_label, plot, y_limits
+    from ssl_em.finetune.benchmark_report import MIN_Y_SPAN, metric_label, plot, y_limits
 
     assert metric_label("dice/membrane") == "Dice, membrane" and metric_label("mean_iou") == "mean IoU"
     lo, hi = y_limits([0.700], [0.702])  # a 0.002 difference is not a cliff

@@ -17,11 +17,12 @@ import torch
 import zarr
 
 from ssl_em.backbones import BackboneError, BackboneMeta
+from ssl_em.data.labels import LabelError
 from ssl_em.export import export_backbone
 from ssl_em.finetune.cli import build_cli, finetune, run_argv
-from ssl_em.finetune.data import LabeledSlicesDataModule, LabelError
-from ssl_em.finetune.export import load_finetuned
+from ssl_em.finetune.data import LabeledSlicesDataModule
 from ssl_em.finetune.heads import LinearProbe, UNETRHead, UNetHead
+from ssl_em.finetune.model_folder import load_finetuned
 from ssl_em.finetune.module import SegmentationModule
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "finetune"
@@ -193,7 +194,7 @@ def test_instance_task_end_to_end(em, tmp_path):
     assert main(["predict", str(tmp_path / "inst"), str(tmp_path / "image.tif"), "--out", str(tmp_path / "i.zarr"), "--no-progress"]) == 0
     assert (tmp_path / "i.zarr" / "labels" / "instances" / "0").is_dir()
     assert main(["evaluate", str(tmp_path / "i.zarr"), str(tmp_path / "cells.tif"), "--task", "instance"]) == 0
-    from ssl_em.finetune.evaluate import evaluate
+    from ssl_em.inference.evaluate import evaluate
 
     assert evaluate(str(tmp_path / "i.zarr"), str(tmp_path / "cells.tif"))["task"] == "instance"  # read from the prediction
     assert evaluate(str(tmp_path / "i.zarr"), str(tmp_path / "cells.tif"), task="semantic")["task"] == "semantic"
@@ -237,7 +238,7 @@ def test_scored_on_the_device_the_trainer_used(em, monkeypatch):
 def test_bf16_predictions_agree_with_float32(em):
     """A fine-tuned network predicts the same labels under bf16 autocast as in float32 (Dice
     of the label maps >= 0.99 per class), and the run trained at the precision it was given."""
-    from ssl_em.finetune.predict import predict_plane
+    from ssl_em.inference.window import predict_plane
     from ssl_em.precision import BF16, FLOAT32, choose
 
     model, _ = finetune("test_resnet", em.image, em.semantic, "0,1", "4,5", max_steps=25, tile_size=32, batch_size=4, head=SMALL_UNET, unfreeze_at_step=0, lr=3e-3,

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_em.finetune.data import IGNORE, LabeledSlicesDataModule, TrainTiles, split_holdout
+from ssl_em.data.labels import IGNORE
+from ssl_em.finetune.data import LabeledSlicesDataModule, TrainTiles, split_holdout
 from ssl_em.finetune.heads import UNetHead
-from ssl_em.finetune.schedule import KeepBestWeights, StepSchedule, warmup_cosine
+from ssl_em.finetune.schedule import KeepBestWeights, StepSchedule
 
 SMALL_UNET = functools.partial(UNetHead, width=16, min_width=8, skip_width=8, stem_width=8)
 
@@ -59,7 +60,13 @@ def test_holdout_band_is_cut_from_the_labeled_slices_only(em):
 
 
 def test_warmup_then_cosine():
-    f = warmup_cosine(100, 10)
+    """Fine-tuning's lr: the shared schedule down to COSINE_FLOOR (1%)."""
+    from ssl_em.finetune.module import COSINE_FLOOR
+    from ssl_em.schedules import warmup_cosine
+
+    def f(s):
+        return warmup_cosine(s, 10, 100, COSINE_FLOOR)
+
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.505) and f(100) == pytest.approx(0.01) and f(60) < f(40)
 

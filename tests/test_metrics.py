@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skimage.metrics import adapted_rand_error, variation_of_information
 
-from ssl_em.finetune.metrics import instance_scores, match_counts, instance_iou, semantic_scores
+from ssl_em.inference.metrics import instance_iou, instance_scores, match_counts, semantic_scores
 
 
 def _random_labels(rng, shape=(40, 50), n=6):
@@ -102,3 +102,26 @@ def test_evaluate_command(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "bad.tif"), str(tmp_path / "sgt.tif")]) == 2
     err = capsys.readouterr().err
     assert "bad.tif" in err and "sgt.tif" in err and "(2, 40, 50)" in err
+
+
+def test_fine_tuning_validation_counts_like_evaluation():
+    """The training module's validation matrix (torchmetrics, summed over ranks) and
+    evaluation's (numpy) count the same pixels, ignore label included; IoU comes from one
+    function for both."""
+    import torch
+    from torchmetrics.classification import MulticlassConfusionMatrix
+
+    from ssl_em.inference.metrics import confusion_matrix, iou_dice
+
+    rng = np.random.default_rng(0)
+    pred, target = rng.integers(0, 3, (2, 4, 16, 16)), rng.integers(-1, 3, (2, 4, 16, 16))
+    target[target == 2] = -1  # class 2 is never true: predicted only, so its IoU is 0, not NaN
+    metric = MulticlassConfusionMatrix(3, ignore_index=-1, validate_args=False)
+    for p, t in zip(pred, target):  # two validation batches
+        metric.update(torch.from_numpy(p), torch.from_numpy(t))
+    ours = confusion_matrix(pred, target, 3, ignore_index=-1)
+    assert np.array_equal(metric.compute().numpy(), ours)
+    iou, dice = iou_dice(ours)
+    scores = semantic_scores(pred.ravel(), target.ravel(), 3, ignore_index=-1)
+    assert iou[2] == 0 and [scores["per_class"][str(k)]["iou"] for k in range(3)] == pytest.approx(list(iou))
+    assert np.isnan(iou_dice(np.zeros((2, 2)))[0]).all()  # nothing seen: NaN, not 0

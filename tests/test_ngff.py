@@ -14,7 +14,8 @@ from torch import nn
 
 from ssl_em.data.normalize import IntensityStats, Normalization
 from ssl_em.data.volume import ArrayVolume
-from ssl_em.finetune.predict import PredictSettings, predict_volume
+from ssl_em.inference.predict import predict_volume
+from ssl_em.inference.store import PredictSettings
 
 ome_zarr = pytest.importorskip("ome_zarr", reason="ome-zarr (dev extra) reads the stores as napari does")
 ome_zarr_models = pytest.importorskip("ome_zarr_models", reason="ome-zarr-models (dev extra) validates NGFF metadata")
@@ -102,7 +103,7 @@ def test_evaluate_reads_shifted_labels_back(prediction, tmp_path):
     import tifffile
     import zarr
 
-    from ssl_em.finetune.evaluate import evaluate
+    from ssl_em.inference.evaluate import evaluate
 
     classes = zarr.open_group(str(prediction), mode="r")["labels/semantic/0"][:].astype(np.uint8) - 1
     tifffile.imwrite(tmp_path / "gt.tif", classes, photometric="minisblack")

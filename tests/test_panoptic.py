@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ssl_em.finetune.metrics import instance_iou, instance_scores, panoptic_quality
+from ssl_em.inference.metrics import instance_iou, instance_scores, panoptic_quality
 
 
 def test_pq_hand_worked():

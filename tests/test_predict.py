@@ -13,10 +13,12 @@ from torch import nn
 
 from ssl_em.data.normalize import IntensityStats, Normalization, normalize_numpy
 from ssl_em.data.volume import ArrayVolume
+from ssl_em.inference.instance import foreground_boundary, instance_targets, segment_slices, watershed_instances
+from ssl_em.inference.metrics import instance_scores
+from ssl_em.inference.predict import predict_volume
+from ssl_em.inference.store import PredictSettings, PredictionExistsError, read_probabilities
+from ssl_em.inference.window import blend_weights, predict_plane
 from ssl_em.ngff import encode_probabilities
-from ssl_em.finetune.instance import foreground_boundary, instance_targets, segment_slices, watershed_instances
-from ssl_em.finetune.metrics import instance_scores
-from ssl_em.finetune.predict import PredictionExistsError, PredictSettings, blend_weights, predict_plane, predict_volume, read_probabilities
 
 CLASSES = ["a", "b", "c"]
 NORM = Normalization()
@@ -194,7 +196,7 @@ def test_small_fragments_are_merged_or_removed():
 
 
 def test_plane_merges_join_continuing_segments_not_slivers():
-    from ssl_em.finetune.instance import merge_map, plane_merges, relabel
+    from ssl_em.inference.instance import merge_map, plane_merges, relabel
 
     a = np.zeros((10, 10), np.uint32)
     b = np.zeros((10, 10), np.uint32)
@@ -212,8 +214,9 @@ def test_plane_merges_join_continuing_segments_not_slivers():
 
 
 def _instances_3d_of(probs, shape, block, path, monkeypatch=None):
-    from ssl_em.finetune.instance import INSTANCE_CLASSES
-    from ssl_em.finetune.predict import Prediction, _instances_3d
+    from ssl_em.inference.instance import INSTANCE_CLASSES
+    from ssl_em.inference.predict import _instances_3d
+    from ssl_em.inference.store import Prediction
 
     s = PredictSettings(window=32, overlap=8, slab=4, instances="3d", min_size=10, block=block, halo=4)
     pred = Prediction(path, {"block": list(block)}, shape, list(INSTANCE_CLASSES), s)
@@ -225,7 +228,7 @@ def _instances_3d_of(probs, shape, block, path, monkeypatch=None):
 def test_blockwise_3d_instances_match_the_whole_volume(tmp_path, monkeypatch):
     """27 blocks of 4 x 40 x 40 (halo 4) score like one watershed over the whole volume,
     because cells cut by block boundaries are joined again."""
-    import ssl_em.finetune.predict as predict_module
+    import ssl_em.inference.predict as predict_module
     from ssl_em.synthetic import make_volume
 
     cells = make_volume(shape=(12, 96, 96), seed=3).cells
@@ -243,7 +246,7 @@ def test_blockwise_3d_instances_match_the_whole_volume(tmp_path, monkeypatch):
 
 def test_default_planes_follow_the_voxel_size(volume):
     from ssl_em.data.volume import VoxelSize
-    from ssl_em.finetune.predict import default_planes
+    from ssl_em.inference.predict import default_planes
 
     assert default_planes(ArrayVolume(volume, VoxelSize(8, 8, 8))) == ("xy", "xz", "yz")  # FIB-SEM
     assert default_planes(ArrayVolume(volume, VoxelSize(9, 8, 8))) == ("xy", "xz", "yz")
@@ -272,7 +275,7 @@ def test_overwrite_replaces_an_earlier_prediction_only(tmp_path):
     before its attributes were complete), and nothing else."""
     import zarr
 
-    from ssl_em.finetune.predict import FORMAT, Prediction, PredictionExistsError
+    from ssl_em.inference.store import FORMAT, Prediction, PredictionExistsError
 
     ours = tmp_path / "cut.zarr"
     zarr.open_group(str(ours), mode="w", zarr_format=2).attrs["ssl_em"] = {"format": FORMAT, "identity": None, "complete": False}

@@ -7,7 +7,8 @@ import torch
 from pretrain_utils import TINY_VIT
 
 from ssl_em.backbones import build_backbone
-from ssl_em.pretrain.base import embedding_std, param_groups, scaled_lr, warmup_cosine
+from ssl_em.pretrain.base import embedding_std, param_groups, scaled_lr
+from ssl_em.schedules import warmup_cosine
 
 
 def test_scaled_lr():

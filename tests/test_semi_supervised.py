@@ -13,7 +13,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from ssl_em.finetune.data import REST, LabeledSlicesDataModule, LabelError, UnlabeledTiles
+from ssl_em.data.labels import LabelError
+from ssl_em.finetune.data import REST, LabeledSlicesDataModule, UnlabeledTiles
 from ssl_em.finetune.heads import UNetHead
 from ssl_em.finetune.module import SegmentationModule
 from ssl_em.finetune.semi import consistency_loss, pseudo_labels, sigmoid_rampup
@@ -206,7 +207,7 @@ def test_benchmark_flag_uses_only_unlabeled_pool_slices_and_records_it(tmp_path,
     import ssl_em.finetune.benchmark as bench
     import ssl_em.finetune.cli as ft_cli
     from ssl_em.cli import main
-    from ssl_em.finetune.benchmark import read_rows
+    from ssl_em.finetune.benchmark_report import read_rows
 
     calls = []
 

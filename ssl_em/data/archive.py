@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from ssl_em import ngff
+from ssl_em.atomic import write_atomic
 from ssl_em.data.normalize import IntensityStats
 from ssl_em.data.readers.zarr_store import ZarrVolume, group_attributes, ome_zarr_levels
 from ssl_em.data.volume import VoxelSize
@@ -290,9 +291,7 @@ class ArchiveWriter:
             ome.mkdir(exist_ok=True)
             ngff.write_json(ome / ".zgroup", {"zarr_format": 2})
             ngff.write_json(ome / ".zattrs", ngff.series_metadata([name for name, *_ in listing]))
-            tmp = ome / f"METADATA.ome.xml.{os.getpid()}.tmp"
-            tmp.write_text(ngff.ome_xml(listing))
-            tmp.replace(ome / "METADATA.ome.xml")
+            write_atomic(ome / "METADATA.ome.xml", ngff.ome_xml(listing))
         self._listed_at = time.monotonic()
         self._listing_cost, self._unlisted = self._listed_at - start, False
 

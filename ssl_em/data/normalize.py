@@ -17,6 +17,8 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported lazily so that ingest and inspect start fast
     import torch
 
+    from ssl_em.data.volume import Volume
+
 #: Percentiles recorded for every source; (0.5, 99.5) are the stretch window.
 PERCENTILES = (0.1, 0.5, 1.0, 5.0, 50.0, 95.0, 99.0, 99.5, 99.9)
 
@@ -93,3 +95,18 @@ def normalize_numpy(x: np.ndarray, stats: IntensityStats, norm: Normalization) -
     """The same as `normalize` for one numpy array and one volume's statistics."""
     x = np.clip((x.astype(np.float32) - stats.lo) / (stats.hi - stats.lo), 0.0, 1.0)
     return (x - norm.mean) / norm.std
+
+
+def sample_stats(volume: Volume, max_slices: int = 16) -> IntensityStats:
+    """Intensity statistics from up to `max_slices` evenly spaced z-slices (bounded memory)."""
+    from ssl_em.data.volume import VolumeError, check_finite
+
+    zs = np.unique(np.linspace(0, volume.shape[0] - 1, min(max_slices, volume.shape[0])).round().astype(int))
+    values = np.concatenate([volume.read(int(z)).ravel() for z in zs])
+    where = f"{volume.path} (z {', '.join(map(str, zs[:8]))}{'...' if len(zs) > 8 else ''})"
+    check_finite(values, where)
+    if values.size and values.min() == values.max():
+        # The percentile stretch would divide by zero: NaN tiles in training, all-zero
+        # probabilities in prediction. A blank image has nothing to segment.
+        raise VolumeError(f"{where}: every voxel is {values.min()}: a constant image has no contrast to learn from or segment")
+    return IntensityStats.compute(values)

@@ -12,7 +12,7 @@ the whole network, 1000 steps; a line printed before training says what is froze
 The data's classes and tile size feed the model. At the end the model is scored on the
 validation slices (whole slices, sliding window) and exported to `--out`; with
 `--bioimageio DIR` it is also written as a bioimage.io model, its test tensors cut from the
-training images (`ssl_em.finetune.bioimageio`, the same as `ssl-em export-model`).
+training images (`ssl_em.inference.bioimageio`, the same as `ssl-em export-model`).
 
 `finetune(...)` does the same from Python without the command line; the label-efficiency
 benchmark calls it in a loop.
@@ -33,15 +33,16 @@ from ssl_em import cli_flags, precision as precisions
 from ssl_em.atomic import check_out_folder
 from ssl_em.backbones import backbone_meta
 from ssl_em.console import quiet, run_callbacks
+from ssl_em.data.labels import IGNORE
 from ssl_em.errors import UserError, debug_enabled, find_user_error, one_line
-from ssl_em.finetune.data import IGNORE, REST, LabeledSlicesDataModule
-from ssl_em.finetune.export import META
+from ssl_em.finetune.data import REST, LabeledSlicesDataModule
 from ssl_em.finetune.heads import default_head
-from ssl_em.finetune.instance import foreground_boundary, watershed_instances
-from ssl_em.finetune.metrics import instance_scores, semantic_scores
+from ssl_em.finetune.model_folder import META
 from ssl_em.finetune.module import SegmentationModule
-from ssl_em.finetune.predict import predict_plane
 from ssl_em.finetune.schedule import KeepBestWeights, StepSchedule
+from ssl_em.inference.instance import foreground_boundary, watershed_instances
+from ssl_em.inference.metrics import instance_scores, semantic_scores
+from ssl_em.inference.window import predict_plane
 
 
 def score_val_slices(model: SegmentationModule, dm: LabeledSlicesDataModule, overlap: int | None = None, device: torch.device | str | None = None,
@@ -292,7 +293,7 @@ def run_argv(argv: list[str]) -> int:
     else:
         print("ssl-em finetune: nothing written (give --out DIR to export the model for ssl-em predict)")
     if cli.config.bioimageio:
-        from ssl_em.finetune.bioimageio import export_bioimageio
+        from ssl_em.inference.bioimageio import export_bioimageio
 
         bmz = export_bioimageio(cli.config.out, cli.datamodule.images_volume, cli.config.bioimageio)
         print(f"wrote {bmz / 'bioimageio.yaml'} (bioimage.io model)")

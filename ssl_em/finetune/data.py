@@ -11,7 +11,7 @@ Targets are int64 class maps with -1 on unannotated pixels:
   order; default: the sorted values found in the chosen slices); `ignore_value` marks
   unannotated pixels.
 - instance: labels are instance ids; targets are background / boundary / interior
-  (`ssl_em.finetune.instance.instance_targets`), which the watershed turns back into ids.
+  (`ssl_em.inference.instance.instance_targets`), which the watershed turns back into ids.
 
 Batches: {"image": (B, 1, T, T) float32 in [0, 1], "target": (B, T, T) int64}, and with
 unlabeled slices (semi-supervised fine-tuning) "unlabeled": (B, 1, T, T) float32 in [0, 1].
@@ -27,85 +27,13 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ssl_em.data.normalize import IntensityStats
-from ssl_em.data.volume import ArrayVolume, Volume
-from ssl_em.errors import UserError, check_at_least
-from ssl_em.finetune.instance import INSTANCE_CLASSES, instance_targets
+from ssl_em.data.labels import IGNORE, LabelError, parse_slices, semantic_targets
+from ssl_em.data.normalize import IntensityStats, sample_stats
+from ssl_em.data.readers.open import as_volume
+from ssl_em.data.volume import Volume
+from ssl_em.errors import check_at_least
+from ssl_em.inference.instance import INSTANCE_CLASSES, instance_targets
 from ssl_em.seeding import derive_seed, process_rank, process_world, run_seed
-
-IGNORE = -1
-
-
-class LabelError(UserError):
-    """Labels do not fit the images or the classes; the message names files, shapes or values."""
-
-
-def as_volume(source: "str | Path | Volume | np.ndarray", voxel_size=None) -> Volume:
-    """A Volume from a path/spec (any format `open_volume` reads), a Volume, or an array."""
-    if isinstance(source, Volume):
-        return source
-    if isinstance(source, np.ndarray):
-        return ArrayVolume(source)
-    from ssl_em.data.readers.open import open_volume
-
-    return open_volume(source, voxel_size=voxel_size)
-
-
-def parse_slices(spec: "str | Sequence[int] | None", n: int, what: str = "slices") -> list[int]:
-    """"0,1" / "20-29" (inclusive) / "0,5-7" / [3, 4] / negative ints from the end -> sorted indices.
-    `what` names the flag in errors (LabelError)."""
-    if spec is None:
-        return []
-    if isinstance(spec, (int, np.integer)):
-        spec = [int(spec)]
-    if isinstance(spec, str):
-        out: list[int] = []
-        for part in (p.strip() for p in spec.split(",") if p.strip()):
-            a, sep, b = part.partition("-") if not part.startswith("-") else (part, "", "")
-            try:
-                first, last = (int(a), int(b)) if sep else (int(a), int(a))
-            except ValueError:
-                raise LabelError(f"{what} {spec!r}: {part!r} is not a slice number or range like 20-29") from None
-            if last < first:  # range() would make it no slices at all, silently
-                raise LabelError(f"{what} {spec!r}: range {part!r} runs backwards; write {last}-{first}")
-            out += list(range(first, last + 1))
-        spec = out
-    try:
-        idx = sorted({i % n if -n <= i < n else i for i in (int(s) for s in spec)})
-    except (TypeError, ValueError):
-        raise LabelError(f"{what} {spec!r}: not a list of slice numbers") from None
-    bad = [i for i in idx if not 0 <= i < n]
-    if bad:
-        raise LabelError(f"{what}: slice indices {bad[:10]} outside the volume's {n} z-slices (0..{n - 1})")
-    return idx
-
-
-def sample_stats(volume: Volume, max_slices: int = 16) -> IntensityStats:
-    """Intensity statistics from up to `max_slices` evenly spaced z-slices (bounded memory)."""
-    from ssl_em.data.volume import VolumeError, check_finite
-
-    zs = np.unique(np.linspace(0, volume.shape[0] - 1, min(max_slices, volume.shape[0])).round().astype(int))
-    values = np.concatenate([volume.read(int(z)).ravel() for z in zs])
-    where = f"{volume.path} (z {', '.join(map(str, zs[:8]))}{'...' if len(zs) > 8 else ''})"
-    check_finite(values, where)
-    if values.size and values.min() == values.max():
-        # The percentile stretch would divide by zero: NaN tiles in training, all-zero
-        # probabilities in prediction. A blank image has nothing to segment.
-        raise VolumeError(f"{where}: every voxel is {values.min()}: a constant image has no contrast to learn from or segment")
-    return IntensityStats.compute(values)
-
-
-def semantic_targets(raw: np.ndarray, label_values: Sequence[int], ignore_value: int | None, where: str) -> np.ndarray:
-    """Map raw label values to class indices 0..K-1 (and ignore_value to -1); name stray values."""
-    lut = {int(v): k for k, v in enumerate(label_values)}
-    if ignore_value is not None:
-        lut[int(ignore_value)] = IGNORE
-    values, inverse = np.unique(raw, return_inverse=True)
-    stray = [int(v) for v in values if int(v) not in lut]
-    if stray:
-        raise LabelError(f"{where}: label values {stray[:10]} are not among the classes' values {list(label_values)} (ignore value: {ignore_value})")
-    return np.array([lut[int(v)] for v in values], np.int64)[inverse].reshape(raw.shape)
-
 
 class SeededTiles(IterableDataset):
     """Plumbing of a random tile stream: `length` tiles per epoch over all ranks, each rank

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from ssl_em.backbones import BackboneError, BackboneMeta, patch_size_of, resolve_backbone
 from ssl_em.data.augment import BrightnessContrast, FlipRot90, Gamma, GaussianBlur, GaussianNoise, RandomWarp, Stripes
@@ -51,12 +52,15 @@ from ssl_em.data.normalize import Normalization
 from ssl_em.ema import ema_update_, frozen_copy
 from ssl_em.errors import UserError
 from ssl_em.features import FeatureExtractor, FeatureSpec
-from ssl_em.finetune.export import FinetunedMeta, SegmentationNet, export_finetuned, head_config
 from ssl_em.finetune.heads import LinearProbe
-from ssl_em.finetune.schedule import warmup_cosine
+from ssl_em.finetune.model_folder import FinetunedMeta, SegmentationNet, export_finetuned, head_config
 from ssl_em.finetune.semi import consistency_loss, pseudo_labels, sigmoid_rampup
+from ssl_em.inference.metrics import iou_dice
+from ssl_em.schedules import warmup_cosine
 
 HeadFactory = Callable[[FeatureSpec, int], nn.Module]
+#: The cosine decays the lr to this fraction of its peak.
+COSINE_FLOOR = 0.01
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -1, eps: float = 1.0) -> torch.Tensor:
@@ -79,13 +83,6 @@ def em_augmentations(strong: bool, ignore_index: int, stream: str = "") -> tuple
     intensity = nn.Sequential(BrightnessContrast(0.2, 0.2, p=0.8, stream=name(BrightnessContrast)), Gamma(1.4, p=0.3, stream=name(Gamma)),
                               GaussianNoise(0.1, p=0.3, stream=name(GaussianNoise)), *extra)  # fmt: skip
     return FlipRot90(stream=name(FlipRot90)), warp, intensity
-
-
-def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = -1) -> torch.Tensor:
-    """(K, K) counts, rows = target, cols = prediction, over pixels whose target != ignore."""
-    keep = target != ignore_index
-    idx = target[keep] * num_classes + pred[keep]
-    return torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
 
 
 class SegmentationModule(pl.LightningModule):
@@ -141,7 +138,9 @@ class SegmentationModule(pl.LightningModule):
         self._untrainable: set[str] = set()  # backbone parameters the features never use
         self._ddp_syncs_backbone = True
         self.set_backbone_frozen(unfreeze_at_step is None or unfreeze_at_step > 0)
-        self._val_confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        # Rows = target, columns = prediction, over pixels whose target is not ignored; summed
+        # over ranks by torchmetrics at compute() (each rank scores its own validation tiles).
+        self.val_confusion = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index, validate_args=False)
 
     # -- freezing -----------------------------------------------------------------------
     @property
@@ -286,18 +285,17 @@ class SegmentationModule(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits = self(batch["image"])
         self.log("val/loss", self.loss(logits, batch["target"]), batch_size=batch["image"].shape[0])
-        self._val_confusion = self._val_confusion.to(logits.device) + confusion(logits.argmax(1), batch["target"], self.hparams.num_classes, self.hparams.ignore_index)
+        self.val_confusion.update(logits.argmax(1), batch["target"])
 
     def on_validation_epoch_end(self) -> None:
-        # Each rank scored its own share of the validation tiles (GridTiles, no repeats).
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self._val_confusion)
-        iou = iou_from_confusion(self._val_confusion)
+        # Each rank scored its own share of the validation tiles (GridTiles, no repeats);
+        # compute() sums the matrices of every rank.
+        iou = torch.from_numpy(iou_dice(self.val_confusion.compute().cpu().numpy())[0]).float()
         self.log("val/iou", iou.nanmean() if iou.numel() else torch.tensor(0.0), prog_bar=True)
         for name, v in zip(self.classes, iou):
             self.log(f"val/iou_{name}", v)
         self.last_val_iou = {name: float(v) for name, v in zip(self.classes, iou)}
-        self._val_confusion = torch.zeros_like(self._val_confusion)
+        self.val_confusion.reset()
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -328,7 +326,7 @@ class SegmentationModule(pl.LightningModule):
         warmup = h.warmup_steps if h.warmup_steps is not None else round(0.05 * total)
         if not warmup and not h.cosine:
             return opt
-        factor = warmup_cosine(total, warmup) if h.cosine else (lambda s: min(1.0, (s + 1) / warmup))
+        factor = (lambda s: warmup_cosine(s, warmup, total, COSINE_FLOOR)) if h.cosine else (lambda s: min(1.0, (s + 1) / warmup))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -359,7 +357,7 @@ class SegmentationModule(pl.LightningModule):
         )
 
     def export(self, out: str | Path, tile_size: int, metrics: dict | None = None, label_values: list[int] | None = None) -> Path:
-        """Weights-only safetensors + JSON; `ssl_em.finetune.export.load_finetuned` reads it back."""
+        """Weights-only safetensors + JSON; `ssl_em.finetune.model_folder.load_finetuned` reads it back."""
         return export_finetuned(self.net, out, self.finetuned_meta(tile_size, metrics, label_values))
 
 
@@ -392,14 +390,6 @@ def unused_parameters(extractor: FeatureExtractor, tile_size: int) -> set[str]:
         p.requires_grad_(flags[n])
     backbone.train(was_training)
     return unused
-
-
-def iou_from_confusion(cm: torch.Tensor) -> torch.Tensor:
-    """(K,) IoU per class; NaN for classes absent from both prediction and target."""
-    cm = cm.double()
-    tp = cm.diag()
-    union = cm.sum(0) + cm.sum(1) - tp
-    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan"))).float()
 
 
 def check_fits(spec: FeatureSpec, tile_size: int, architecture: str) -> None:

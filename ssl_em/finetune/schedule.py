@@ -5,7 +5,7 @@ labels must never score worse. A fixed number of steps breaks it both ways (one 
 overfitted, twenty are under-trained), so:
 
 - `StepSchedule`: the number of steps grows with the labeled pixels, within [min, max];
-- `warmup_cosine`: linear warm-up then cosine decay of every parameter group's lr;
+- the lr: linear warm-up then cosine decay (`ssl_em.schedules.warmup_cosine`);
 - `KeepBestWeights`: the weights with the lowest loss on a band held out of the labeled
   slices (`LabeledSlicesDataModule(holdout=...)`) are the ones kept and exported, never
   chosen by the scored slices.
@@ -13,7 +13,6 @@ overfitted, twenty are under-trained), so:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import pytorch_lightning as pl
@@ -34,18 +33,6 @@ class StepSchedule:
 
     def __call__(self, labeled_pixels: int) -> int:
         return int(min(self.max_steps, max(self.min_steps, round(self.min_steps + self.steps_per_mpx * labeled_pixels / 1e6))))
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.01):
-    """lr factor for step s: linear from 1/warmup to 1, then cosine down to `floor`."""
-
-    def factor(s: int) -> float:
-        if s < warmup_steps:
-            return (s + 1) / warmup_steps
-        progress = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 class KeepBestWeights(pl.Callback):

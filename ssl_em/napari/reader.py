@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ssl_em import ngff
 
-FORMAT = "ssl_em.prediction"  # ssl_em.finetune.predict.FORMAT, without importing torch
+FORMAT = "ssl_em.prediction"  # ssl_em.inference.store.FORMAT, without importing torch
 
 
 def _attrs(path: Path) -> dict:

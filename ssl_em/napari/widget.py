@@ -244,7 +244,7 @@ class FinetuneWidget(QWidget):
         return self.worker
 
     def _trained(self, result, slices, values, classes, tile, paint, image_name, labels_layer) -> None:
-        from ssl_em.finetune.data import sample_stats
+        from ssl_em.data.normalize import sample_stats
 
         self.model, metrics = result
         self.model.eval()
@@ -271,7 +271,7 @@ class FinetuneWidget(QWidget):
         from napari.qt.threading import create_worker
 
         from ssl_em.data.normalize import normalize_numpy
-        from ssl_em.finetune.predict import predict_plane
+        from ssl_em.inference.window import predict_plane
 
         if self.model is None:
             raise UserError("no model yet: paint, then Train")
@@ -360,7 +360,7 @@ class FinetuneWidget(QWidget):
         import tifffile
 
         from ssl_em.atomic import check_out_folder
-        from ssl_em.finetune.export import META
+        from ssl_em.finetune.model_folder import META
         from ssl_em.measure import write_csv
 
         if self.model is None:

@@ -15,7 +15,6 @@ implements `training_step`, returning the loss and calling `self.log_step(...)`.
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from ssl_em.errors import UserError
+from ssl_em.schedules import warmup_cosine
 
 class NonFiniteLossError(UserError):
     """The training loss became NaN or Inf; training stopped before applying it."""
@@ -36,15 +36,6 @@ REFERENCE_BATCH = 256
 def scaled_lr(base_lr: float, global_batch: int) -> float:
     """The linear scaling rule: lr = base_lr * global_batch / 256."""
     return base_lr * global_batch / REFERENCE_BATCH
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, final_fraction: float = 0.0) -> float:
-    """Multiplier in [final_fraction, 1]: linear from 0 over `warmup_steps`, then half a cosine to
-    `final_fraction` at `total_steps` (and held there if training runs longer)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:

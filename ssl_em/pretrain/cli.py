@@ -42,6 +42,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
 from ssl_em import cli_flags, precision
+from ssl_em.atomic import write_csv
 from ssl_em.console import quiet, run_callbacks
 from ssl_em.data.stream import EMDataModule, NoTilesError
 from ssl_em.errors import UserError, check_at_least, debug_enabled, find_user_error, one_line
@@ -121,12 +122,7 @@ def continue_csv_metrics(trainer, resumed_step: int) -> None:
             metrics.unlink()
         writer = logger.experiment  # opens the folder (and would have deleted the file)
         if header:
-            tmp = metrics.with_suffix(".tmp")
-            with open(tmp, "w", newline="") as f:
-                out = csv.DictWriter(f, fieldnames=header)
-                out.writeheader()
-                out.writerows(rows)
-            tmp.replace(metrics)
+            write_csv(metrics, header, rows)
             writer.metrics_keys = sorted(header)
 
 

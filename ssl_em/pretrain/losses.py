@@ -12,12 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-
-def world() -> tuple[int, int]:
-    """(rank, world_size); (0, 1) when not distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from ssl_em.seeding import process_group
 
 
 class _Gather(torch.autograd.Function):
@@ -29,7 +24,7 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        rank, w = world()
+        rank, w = process_group(launcher=False)
         ctx.rank, ctx.batch = rank, x.shape[0]
         parts = [torch.empty_like(x) for _ in range(w)]
         dist.all_gather(parts, x.contiguous())
@@ -45,7 +40,7 @@ class _Gather(torch.autograd.Function):
 
 def gather(x: torch.Tensor) -> torch.Tensor:
     """x: (B, ...) on each rank, same B everywhere -> (W*B, ...), rank-major, differentiable."""
-    _, w = world()
+    _, w = process_group(launcher=False)
     if w == 1:
         return x
     return _Gather.apply(x)
@@ -64,7 +59,7 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torc
     query, key: (B, D) on this rank (need not be normalised). Returns the mean over local
     queries of -log softmax(q . k+ / t) over the W*B keys.
     """
-    rank, _ = world()
+    rank, _ = process_group(launcher=False)
     with _float32(query):
         q, k = F.normalize(query.float(), dim=1), F.normalize(gather(key).float(), dim=1)
         logits = q @ k.T / temperature  # (B, W*B)
@@ -79,7 +74,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     z1, z2: (B, D), the two views of the same B samples on this rank. Returns the mean over
     the 2B local samples.
     """
-    rank, w = world()
+    rank, w = process_group(launcher=False)
     B = z1.shape[0]
     with _float32(z1):
         local = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2B, D): view 1 then view 2

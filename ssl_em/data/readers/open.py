@@ -29,7 +29,7 @@ from ssl_em.data.readers.zarr_store import (
     open_ome_zarr,
     open_single_array_group,
 )
-from ssl_em.data.volume import Volume, VolumeError, VoxelSize
+from ssl_em.data.volume import ArrayVolume, Volume, VolumeError, VoxelSize
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
 MRC_SUFFIXES = (".mrc", ".mrcs", ".rec", ".st", ".ali", ".map")
@@ -165,3 +165,12 @@ def source_fingerprint(spec: str | Path) -> str:
         st = f.stat()
         h.update(f"{f.relative_to(path) if f != path else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+def as_volume(source: "str | Path | Volume | np.ndarray", voxel_size=None) -> Volume:
+    """A Volume from a path/spec (any format `open_volume` reads), a Volume, or an array."""
+    if isinstance(source, Volume):
+        return source
+    if isinstance(source, np.ndarray):
+        return ArrayVolume(source)
+    return open_volume(source, voxel_size=voxel_size)

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from ssl_em.atomic import write_atomic
+from ssl_em.data.labels import IGNORE, LabelError, parse_slices, semantic_targets
+from ssl_em.data.readers.open import as_volume
 from ssl_em.errors import check_writable_file
-from ssl_em.finetune.data import IGNORE, LabelError, as_volume, parse_slices, semantic_targets
-from ssl_em.finetune.metrics import instance_scores, semantic_scores
+from ssl_em.inference.metrics import instance_scores, semantic_scores
 
 
 def open_prediction(spec: str, task: str):
@@ -70,7 +71,7 @@ def evaluate(pred_spec: str, gt_spec: str, task: str | None = None, slices: str 
     p = as_labels(np.concatenate([pred.read(z) for z in zs]), pred_spec)
     g = np.concatenate([gt.read(z) for z in zs])
     if task == "semantic" and attrs:
-        from ssl_em.finetune.predict import semantic_classes
+        from ssl_em.inference.store import semantic_classes
 
         p = semantic_classes(p, attrs)
     if task == "instance":
@@ -113,14 +114,3 @@ def run(args) -> int:
     if args.json:
         write_atomic(args.json, json.dumps(scores, indent=2, default=float) + "\n")
     return 0
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write a temporary file beside `path`, then rename it: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -1,27 +1,14 @@
 """`ssl-em predict MODEL INPUT --out OUT.zarr`: sliding-window inference over any volume.
 
-Each 2D plane is cut into overlapping windows; window logits become probabilities that are
-blended with a smooth weight (a raised-cosine ramp over the overlap, never zero), so the
-result is the weighted mean of every window covering a pixel and shows no seams. The volume
-is processed slab by slab (`--slab` planes at a time), so memory is bounded by one slab,
-not by the volume, and each finished slab is recorded in OUT's attributes: after a crash,
-re-running the same command skips finished slabs. OUT is OME-Zarr (zarr v2, NGFF 0.4)::
-
-    OUT.zarr/                 image: class probabilities (c, z, y, x) uint8, p * 255, one
-      0/                      named channel per class (omero), + "ssl_em" attrs
-      labels/semantic/0       argmax class + 1 (z, y, x) uint8; 0 = not predicted
-      labels/instances/0      instance ids (z, y, x) uint32, 0 = background (task "instance")
-      planes/{xz,yz}/0        per-plane probabilities when --planes asks for more than xy
-
-Every array carries the input's voxel size in nanometres, so it lies over the raw image in
-napari and neuroglancer. Probabilities are uint8 because neuroglancer reads no float16 and
-1/255 is finer than any threshold on a softmax (`ssl_em.ngff`); read them back with
-`read_probabilities`. Semantic labels are shifted by one because viewers draw 0 as
-background: class k is k + 1, named and coloured in the labels' `image-label` metadata.
+Planes are predicted by `ssl_em.inference.window` (overlapping windows blended without
+seams). The volume is processed slab by slab (`--slab` planes at a time), so memory is
+bounded by one slab, not by the volume, and each finished slab is recorded in OUT
+(`ssl_em.inference.store`, which also describes OUT's layout): after a crash, re-running the
+same command skips finished slabs.
 
 `--planes xy,xz,yz` predicts along all three axes and averages; the default, `auto`, does so
 when the voxels are near-isotropic (z within 25% of xy) and predicts xy alone otherwise.
-Instances: seeded watershed (ssl_em.finetune.instance) slice by slice (`--instances 2d`,
+Instances: seeded watershed (ssl_em.inference.instance) slice by slice (`--instances 2d`,
 memory bounded by a slab), or in 3D (`--instances 3d`) block by block: each block
 (`--block`, default 64 x 512 x 512) is segmented with `--halo` voxels of context on every
 side, and segments cut by a block boundary are joined afterwards where the two planes on
@@ -41,12 +28,9 @@ other ranks then exit without waiting for it (no barrier waits on post-processin
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
 import itertools
 import json
 import os
-import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,134 +41,18 @@ import torch
 from torch import nn
 
 from ssl_em import ngff
-from ssl_em.data.normalize import IntensityStats, Normalization, normalize_numpy
-from ssl_em.data.volume import Volume, VoxelSize, check_finite
+from ssl_em.atomic import write_atomic
+from ssl_em.data.normalize import IntensityStats, Normalization, normalize_numpy, sample_stats
+from ssl_em.data.readers.open import as_volume
+from ssl_em.data.volume import Volume, check_finite
 from ssl_em.errors import UserError, check_at_least, check_parent_folders
-from ssl_em.finetune.data import as_volume, sample_stats
-from ssl_em.finetune.instance import foreground_boundary, merge_map, plane_merges, relabel, segment_slices, watershed_instances
-from ssl_em.precision import BF16, FLOAT32, FP32, Precision, choose
-
-FORMAT = "ssl_em.prediction"
-#: Layout of OUT (uint8 probabilities, labels shifted by one): part of a prediction's identity,
-#: so a store written by an older ssl_em is never resumed into.
-LAYOUT = 2
-#: plane -> (axis sliced, output axes of the 2D image in (z, y, x) order)
-PLANES = {"xy": 0, "xz": 1, "yz": 2}
-
-
-class PredictionExistsError(FileExistsError):
-    """OUT already holds another prediction; nothing was written."""
-
-
-# -- 2D sliding window -----------------------------------------------------------------------
-
-
-def window_starts(n: int, window: int, stride: int) -> list[int]:
-    """Window offsets covering [0, n): regular steps, the last one flush with the end."""
-    if n <= window:
-        return [0]
-    starts = list(range(0, n - window, stride))
-    return starts + [n - window]
-
-
-def blend_weights(window: int, overlap: int) -> np.ndarray:
-    """(window, window) weights: 1 in the middle, a raised-cosine ramp over `overlap` px at
-    each edge, strictly positive so image borders (covered by one window) stay defined."""
-    w = np.ones(window, np.float32)
-    if overlap > 0:
-        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap) + 0.5) / overlap)
-        w[:overlap] = np.minimum(w[:overlap], ramp)
-        w[-overlap:] = np.minimum(w[-overlap:], ramp[::-1])
-    return np.outer(w, w)
-
-
-def default_precision(device: torch.device) -> Precision:
-    """What runs when the caller passes no precision: plain float32 on a CPU (the reference the
-    tests compare against), `ssl_em.precision.choose`'s pick on a GPU. The CLIs always pass
-    their own choice (`choose`, or the --precision flag)."""
-    return choose(device.type) if device.type == "cuda" else FLOAT32
-
-
-@functools.lru_cache(maxsize=8)
-def _blend_norm(Hp: int, Wp: int, window: int, overlap: int) -> np.ndarray:
-    """(Hp, Wp) sum of the blend weights of every window covering each pixel, added window by
-    window in the order the windows run (the same float32 sums as adding them on the fly)."""
-    stride, weight = max(1, window - overlap), blend_weights(window, overlap)
-    norm = np.zeros((Hp, Wp), np.float32)
-    for y in window_starts(Hp, window, stride):
-        for x in window_starts(Wp, window, stride):
-            norm[y : y + window, x : x + window] += weight
-    norm.flags.writeable = False
-    return norm
-
-
-@torch.no_grad()
-def predict_planes(net: nn.Module, images: np.ndarray, window: int, overlap: int, batch_size: int = 4, device: str | torch.device = "cpu", precision: Precision | None = None) -> np.ndarray:
-    """images: (n, H, W) standardised planes -> (K, n, H, W) float32 class probabilities.
-
-    Each plane is cut into the same windows as `predict_plane`; the windows of all n planes
-    run together in batches of `batch_size` (full batches across plane boundaries), in one
-    autocast region at `precision` (None: `default_precision`), so bf16 weights are cast once
-    per call rather than once per batch. Per batch: one gather of the windows, one forward,
-    one index_add of the weighted probabilities; nothing per window on the host. The blend
-    normaliser depends only on the plane's size and is computed once per size (`_blend_norm`)."""
-    device = torch.device(device)
-    precision = precision or default_precision(device)
-    n, H, W = images.shape
-    Hp, Wp = max(H, window), max(W, window)
-    if (Hp, Wp) != (H, W):
-        images = np.pad(images, ((0, 0), (0, Hp - H), (0, Wp - W)), mode="reflect" if min(H, W) > 1 else "edge")
-    stride = max(1, window - overlap)
-    ys, xs = torch.tensor(window_starts(Hp, window, stride)), torch.tensor(window_starts(Wp, window, stride))
-    # Flat offset of every window's corner in the (n, Hp, Wp) stack, plane by plane, rows first.
-    corners = ((torch.arange(n)[:, None, None] * Hp + ys[None, :, None]) * Wp + xs[None, None, :]).reshape(-1).to(device)
-    r = torch.arange(window, device=device)
-    local = (r[:, None] * Wp + r[None, :]).reshape(-1)  # (w*w,) offsets inside a window
-    weight = torch.from_numpy(blend_weights(window, overlap)).to(device)
-    src = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device).reshape(-1)
-    acc = None
-    with precision.autocast(device):
-        for i in range(0, len(corners), batch_size):
-            idx = corners[i : i + batch_size, None] + local  # (b, w*w)
-            logits = net(src[idx].view(-1, 1, window, window))
-            probs = logits.float().softmax(1) * weight  # (b, K, w, w)
-            K = probs.shape[1]
-            if acc is None:
-                acc = torch.zeros(K, n * Hp * Wp, device=device)
-            acc.index_add_(1, idx.reshape(-1), probs.permute(1, 0, 2, 3).reshape(K, -1))
-    norm = torch.from_numpy(_blend_norm(Hp, Wp, window, overlap).copy()).to(device)
-    return (acc.view(-1, n, Hp, Wp) / norm)[:, :, :H, :W].cpu().numpy()
-
-
-def predict_plane(net: nn.Module, image: np.ndarray, window: int, overlap: int, batch_size: int = 4, device: str | torch.device = "cpu", precision: Precision | None = None) -> np.ndarray:
-    """image: (H, W) standardised float32 -> (K, H, W) float32 class probabilities.
-
-    Images smaller than the window are reflect-padded; windows are batched, run at
-    `precision` (autocast; None: `default_precision`), and blended on the device with one
-    index_add per batch (`predict_planes` with one plane)."""
-    return predict_planes(net, image[None], window, overlap, batch_size, device, precision)[:, 0]
+from ssl_em.inference.instance import foreground_boundary, merge_map, plane_merges, relabel, segment_slices, watershed_instances
+from ssl_em.inference.store import PLANES, PredictSettings, Prediction, PredictionExistsError, model_fingerprint, prediction_identity, read_probabilities, volume_fingerprint
+from ssl_em.inference.window import default_precision, predict_planes
+from ssl_em.precision import BF16, FP32, Precision, choose
 
 
 # -- whole volume -------------------------------------------------------------------------------
-
-
-@dataclass
-class PredictSettings:
-    window: int
-    overlap: int
-    slab: int = 8
-    batch_size: int = 4
-    planes: tuple[str, ...] = ("xy",)
-    instances: str | None = None  # None, "2d" or "3d"
-    seed_threshold: float = 0.5
-    min_size: int = 16
-    block: tuple[int, int, int] = (64, 512, 512)  # 3D instances: segmented block by block
-    halo: int = 8  # 3D instances: context voxels around each block
-
-    def identity(self) -> dict:
-        """What makes two predictions the same (batch size and slab do not change results)."""
-        blocks = {"block": list(self.block), "halo": self.halo} if self.instances == "3d" else {}
-        return {"window": self.window, "overlap": self.overlap, "planes": list(self.planes), "instances": self.instances, "seed_threshold": self.seed_threshold, "min_size": self.min_size} | blocks
 
 
 @dataclass(frozen=True)
@@ -204,152 +72,6 @@ class Shard:
 
     def mine(self, items: list) -> list:
         return [item for k, item in enumerate(items) if k % self.world == self.rank]
-
-
-class Prediction:
-    """The OUT.zarr store: creation, the identity check, and the record of finished slabs."""
-
-    def __init__(self, path: str | Path, identity: dict, shape: tuple[int, int, int], classes: list[str], settings: PredictSettings, overwrite: bool = False, label_values: list[int] | None = None, voxel_size: VoxelSize | None = None) -> None:
-        import zarr
-
-        self.path = Path(path)
-        existing = self._read_attrs(self.path)
-        if self.check(self.path, identity, overwrite):
-            shutil.rmtree(self.path)
-            existing = None
-        self.root = zarr.open_group(str(self.path), mode="a", zarr_format=2)
-        K, (Z, Y, X) = len(classes), shape
-        cy, cx = min(Y, 512), min(X, 512)
-        if existing is None:
-            # Marked as ours before anything else is written: a store cut short by a crash is
-            # still recognisably a prediction that --overwrite may replace (its identity, None
-            # until the end, matches no run, so none resumes into it).
-            self.root.attrs["ssl_em"] = {"format": FORMAT, "identity": None, "complete": False}
-            # voxel_size None (the input records none): one per voxel and no unit, rather
-            # than a 1 nm that viewers would show as a measurement.
-            zyx, units = list((voxel_size or VoxelSize(1.0, 1.0, 1.0)).as_tuple()), voxel_size is not None
-            image_attrs = {"multiscales": [ngff.multiscales("probabilities", "czyx", [[1.0, *zyx]], units=units)], "omero": ngff.omero(classes, (0, ngff.PROBABILITY_SCALE))}
-            self.root.create_array("0", shape=(K, Z, Y, X), chunks=(1, settings.slab, cy, cx), dtype="uint8", fill_value=0, overwrite=True)
-            labels = self.root.require_group("labels")
-            names = ["semantic"] + ["instances"] * bool(settings.instances)
-            labels.attrs["labels"] = names
-            # Class k is stored as k + 1: uint8 holds 254 classes, more need uint16.
-            semantic_dtype = "uint8" if K + ngff.LABEL_OFFSET <= np.iinfo(np.uint8).max else "uint16"
-            for name, dtype in zip(names, (semantic_dtype, "uint32")):
-                g = labels.require_group(name)
-                g.create_array("0", shape=(Z, Y, X), chunks=(settings.slab, cy, cx), dtype=dtype, fill_value=0, overwrite=True)
-                # Instance ids name no class: image-label without colours (the viewer picks them).
-                label = ngff.image_label(classes) if name == "semantic" else {"version": ngff.VERSION, "source": {"image": "../../"}}
-                g.attrs.update({"multiscales": [ngff.multiscales(name, "zyx", [zyx], units=units)], "image-label": label})
-            for plane in settings.planes[1:] if len(settings.planes) > 1 else ():
-                # A slab along the sliced axis fills whole chunks: processes never share one.
-                chunks = [1, min(Z, 64), min(Y, 256), min(X, 256)]
-                chunks[1 + PLANES[plane]] = settings.slab
-                g = self.root.require_group("planes").require_group(plane)
-                g.create_array("0", shape=(K, Z, Y, X), chunks=tuple(chunks), dtype="uint8", fill_value=0, overwrite=True)
-                g.attrs.update(image_attrs | {"multiscales": [ngff.multiscales(f"probabilities {plane}", "czyx", [[1.0, *zyx]], units=units)]})
-            meta = {"format": FORMAT, "identity": identity, "classes": classes, "label_values": label_values, "label_offset": ngff.LABEL_OFFSET, "complete": False}
-            self.root.attrs.update(image_attrs | {"ssl_em": meta})
-        self.meta = dict(self.root.attrs["ssl_em"])
-        self.progress = self.path / ".progress"
-
-    @staticmethod
-    def _read_attrs(path: Path) -> dict | None:
-        """The "ssl_em" attributes at `path`; None when there are none or they are unreadable
-        (a foreign or damaged store: `check` then refuses it)."""
-        f = path / ".zattrs"
-        try:
-            attrs = json.loads(f.read_text()) if f.is_file() else None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return None
-        return attrs.get("ssl_em") if isinstance(attrs, dict) else None
-
-    @classmethod
-    def check(cls, path: str | Path, identity: dict, overwrite: bool) -> bool:
-        """True if `path` holds something to replace; PredictionExistsError if it may not be.
-        --overwrite replaces an earlier ssl_em prediction only (its "ssl_em" attributes say
-        so): anything else at `path` (the input, a model, an archive, the user's files) is
-        refused, never deleted."""
-        path = Path(path)
-        existing = cls._read_attrs(path)
-        if isinstance(existing, dict) and existing.get("format") == FORMAT and existing.get("identity") == identity:
-            gone = [a for a in cls.arrays(identity) if not (path / a / ".zarray").is_file()]
-            if not gone:
-                return False  # this very prediction: resume it (or nothing to do)
-            if not overwrite:  # e.g. labels/ deleted by hand: do not report it done
-                raise PredictionExistsError(f"{path}: holds this prediction but {', '.join(gone)} is missing (deleted?); "
-                                            "pass --overwrite to predict it again")
-            return True
-        if not (path.exists() and any(path.iterdir())):
-            return False
-        if not isinstance(existing, dict) or existing.get("format") != FORMAT:
-            raise PredictionExistsError(f"{path}: is not an ssl_em prediction; refusing to write there, even with --overwrite, "
-                                        "which only replaces an earlier prediction (choose another --out)")
-        if not overwrite:
-            theirs = (existing or {}).get("identity", {})
-            what = "is not an ssl_em prediction" if existing is None else "holds another prediction (different " + ", ".join(sorted(k for k in set(identity) | set(theirs) if identity.get(k) != theirs.get(k))) + ")"
-            raise PredictionExistsError(f"{path}: {what}; refusing to overwrite (pass --overwrite, or choose another --out)")
-        return True
-
-    @staticmethod
-    def arrays(identity: dict) -> list[str]:
-        """The arrays a prediction with this identity holds, relative to OUT."""
-        planes = identity.get("planes") or ["xy"]
-        return (["0", "labels/semantic/0"] + ["labels/instances/0"] * bool(identity.get("instances"))
-                + [f"planes/{p}/0" for p in planes[1:]] * (len(planes) > 1))
-
-    def done(self, step: str) -> set[int]:
-        folder = self.progress / step
-        return {int(f.name) for f in folder.iterdir()} if folder.is_dir() else set()
-
-    def mark(self, step: str, item: int, rank: int = 0) -> None:
-        """Record a finished slab (after its data, so a crash redoes it at worst). One file per
-        slab, holding the rank that wrote it: processes sharing a prediction never rewrite each
-        other's record."""
-        (self.progress / step).mkdir(parents=True, exist_ok=True)
-        (self.progress / step / str(item)).write_text(str(rank))
-
-    def update(self, **meta) -> None:
-        """Rank 0 only: the instance id offset, and `complete` once everything is written."""
-        self.meta = {**self.meta, **meta}
-        self.root.attrs["ssl_em"] = self.meta
-
-    def array(self, name: str):
-        return self.root[name]
-
-
-def read_probabilities(array, region: tuple = ()) -> np.ndarray:
-    """Stored probabilities (OUT.zarr's "0" or planes/*/0, or a region of them) as float32
-    in [0, 1]; predictions written as float16 by earlier versions read the same."""
-    return ngff.decode_probabilities(array[region] if region else array[...])
-
-
-def semantic_classes(stored: np.ndarray, meta: dict) -> np.ndarray:
-    """labels/semantic values -> class indices (int64); -1 where nothing was predicted.
-
-    `meta`: the prediction's "ssl_em" attributes; stores without "label_offset" (written
-    before labels were shifted) hold class indices as they are."""
-    offset = int(meta.get("label_offset", 0))
-    stored = np.asarray(stored).astype(np.int64)
-    return np.where(stored >= offset, stored - offset, -1) if offset else stored
-
-
-def volume_fingerprint(volume: Volume, spec: str | Path | None = None) -> str:
-    """Identity of the input: the source's files (size, mtime) when it is a path, else shape,
-    dtype and a hash of a few slices."""
-    if spec is not None and not isinstance(spec, (np.ndarray, Volume)):
-        from ssl_em.data.readers.open import source_fingerprint
-
-        return source_fingerprint(spec)
-    h = hashlib.sha256(f"{volume.shape}{np.dtype(volume.dtype)}".encode())
-    for z in {0, volume.shape[0] // 2, volume.shape[0] - 1}:
-        h.update(np.ascontiguousarray(volume.read(z)).tobytes())
-    return h.hexdigest()[:16]
-
-
-def prediction_identity(volume: Volume, settings: PredictSettings, model_id: str, input_id: str | None = None) -> dict:
-    """What OUT must hold for a run to resume it rather than refuse it."""
-    return {"model": model_id, "input": input_id or volume_fingerprint(volume), "shape": list(volume.shape), "layout": LAYOUT, **settings.identity()}
 
 
 def predict_volume(
@@ -510,24 +232,12 @@ def _instances_3d(pred: Prediction, settings: PredictSettings, progress: bool) -
                 before, after = [slice(None)] * 3, [slice(None)] * 3
                 before[axis], after[axis] = c - 1, c
                 pairs += plane_merges(ids[tuple(before)], ids[tuple(after)])
-        tmp = merges_file.with_suffix(".tmp")  # written whole, then renamed: never half a file
-        tmp.write_text(json.dumps({str(a): b for a, b in merge_map(pairs).items()}))
-        tmp.replace(merges_file)
+        write_atomic(merges_file, json.dumps({str(a): b for a, b in merge_map(pairs).items()}))  # never half a file
     mapping = {int(a): b for a, b in json.loads(merges_file.read_text()).items()}
     done = pred.done("join")
     for k in tqdm([k for k in range(len(cores)) if k not in done], desc="join blocks", unit="block", disable=not progress or not mapping):
         ids[cores[k]] = relabel(ids[cores[k]], mapping)  # idempotent: a crash midway is harmless
         pred.mark("join", k)
-
-
-def model_fingerprint(path: str | Path) -> str:
-    from ssl_em.finetune.export import WEIGHTS
-
-    h = hashlib.sha256()
-    with open(Path(path) / WEIGHTS, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -614,7 +324,7 @@ def check_out_is_not_a_source(out: Path, sources: dict[str, Path]) -> None:
 def run(args) -> int:
     import sys
 
-    from ssl_em.finetune.export import load_finetuned
+    from ssl_em.finetune.model_folder import load_finetuned
 
     check_flags(args)
     net, meta = load_finetuned(args.model, device="cpu")  # errors name the file: one line from `ssl-em`

@@ -30,18 +30,27 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_
     return np.bincount(gt[keep] * num_classes + np.clip(pred[keep], 0, num_classes - 1), minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
+def iou_dice(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class IoU and Dice (= F1), each (K,) float64, from a (K, K) confusion matrix (rows =
+    ground truth, columns = prediction); NaN for a class absent from both. Evaluation and
+    fine-tuning's validation IoU both come from here."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+    present = (tp + fp + fn) > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(present, tp / (tp + fp + fn), np.nan), np.where(present, 2 * tp / (2 * tp + fp + fn), np.nan)
+
+
 def semantic_scores(pred: np.ndarray, gt: np.ndarray, num_classes: int | None = None, ignore_index: int | None = None, classes: list[str] | None = None) -> dict:
     """Per-class IoU and Dice (= F1), their means over classes present, and pixel accuracy."""
     if num_classes is None:
         valid = gt[gt != ignore_index] if ignore_index is not None else gt
         num_classes = int(max(np.max(pred, initial=0), np.max(valid, initial=0))) + 1
-    cm = confusion_matrix(pred, gt, num_classes, ignore_index).astype(np.float64)
+    cm = confusion_matrix(pred, gt, num_classes, ignore_index)
+    iou, dice = iou_dice(cm)
+    present = ~np.isnan(iou)
     tp = np.diag(cm)
-    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
-    present = (tp + fp + fn) > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(present, tp / (tp + fp + fn), np.nan)
-        dice = np.where(present, 2 * tp / (2 * tp + fp + fn), np.nan)
     names = classes or [str(k) for k in range(num_classes)]
     return {
         "per_class": {n: {"iou": float(i), "dice": float(d)} for n, i, d in zip(names, iou, dice)},

@@ -116,13 +116,23 @@ def read_checkpoint(ckpt: str | Path) -> dict:
     return ckpt_dict
 
 
+def deployable_prefix(run: dict, where: str) -> str:
+    """State-dict prefix of the network a method deploys (`PretrainMethod.deployable`, recorded
+    in its checkpoints' "ssl_em" metadata): "backbone." unless the method named another, e.g.
+    DINO's "teacher_backbone."; checkpoints from before the hook hold no name."""
+    name = run.get("deployable", "backbone")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise BackboneError(f"{where}: its 'deployable' entry {name!r} is not a module name")
+    return name + "."
+
+
 def backbone_from_checkpoint(ckpt: dict, where: str = "checkpoint") -> tuple[nn.Module, BackboneMeta]:
     """Rebuild `module.backbone` from a Lightning checkpoint written by a PretrainMethod."""
     run = ckpt.get("ssl_em")
     if not run or not isinstance(run, dict):
         raise BackboneError(f"{where}: has no 'ssl_em' metadata; was it written by `ssl-em pretrain`?")
     model = build_from_metadata(run.get("architecture"), run.get("model_args"), where)
-    prefix = "backbone."  # the method's attribute name; the backbone's own keys stay untouched
+    prefix = deployable_prefix(run, where)  # the method's attribute name; the backbone's own keys stay untouched
     load_strict(model, {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}, run["architecture"])
     args = run["model_args"]
     meta = BackboneMeta(
@@ -157,7 +167,7 @@ def export_run(run_or_ckpt: str | Path, out: str | Path, dtype: str = "float32",
     ckpt_path = find_checkpoint(run_or_ckpt)
     ckpt = read_checkpoint(ckpt_path)
     model, meta = backbone_from_checkpoint(ckpt, str(ckpt_path))
-    prefix = "backbone."
+    prefix = deployable_prefix(ckpt["ssl_em"], str(ckpt_path))
     rest = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(prefix)} if method_state else None
     return export_backbone(model, out, meta, dtype, method_state=rest, notes=notes_text)
 

@@ -240,16 +240,21 @@ class Misalignment(RandomModule):
         return out
 
 
-def em_view(size: int, crop_scale: tuple[float, float] = (0.25, 1.0), blur: float = 0.5, noise: float = 0.5) -> nn.Sequential:
-    """A typical contrastive view for 2D EM tiles: crop, dihedral, intensity, blur/noise, artefacts."""
+def em_view(size: int, crop_scale: tuple[float, float] = (0.25, 1.0), blur: float = 0.5, noise: float = 0.5, stream: str | None = None) -> nn.Sequential:
+    """A typical contrastive view for 2D EM tiles: crop, dihedral, intensity, blur/noise, artefacts.
+
+    `stream` prefixes every module's random stream: two views built with the same (or no)
+    prefix draw identical numbers at a given step, so views built separately (multi-crop's
+    global and local views) need different prefixes; one view called twice draws anew."""
+    name = (lambda cls: f"{stream}.{cls.__name__}") if stream else (lambda cls: None)
     return nn.Sequential(
-        RandomResizedCrop(size, scale=crop_scale),
-        FlipRot90(),
-        BrightnessContrast(p=0.8),
-        Gamma(p=0.5),
-        GaussianBlur(p=blur),
-        GaussianNoise(p=noise),
-        Stripes(p=0.1),
+        RandomResizedCrop(size, scale=crop_scale, stream=name(RandomResizedCrop)),
+        FlipRot90(stream=name(FlipRot90)),
+        BrightnessContrast(p=0.8, stream=name(BrightnessContrast)),
+        Gamma(p=0.5, stream=name(Gamma)),
+        GaussianBlur(p=blur, stream=name(GaussianBlur)),
+        GaussianNoise(p=noise, stream=name(GaussianNoise)),
+        Stripes(p=0.1, stream=name(Stripes)),
     )
 
 

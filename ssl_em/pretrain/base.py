@@ -91,7 +91,8 @@ def run_metadata(backbone: nn.Module, datamodule) -> dict:
 
 class PretrainMethod(pl.LightningModule):
     """Optimizer, schedule, logging and checkpoint metadata. Holds no model of its own:
-    a subclass must set `self.backbone` (an unmodified timm model)."""
+    a subclass must set `self.backbone` (an unmodified timm model), and may name another
+    submodule of the same architecture (an EMA teacher) as the one to deploy (`deployable`)."""
 
     backbone: nn.Module
     #: Fine-tuning settings this method's backbones do best with, measured (see
@@ -170,14 +171,21 @@ class PretrainMethod(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict(scalars, batch_size=batch_size)
 
-    # -- checkpoint metadata --------------------------------------------------------------
+    # -- export hook and checkpoint metadata ----------------------------------------------
+
+    def deployable(self) -> str:
+        """Attribute name of the network `ssl-em export` writes: an unmodified timm model of
+        `self.backbone`'s architecture. The student by default; a method whose EMA teacher
+        is the better network (DINO, as its authors export it) names the teacher."""
+        return "backbone"
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        name = self.deployable()
         datamodule = getattr(self.trainer, "datamodule", None)
-        meta = run_metadata(self.backbone, datamodule)
+        meta = run_metadata(getattr(self, name), datamodule)
         # Tiles one optimizer step consumes, across ranks and accumulated micro-batches:
         # export multiplies it by the step count (the backbone's `tiles`).
         batch = getattr(datamodule, "batch_size", None)
         tiles_per_step = batch * self.trainer.world_size * self.trainer.accumulate_grad_batches if batch else None
-        checkpoint.setdefault("ssl_em", {}).update(meta, method=f"{type(self).__module__}.{type(self).__qualname__}", finetune=dict(self.finetune_recipe),
-                                                   tiles_per_step=tiles_per_step)
+        checkpoint.setdefault("ssl_em", {}).update(meta, method=f"{type(self).__module__}.{type(self).__qualname__}",
+                                                   finetune=dict(self.finetune_recipe), deployable=name, tiles_per_step=tiles_per_step)

@@ -236,7 +236,8 @@ def check_resume(model: PretrainMethod, ckpt_path: Path) -> None:
 
 
 def init_from_export(model: PretrainMethod, folder: str | Path) -> bool:
-    """Load an exported backbone's weights into the method's backbone, strictly; the
+    """Load an exported backbone's weights into the method's backbone (and its deployable
+    network, when that is another), strictly; the
     architecture and its arguments must match the recipe's. When the export carries the
     method's own weights (SparK's decoder and mask tokens) from the same method, load those
     too, strictly, so continued pretraining resumes the method. Returns whether it did."""
@@ -246,11 +247,15 @@ def init_from_export(model: PretrainMethod, folder: str | Path) -> bool:
     ours = run_metadata(model.backbone, None)
     if meta.architecture != ours["architecture"]:
         raise PretrainError(f"{folder}: is a {meta.architecture}, the recipe builds a {ours['architecture']}; pick a recipe with that backbone")
-    load_strict(model.backbone, loaded.state_dict(), str(folder))
+    # The student and, where the method deploys another network (DINO's teacher), that one
+    # too start from the export: a teacher left at random would teach noise.
+    deployable = model.deployable()
+    for name in dict.fromkeys(("backbone", deployable)):
+        load_strict(getattr(model, name), loaded.state_dict(), str(folder))
     if not carries_method_state(model, folder):
         return False
     state = read_safetensors(Path(folder) / METHOD_STATE)
-    rest = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    rest = {k: v for k, v in model.state_dict().items() if not k.startswith(deployable + ".")}
     bad = sorted(set(rest) ^ set(state)) + [k for k in rest if k in state and rest[k].shape != state[k].shape]
     if bad:
         raise PretrainError(f"{Path(folder) / METHOD_STATE}: the method's weights do not fit this recipe ({len(bad)} keys differ, e.g. {bad[:3]}: "

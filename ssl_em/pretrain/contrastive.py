@@ -2,7 +2,8 @@
 
 Both hold an unmodified timm backbone (ViT or CNN) as `self.backbone`; its pooled features
 (num_classes=0: the cls token for ViTs, global average pool for CNNs) feed MLP heads that are
-dropped at export. Two views of every tile come from `views` (EM augmentations by default).
+dropped at export. Two views of every tile come from two calls of `views` (EM augmentations by
+default; `ssl_em.pretrain.multiview` holds the shared training step and EMA teacher).
 Negatives are gathered from all ranks (`ssl_em.pretrain.losses`), so a multi-GPU run trains
 as one large batch; use `trainer.sync_batchnorm: true` with several GPUs so the heads'
 BatchNorm sees the global batch too.
@@ -15,11 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ssl_em.backbones import build_backbone
-from ssl_em.ema import cosine_momentum, ema_pairs, ema_update_, frozen_copy
-from ssl_em.pretrain.base import PretrainMethod, embedding_std
+from ssl_em.ema import cosine_momentum, frozen_copy  # noqa: F401 (cosine_momentum: imported from here by callers)
 from ssl_em.pretrain.losses import info_nce, nt_xent
-from ssl_em.pretrain.views import default_views
+from ssl_em.pretrain.multiview import MultiViewMethod
+from ssl_em.pretrain.views import MultiCrop, default_views
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int, last_bn: bool) -> nn.Sequential:
@@ -35,29 +35,7 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int, last_bn: bool) 
     return nn.Sequential(*mods)
 
 
-class TwoViewMethod(PretrainMethod):
-    """What the contrastive methods share: a timm backbone, two augmented views of every tile,
-    and a training step that logs the loss and the spread of features and projections (a
-    collapsing run shows both falling towards 0). Subclasses define `forward(x1, x2)`."""
-
-    def __init__(self, backbone: str, img_size: int, backbone_kwargs: dict | None, views: nn.Module | None, **optim) -> None:
-        super().__init__(**optim)
-        self.backbone = build_backbone(backbone, in_chans=1, img_size=img_size, **(backbone_kwargs or {}))
-        self.views = views if views is not None else default_views(img_size)
-
-    def before_step(self) -> dict[str, float]:
-        """Called before each training step; returns extra scalars to log."""
-        return {}
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        imgs = batch["image"]  # (B, 1, H, W), normalised
-        extra = self.before_step()
-        out = self(self.views(imgs), self.views(imgs))
-        self.log_step(out["loss"], imgs.shape[0], **extra, embed_std=embedding_std(out["features"]), proj_std=embedding_std(out["projection"]))
-        return out["loss"]
-
-
-class MoCoV3(TwoViewMethod):
+class MoCoV3(MultiViewMethod):
     """Query encoder = backbone -> projector -> predictor; key encoder = momentum copies of
     backbone and projector. Symmetric InfoNCE between the two views."""
 
@@ -78,7 +56,7 @@ class MoCoV3(TwoViewMethod):
         warmup_steps: int = 1000,
         min_lr_fraction: float = 0.0,
     ) -> None:
-        super().__init__(backbone, img_size, backbone_kwargs, views, base_lr=base_lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_fraction=min_lr_fraction)
+        super().__init__(backbone, img_size, backbone_kwargs, MultiCrop(views if views is not None else default_views(img_size), 2), base_lr=base_lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_fraction=min_lr_fraction)
         self.save_hyperparameters(ignore=["views"])
         self.temperature, self.base_momentum = temperature, momentum
         F = self.backbone.num_features
@@ -86,18 +64,10 @@ class MoCoV3(TwoViewMethod):
         self.predictor = mlp(out_dim, hidden_dim, out_dim, 2, last_bn=False)
         self.momentum_backbone = frozen_copy(self.backbone)
         self.momentum_projector = frozen_copy(self.projector)
-        self._momentum_step = -1  # the optimizer step the key encoder was last updated for
 
-    def momentum_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(key, query) parameters paired by name, so a mismatch fails loudly instead of
-        pairing the wrong tensors."""
-        return ema_pairs([self.momentum_backbone, self.momentum_projector], [self.backbone, self.projector])
-
-    def update_momentum(self, m: float) -> None:
-        """key <- m * key + (1 - m) * query, for backbone and projector parameters, in one
-        fused call over all tensors (`ssl_em.ema`). Buffers are not averaged: the key
-        encoder runs in train mode and keeps its own BatchNorm statistics, as in MoCo v3."""
-        ema_update_([self.momentum_backbone, self.momentum_projector], [self.backbone, self.projector], m)
+    def ema_modules(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """The key encoder (backbone and projector copies) averages the query encoder's."""
+        return [self.momentum_backbone, self.momentum_projector], [self.backbone, self.projector]
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> dict[str, torch.Tensor]:
         """x1, x2: (B, C, H, W) two views -> {loss, features (B, F) of view 1}."""
@@ -111,17 +81,8 @@ class MoCoV3(TwoViewMethod):
         loss = (info_nce(q1, k2, self.temperature) + info_nce(q2, k1, self.temperature)) * 2 * self.temperature
         return {"loss": loss, "features": f1, "projection": q1}
 
-    def before_step(self) -> dict[str, float]:
-        """The key encoder moves once per optimizer step (the first micro-batch of each under
-        gradient accumulation): k updates per step would make momentum 0.99 act like 0.99**k."""
-        m = cosine_momentum(self.global_step, self.total_steps(), self.base_momentum)
-        if self._momentum_step != self.global_step:
-            self.update_momentum(m)
-            self._momentum_step = self.global_step
-        return {"momentum": m}
 
-
-class SimCLR(TwoViewMethod):
+class SimCLR(MultiViewMethod):
     """backbone -> projector for both views; NT-Xent over the 2N views of the global batch."""
 
     def __init__(
@@ -140,7 +101,7 @@ class SimCLR(TwoViewMethod):
         warmup_steps: int = 1000,
         min_lr_fraction: float = 0.0,
     ) -> None:
-        super().__init__(backbone, img_size, backbone_kwargs, views, base_lr=base_lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_fraction=min_lr_fraction)
+        super().__init__(backbone, img_size, backbone_kwargs, MultiCrop(views if views is not None else default_views(img_size), 2), base_lr=base_lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_fraction=min_lr_fraction)
         self.save_hyperparameters(ignore=["views"])
         self.temperature = temperature
         self.projector = mlp(self.backbone.num_features, hidden_dim, out_dim, proj_layers, last_bn=False)

@@ -557,7 +557,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"also write {METHOD_STATE}, the method's decoder/heads, so `ssl-em pretrain --init_from` continues the method (default: yes)")
 
 
+def launcher_rank() -> int:
+    """This process's rank when a launcher started several (torch.distributed's, torchrun's
+    RANK, srun's SLURM_PROCID), else 0."""
+    from ssl_em.seeding import process_rank
+
+    if "RANK" not in os.environ and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return int(os.environ.get("SLURM_PROCID", 0))
+    return process_rank()
+
+
 def run(args) -> int:
-    out = export_run(args.run, args.out, args.dtype, args.method_state)
-    print(f"exported {out} (timm.create_model('local-dir:{out}', pretrained=True) loads it)")
-    return 0
+    # One writer per artefact: a job script that runs `ssl-em export` on every rank (srun,
+    # torchrun) writes the folder once, from rank 0; two ranks swapping one folder race.
+    rank = launcher_rank()
+    try:
+        if rank != 0:
+            print(f"ssl-em export: rank {rank}: rank 0 writes {args.out}; nothing to do here")
+            return 0
+        out = export_run(args.run, args.out, args.dtype, args.method_state)
+        print(f"exported {out} (timm.create_model('local-dir:{out}', pretrained=True) loads it)")
+        return 0
+    finally:  # in a process group, the other ranks return once the export is in place
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()

@@ -59,14 +59,23 @@ from ssl_em.finetune.semi import consistency_loss, pseudo_labels, sigmoid_rampup
 HeadFactory = Callable[[FeatureSpec, int], nn.Module]
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -1, eps: float = 1.0) -> torch.Tensor:
-    """1 - mean over classes of soft Dice. logits: (B, K, H, W); target: (B, H, W) with ignore."""
+def dice_sums(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft Dice's per-class sums over labeled pixels: (intersection (K,), denominator (K,)).
+    logits: (B, K, H, W); target: (B, H, W) with ignore. Sums add up over batches and ranks."""
     valid = (target != ignore_index).unsqueeze(1).to(logits.dtype)  # (B, 1, H, W)
     probs = logits.softmax(1) * valid
     onehot = F.one_hot(target.clamp(min=0), logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype) * valid
-    inter = (probs * onehot).sum((0, 2, 3))
-    denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    return (probs * onehot).sum((0, 2, 3)), probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+
+
+def soft_dice_from_sums(inter: torch.Tensor, denom: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean over classes of (2 inter + eps) / (denom + eps)."""
     return 1 - ((2 * inter + eps) / (denom + eps)).mean()
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -1, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean over classes of soft Dice. logits: (B, K, H, W); target: (B, H, W) with ignore."""
+    return soft_dice_from_sums(*dice_sums(logits, target, ignore_index), eps)
 
 
 def em_augmentations(strong: bool, ignore_index: int, stream: str = "") -> tuple[FlipRot90, RandomWarp | None, nn.Sequential]:
@@ -141,7 +150,7 @@ class SegmentationModule(pl.LightningModule):
         self._untrainable: set[str] = set()  # backbone parameters the features never use
         self._ddp_syncs_backbone = True
         self.set_backbone_frozen(unfreeze_at_step is None or unfreeze_at_step > 0)
-        self._val_confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        self._val_sums: torch.Tensor | None = None  # see validation_step
 
     # -- freezing -----------------------------------------------------------------------
     @property
@@ -284,20 +293,41 @@ class SegmentationModule(pl.LightningModule):
             self._teacher_step = self.global_step
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self(batch["image"])
-        self.log("val/loss", self.loss(logits, batch["target"]), batch_size=batch["image"].shape[0])
-        self._val_confusion = self._val_confusion.to(logits.device) + confusion(logits.argmax(1), batch["target"], self.hparams.num_classes, self.hparams.ignore_index)
+        """Adds this batch to the validation sums (`_val_sums`); nothing is logged per batch."""
+        logits, target = self(batch["image"]), batch["target"]
+        k, ignore = self.hparams.num_classes, self.hparams.ignore_index
+        ce = F.cross_entropy(logits.float(), target, ignore_index=ignore, reduction="sum")
+        inter, denom = dice_sums(logits.float(), target, ignore)
+        cm = confusion(logits.argmax(1), target, k, ignore)
+        sums = torch.cat([cm.flatten().double(), ce.double().view(1), (target != ignore).sum().double().view(1), inter.double(), denom.double()])
+        self._val_sums = sums if self._val_sums is None else self._val_sums + sums
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums: torch.Tensor | None = None
 
     def on_validation_epoch_end(self) -> None:
-        # Each rank scored its own share of the validation tiles (GridTiles, no repeats).
+        """val/loss and val/iou over every validation tile of every rank, as one process
+        would compute them over all of them at once: the sums (confusion, cross-entropy,
+        labeled pixels, Dice terms) are added up over ranks in one all-reduce, so every rank
+        logs the same values and weights kept by val/loss are the same on all. The loss is
+        `loss` over the whole validation set as one batch (not a mean of per-batch losses,
+        which would depend on how the tiles fall into batches and ranks)."""
+        k = self.hparams.num_classes
+        sums = self._val_sums if self._val_sums is not None else torch.zeros(k * k + 2 + 2 * k, dtype=torch.float64, device=self.device)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self._val_confusion)
-        iou = iou_from_confusion(self._val_confusion)
+            dist.all_reduce(sums)  # every rank has run the same number of batches (GridTiles)
+        cm, ce, pixels = sums[: k * k].view(k, k).long(), sums[k * k], sums[k * k + 1]
+        inter, denom = sums[k * k + 2 : k * k + 2 + k], sums[k * k + 2 + k :]
+        loss = torch.zeros((), dtype=torch.float64, device=sums.device)  # no labeled pixel: no signal, as in `loss`
+        if pixels > 0:
+            loss = ce / pixels + (self.hparams.dice_weight * soft_dice_from_sums(inter, denom) if self.hparams.dice_weight else 0.0)
+        iou = iou_from_confusion(cm)
+        self.log("val/loss", loss.float(), prog_bar=False)
         self.log("val/iou", iou.nanmean() if iou.numel() else torch.tensor(0.0), prog_bar=True)
         for name, v in zip(self.classes, iou):
             self.log(f"val/iou_{name}", v)
         self.last_val_iou = {name: float(v) for name, v in zip(self.classes, iou)}
-        self._val_confusion = torch.zeros_like(self._val_confusion)
+        self._val_sums = None
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):

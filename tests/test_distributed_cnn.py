@@ -53,7 +53,8 @@ def _load(path: Path):
 def test_cnn_validation_inside_fit_finishes_with_one_process_metrics(ranks, name, image):
     """`ssl-em finetune` of a ResNet U-Net (BatchNorm buffers, which DDP broadcasts at the
     first forward after training, validation included) on 2 ranks, validating inside fit on
-    9 tiles (5 and 4 per rank) and on 1 (none for rank 1): no hang, the same training and
+    9 tiles (5 and 4 per rank: each rank logged its own val/loss) and on 1 (none for rank 1:
+    Lightning stopped the run on its empty loader): it finishes, with the same training and
     validation batches on both ranks, and val/loss and val/iou equal to one process
     validating every tile with the same weights."""
     import pytorch_lightning as pl

@@ -275,9 +275,10 @@ class GridTiles(IterableDataset):
     DistributedSampler would repeat some, and count their pixels twice). Instead every rank
     yields ceil(tiles / ranks), the short ones topped up with blank tiles that are all
     ignore (scored as nothing), and its loader worker w takes every workers-th of those: all
-    ranks then run the same number of validation batches. DDP syncs buffers (BatchNorm's) at
-    the first forward after training, a collective: a rank with no validation batch at all
-    (one held-out band over 8 GPUs) left the others waiting there forever."""
+    ranks then run the same number of validation batches. A rank without a tile of its own
+    (one held-out band over 8 GPUs) had an empty loader, which stops a DDP run (Lightning
+    refuses it); and DDP syncs buffers (BatchNorm's) at the first validation forward, a
+    collective every rank must reach."""
 
     def __init__(self, images: np.ndarray, targets: np.ndarray, tile: int) -> None:
         n, H, W = targets.shape

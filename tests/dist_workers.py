@@ -334,3 +334,4 @@ def cnn_checks(rank: int, world: int, kw: dict) -> None:
     spark_sync_batchnorm(rank, world, kw)
     finetune_cnn_cli(rank, world, kw)
     pretrain_and_export_ddp(rank, world, kw)
+    equal_batches(rank, world, {**kw, "batch": 4, "workers": 2, "samples": 31})

@@ -119,3 +119,13 @@ def test_pretrain_and_export_write_on_rank_0_alone(ranks):
     assert r1["writes"] == []
     assert (ranks / "pt" / "export" / "ssl_em.json").is_file()
     assert list((ranks / "pt" / "run").rglob("reconstructions/*.png"))
+
+
+def test_pretraining_stream_gives_every_rank_the_same_batches(ranks):
+    """31 tiles an epoch at batch 4 over 2 ranks of 2 loader workers each, two epochs, an
+    all-reduce after each (a rank with a batch more would have hung there): every rank
+    counts the batches its loader's len() promised, the same on both."""
+    r0, r1 = (torch.load(ranks / f"batches{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0 == r1 and len(r0) == 2
+    for n, promised, total in r0:
+        assert n == promised >= 1 and total == 2 * n

@@ -249,6 +249,16 @@ def check_trainer(trainer, shortcuts: list[Shortcut], error) -> None:
         known = sorted(set(AcceleratorRegistry.available_accelerators()) | {"auto", "gpu", "tpu"})
         if accelerator.lower() not in known:
             raise error(f"{flag_for('trainer.accelerator', shortcuts)} {accelerator}: not an accelerator; use one of {', '.join(known)}")
+    if trainer.get("sync_batchnorm") and _on_cpu(accelerator):
+        raise error("--trainer.sync_batchnorm true: torch's SyncBatchNorm runs on GPUs only (DDP refuses it on CPUs); leave it off on a CPU")
+
+
+def _on_cpu(accelerator) -> bool:
+    """Whether Lightning will run on the CPU: asked for, or "auto" where no GPU is found."""
+    import torch
+
+    name = accelerator.lower() if isinstance(accelerator, str) else accelerator
+    return name == "cpu" or (name in (None, "auto") and not torch.cuda.is_available())
 
 
 def check_strategy(strategy, error) -> None:

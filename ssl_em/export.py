@@ -23,6 +23,7 @@ from ssl_em.backbones import CARD, CONFIG, META, METHOD_STATE, WEIGHTS, Backbone
 from ssl_em.data.normalize import Normalization
 from ssl_em.errors import UserError, first_line
 from ssl_em.metadata import check_backbone
+from ssl_em.seeding import launcher_rank
 
 #: The licence weights are shared under (the model card's and pretrained_cfg's); ssl_em's own.
 LICENSE = "bsd-3-clause"
@@ -238,6 +239,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    out = export_run(args.run, args.out, args.dtype, args.method_state, args.notes)
-    print(f"exported {out} (timm.create_model('local-dir:{out}', pretrained=True) loads it)")
-    return 0
+    # One writer per artefact: a job script that runs `ssl-em export` on every rank (srun,
+    # torchrun) writes the folder once, from rank 0; two ranks swapping one folder race.
+    rank = launcher_rank()
+    try:
+        if rank != 0:
+            print(f"ssl-em export: rank {rank}: rank 0 writes {args.out}; nothing to do here")
+            return 0
+        out = export_run(args.run, args.out, args.dtype, args.method_state, args.notes)
+        print(f"exported {out} (timm.create_model('local-dir:{out}', pretrained=True) loads it)")
+        return 0
+    finally:  # in a process group, the other ranks return once the export is in place
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()

@@ -47,6 +47,14 @@ def process_rank() -> int:
     return process_group()[0]
 
 
+def launcher_rank() -> int:
+    """This process's rank when a launcher started several: torch.distributed's, torchrun's
+    RANK, or srun's SLURM_PROCID for a plain command run on every task of a job; else 0."""
+    if "RANK" not in os.environ and not (dist.is_available() and dist.is_initialized()):
+        return int(os.environ.get("SLURM_PROCID", 0))
+    return process_rank()
+
+
 def process_world() -> int:
     """The number of processes (`process_group`)."""
     return process_group()[1]

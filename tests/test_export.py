@@ -120,6 +120,28 @@ def test_export_from_lightning_checkpoint(tmp_path):
         assert torch.equal(loaded.eval()(x), model(x))
 
 
+def test_export_cli_writes_from_rank_0_only(tmp_path, monkeypatch, capsys):
+    """A job script running `ssl-em export` on every rank (srun: SLURM_PROCID; torchrun:
+    RANK) writes the folder once, from rank 0; the others say so and write nothing."""
+    from ssl_em.cli import main
+
+    torch.manual_seed(0)
+    model = build_backbone(ARCH, img_size=32, **TINY_VIT).eval()
+    ckpt = {"state_dict": {f"backbone.{k}": v for k, v in model.state_dict().items()}, "global_step": 1,
+            "ssl_em": {**run_metadata(model, None), "method": "ssl_em.pretrain.mae.MAE"}}
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, tmp_path / "run" / "checkpoints" / "last.ckpt")
+    monkeypatch.delenv("RANK", raising=False)
+    for env, value in (("SLURM_PROCID", "1"), ("RANK", "3")):
+        monkeypatch.setenv(env, value)
+        assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "bb")]) == 0
+        assert f"rank {value}: rank 0 writes" in capsys.readouterr().out
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    monkeypatch.setenv("RANK", "0")
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "bb")]) == 0
+    assert (tmp_path / "bb" / "ssl_em.json").is_file()
+
+
 def test_half_precision_export_halves_the_file_and_loads_as_float32(exported, tmp_path):
     """`--dtype float16` (the shipped backbone's storage) : half the bytes, float32 model on
     load, weights equal to the float16-rounded originals, in ssl_em and in plain timm."""

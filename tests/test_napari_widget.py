@@ -102,6 +102,19 @@ def test_paint_train_predict_measure_save(widget, em, qtbot, tmp_path):
     assert type(pred).__name__ == "Labels" and pred.visible and tuple(pred.scale) == VOXEL
     assert set(np.unique(pred.data[1])) <= {1, 2} and not pred.data[[0, 2, 3]].any()
 
+    # The visible region: the canvas (800 x 600 px) at zoom 4 around world (y 100, x 200)
+    # shows y 0-200, x 125-275 nm: rows 0-49, columns 31-68 of slice 1 (4 nm pixels).
+    viewer.scene.camera.center, viewer.scene.camera.zoom = (0, 100, 200), 4.0
+    assert tuple(viewer.canvas.viewbox_size(viewer.layers)) == (800, 600)
+    _wait(qtbot, widget.predict("visible region"))
+    region = viewer.layers["isbi prediction [1, 0:50, 31:69]"]
+    assert type(region).__name__ == "Labels" and region.visible and tuple(region.scale) == VOXEL
+    assert region.data.shape == (1, 50, 38) and tuple(region.translate) == (50.0, 0.0, 31 * 4.0)
+    assert np.allclose(region.data_to_world((0, 0, 0)), viewer.layers["isbi"].data_to_world((1, 0, 31)))
+    assert set(np.unique(region.data)) <= {1, 2}
+    assert (region.data[0] == pred.data[1, :50, 31:69]).mean() > 0.9  # the slice's own prediction there
+    assert not pred.data[[0, 2, 3]].any()  # the full prediction layer is left alone
+
     widget.with_probabilities.setChecked(True)
     _wait(qtbot, widget.predict("whole volume"))
     assert (pred.data > 0).all()
@@ -125,6 +138,28 @@ def test_paint_train_predict_measure_save(widget, em, qtbot, tmp_path):
     assert main(["predict", str(out), str(image_tif), "--out", str(tmp_path / "p.zarr"), "--no-progress", "--accelerator", "cpu", "--voxel-size", "50,4,4"]) == 0
     stored = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")["labels/semantic/0"][:]
     assert (stored == pred.data).mean() > 0.999
+
+
+def test_visible_region_follows_the_camera_and_the_layer_placement(widget):
+    """The visible region is the camera's field of view in the image's data coordinates
+    (scale and translation), clipped to the slice; off the image or in 3D it is refused."""
+    from ssl_em.errors import UserError
+    from ssl_em.napari.widget import visible_region
+
+    viewer, image = widget.viewer, widget.viewer.layers["isbi"]
+    viewer.scene.camera.center, viewer.scene.camera.zoom = (0, 100, 200), 4.0  # world y 0-200, x 125-275
+    assert visible_region(viewer, image, (96, 96)) == (slice(0, 50), slice(31, 69))
+    viewer.scene.camera.zoom = 1.0  # the whole slice and more: clipped to it
+    assert visible_region(viewer, image, (96, 96)) == (slice(0, 96), slice(0, 96))
+    image.translate = (0, 40, 0)  # the image moved 40 nm down: rows (y - 40) / 4
+    viewer.scene.camera.zoom = 4.0
+    assert visible_region(viewer, image, (96, 96)) == (slice(0, 40), slice(31, 69))
+    viewer.scene.camera.center = (0, 5000, 5000)
+    with pytest.raises(UserError, match="shows none"):
+        visible_region(viewer, image, (96, 96))
+    viewer.dims.ndisplay = 3
+    with pytest.raises(UserError, match="2D view"):
+        visible_region(viewer, image, (96, 96))
 
 
 def test_cancel_keeps_the_steps_trained(widget, em, qtbot):

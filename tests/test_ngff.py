@@ -198,3 +198,21 @@ def test_ome_xml_pixel_types_never_narrow():
     images = [(f"im{k}", (1, 2, 2), dt, None) for k, dt in enumerate(["uint8", ">u2", "int64", "uint64", "float16", "float32", "float64"])]
     types = re.findall(r'Type="([a-z0-9]+)"', ome_xml(images))
     assert types == ["uint8", "uint16", "double", "double", "float", "float", "double"]
+
+
+def test_which_ngff_models_read_the_archive_root_and_its_images(archive):
+    """What the docs say about ome-zarr-models (the NGFF reference models): its generic
+    `open_ome_zarr` takes each archive image for an NGFF Image and the root for a valid
+    bioformats2raw group, but lists none of the root's images: it looks only for series
+    named 0, 1, ... and ignores the OME `series` list that names ours (the layout allows
+    both). Open the images as ARCHIVE.zarr/<name>; if this fails, the docs need updating."""
+    import zarr
+    from ome_zarr_models import open_ome_zarr
+    from ome_zarr_models.v04 import Image
+    from ome_zarr_models.v04.bioformats2raw import BioFormats2Raw
+
+    root = zarr.open_group(str(archive), mode="r")
+    collection = open_ome_zarr(root)
+    assert isinstance(collection, BioFormats2Raw) and collection.image_paths == []
+    for name in ("aniso", "iso"):
+        assert isinstance(open_ome_zarr(root[name]), Image)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -166,3 +168,45 @@ def test_norms_are_found_after_sync_batchnorm_conversion():
     hidden = (x == 0).all(1, keepdim=True)
     visible = x.permute(0, 2, 3, 1)[~hidden[:, 0]]
     assert torch.allclose(bn.running_mean, 0.1 * visible.mean(0), atol=1e-5)
+
+
+def test_reconstruction_previews_go_to_the_csv_loggers_folder_every_n_steps(tmp_path):
+    """image_every_n_steps 2 over 3 steps: grids at steps 0 and 2 (the last), as PNGs in the
+    CSV logger's folder; each row is the input, the input with hidden squares blanked, and
+    the input again on visible squares of the reconstruction. Off by default."""
+    import numpy as np
+    import pytorch_lightning as pl
+    from PIL import Image
+    from pytorch_lightning.loggers import CSVLogger
+
+
+    x = torch.randn(4, 1, 64, 64).cumsum(-1).cumsum(-2) / 10
+    loader = torch.utils.data.DataLoader([{"image": t} for t in x], batch_size=4)
+
+    def fit(model, folder):
+        logger = CSVLogger(str(folder))
+        pl.Trainer(max_steps=3, logger=logger, accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False).fit(model, loader)
+        return Path(logger.log_dir) / "reconstructions"
+
+    assert not fit(tiny_spark(), tmp_path / "off").exists()
+    folder = fit(tiny_spark(image_every_n_steps=2), tmp_path / "on")
+    assert sorted(p.name for p in folder.glob("*.png")) == ["step00000000.png", "step00000002.png"]
+    png = np.asarray(Image.open(folder / "step00000000.png"))
+    assert png.ndim == 3 and png.shape[0] > 4 * 64 and png.shape[1] > 3 * 64
+
+    m = tiny_spark()
+    out = m(x)
+    s = m.square  # 32 px squares: a 2 x 2 grid per tile
+    grid = m.reconstruction_grid(x, out["pred"], out["mask"])
+    lo, hi = x.amin(), x.amax()
+    scaled = ((x - lo) / (hi - lo + 1e-6)).clamp(0, 1)
+    k = grid.shape[2] // (3 * 66 + 2)  # 64 px tiles, 2 px padding, enlarged k-fold for the headers
+    top = grid.shape[1] - k * (4 * 66 + 2)  # the header strip's height
+    tile = lambda row, col: grid[0, top + k * (2 + 66 * row) : top + k * (66 + 66 * row) : k, k * (2 + 66 * col) : k * (66 + 66 * col) : k]  # noqa: E731
+    hidden = out["mask"].view(4, 2, 2).repeat_interleave(s, 1).repeat_interleave(s, 2).bool()  # (4, 64, 64)
+    for r in range(4):
+        torch.testing.assert_close(tile(r, 0), scaled[r, 0])
+        torch.testing.assert_close(tile(r, 1)[~hidden[r]], scaled[r, 0][~hidden[r]])
+        torch.testing.assert_close(tile(r, 1)[hidden[r]], ((0 - lo) / (hi - lo + 1e-6)).clamp(0, 1).expand(int(hidden[r].sum())))
+        torch.testing.assert_close(tile(r, 2)[~hidden[r]], scaled[r, 0][~hidden[r]])

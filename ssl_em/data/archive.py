@@ -17,7 +17,10 @@ napari-ome-zarr (0.10, tested) opens from the root, one layer per image: it list
 series in OME/.zattrs and finds each image at the path its OME-XML ID names. Each image
 stays a plain NGFF image, which any OME-Zarr reader opens as `ARCHIVE.zarr/<image name>`;
 ome-zarr-py's own `Reader` (0.18) knows no collection but plates and label groups, so it
-opens the images, not the root.
+opens the images, not the root. ome-zarr-models (1.7, the NGFF reference models) validates
+the root as a bioformats2raw group and every image as an NGFF Image, but lists none of the
+root's images: it looks only for series named 0, 1, ..., not for the OME `series` list that
+names ours (tests/test_ngff.py).
 
 The image's "ssl_em" attributes hold the source path and fingerprint, intensity
 statistics, curation settings and counts, and "complete": true, which is written last:

@@ -203,7 +203,9 @@ class FinetuneCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         t = self.config.trainer
-        given = kwargs.get("callbacks") or []
+        # --trainer.callbacks: LightningCLI would drop them for the kwargs' list, as it did here.
+        given = self.config_init.trainer.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
         kwargs["callbacks"] = list(given) + run_callbacks(t.get("enable_progress_bar") is not False, t.get("enable_model_summary") is not False)
         return super().instantiate_trainer(**kwargs)
 

@@ -198,9 +198,15 @@ def split_holdout(images: np.ndarray, targets: np.ndarray, fraction: float) -> t
 
 class GridTiles(IterableDataset):
     """Validation: each slice cut into non-overlapping tiles (padded with ignore), so every
-    labeled pixel is scored exactly once, also over several ranks: rank r (and its loader
-    worker w) takes every (ranks x workers)-th tile, with no tile repeated to even the shares
-    out (a DistributedSampler would repeat some, and count their pixels twice)."""
+    labeled pixel is scored exactly once, also over several ranks: rank r takes tiles r,
+    r + ranks, r + 2 ranks..., with no tile repeated to even the shares out (a
+    DistributedSampler would repeat some, and count their pixels twice). Instead every rank
+    yields ceil(tiles / ranks), the short ones topped up with blank tiles that are all
+    ignore (scored as nothing), and its loader worker w takes every workers-th of those: all
+    ranks then run the same number of validation batches. A rank without a tile of its own
+    (one held-out band over 8 GPUs) had an empty loader, which stops a DDP run (Lightning
+    refuses it); and DDP syncs buffers (BatchNorm's) at the first validation forward, a
+    collective every rank must reach."""
 
     def __init__(self, images: np.ndarray, targets: np.ndarray, tile: int) -> None:
         n, H, W = targets.shape
@@ -210,20 +216,26 @@ class GridTiles(IterableDataset):
         self.index = [(z, y, x) for z in range(n) for y in range(0, Hp, tile) for x in range(0, Wp, tile)]
 
     def __len__(self) -> int:
-        """Tiles this rank scores."""
-        return len(range(process_rank(), len(self.index), process_world()))
+        """Tiles each rank yields (its share, topped up with blank ones)."""
+        return -(-len(self.index) // process_world())
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        readers = process_world() * workers
-        for i in range(process_rank() * workers + worker, len(self.index), readers):
-            yield self[i]
+        rank, world = process_rank(), process_world()
+        for k in range(worker, len(self), workers):
+            i = rank + k * world
+            yield self[i] if i < len(self.index) else self.blank()
 
     def __getitem__(self, i: int) -> dict:
         z, y, x = self.index[i]
         t = self.tile
         return {"image": torch.from_numpy(self.images[z, None, y : y + t, x : x + t].copy()), "target": torch.from_numpy(self.targets[z, y : y + t, x : x + t].copy())}
+
+    def blank(self) -> dict:
+        """A tile with no labeled pixel: {"image": (1, T, T) zeros, "target": (T, T) ignore}."""
+        t = self.tile
+        return {"image": torch.zeros(1, t, t, dtype=torch.from_numpy(self.images[:1, :1, :1]).dtype), "target": torch.full((t, t), IGNORE, dtype=torch.int64)}
 
 
 def _pad_to(images: np.ndarray, targets: np.ndarray, tile: int, size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -63,14 +63,23 @@ HeadFactory = Callable[[FeatureSpec, int], nn.Module]
 COSINE_FLOOR = 0.01
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -1, eps: float = 1.0) -> torch.Tensor:
-    """1 - mean over classes of soft Dice. logits: (B, K, H, W); target: (B, H, W) with ignore."""
+def dice_sums(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft Dice's per-class sums over labeled pixels: (intersection (K,), denominator (K,)).
+    logits: (B, K, H, W); target: (B, H, W) with ignore. Sums add up over batches and ranks."""
     valid = (target != ignore_index).unsqueeze(1).to(logits.dtype)  # (B, 1, H, W)
     probs = logits.softmax(1) * valid
     onehot = F.one_hot(target.clamp(min=0), logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype) * valid
-    inter = (probs * onehot).sum((0, 2, 3))
-    denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    return (probs * onehot).sum((0, 2, 3)), probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+
+
+def soft_dice_from_sums(inter: torch.Tensor, denom: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean over classes of (2 inter + eps) / (denom + eps)."""
     return 1 - ((2 * inter + eps) / (denom + eps)).mean()
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -1, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean over classes of soft Dice. logits: (B, K, H, W); target: (B, H, W) with ignore."""
+    return soft_dice_from_sums(*dice_sums(logits, target, ignore_index), eps)
 
 
 def em_augmentations(strong: bool, ignore_index: int, stream: str = "") -> tuple[FlipRot90, RandomWarp | None, nn.Sequential]:
@@ -141,6 +150,7 @@ class SegmentationModule(pl.LightningModule):
         # Rows = target, columns = prediction, over pixels whose target is not ignored; summed
         # over ranks by torchmetrics at compute() (each rank scores its own validation tiles).
         self.val_confusion = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index, validate_args=False)
+        self._val_sums: torch.Tensor | None = None  # see validation_step
 
     # -- freezing -----------------------------------------------------------------------
     @property
@@ -283,19 +293,42 @@ class SegmentationModule(pl.LightningModule):
             self._teacher_step = self.global_step
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self(batch["image"])
-        self.log("val/loss", self.loss(logits, batch["target"]), batch_size=batch["image"].shape[0])
-        self.val_confusion.update(logits.argmax(1), batch["target"])
+        """Adds this batch to the validation confusion matrix and loss sums; nothing is logged
+        per batch."""
+        logits, target = self(batch["image"]), batch["target"]
+        ignore = self.hparams.ignore_index
+        ce = F.cross_entropy(logits.float(), target, ignore_index=ignore, reduction="sum")
+        inter, denom = dice_sums(logits.float(), target, ignore)
+        sums = torch.cat([ce.double().view(1), (target != ignore).sum().double().view(1), inter.double(), denom.double()])
+        self._val_sums = sums if self._val_sums is None else self._val_sums + sums
+        self.val_confusion.update(logits.argmax(1), target)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = None
 
     def on_validation_epoch_end(self) -> None:
-        # Each rank scored its own share of the validation tiles (GridTiles, no repeats);
-        # compute() sums the matrices of every rank.
+        """val/loss and val/iou over every validation tile of every rank, as one process
+        would compute them over all of them at once: the loss sums (cross-entropy, labeled
+        pixels, Dice terms) are added up over ranks in one all-reduce and torchmetrics sums the
+        confusion matrices, so every rank logs the same values and the weights kept by val/loss
+        are the same on all. The loss is `loss` over the whole validation set as one batch
+        (not a mean of per-batch losses, which would depend on how tiles fall into batches)."""
+        k = self.hparams.num_classes
+        sums = self._val_sums if self._val_sums is not None else torch.zeros(2 + 2 * k, dtype=torch.float64, device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)  # every rank has run the same number of batches (GridTiles)
+        ce, pixels, inter, denom = sums[0], sums[1], sums[2 : 2 + k], sums[2 + k :]
+        loss = torch.zeros((), dtype=torch.float64, device=sums.device)  # no labeled pixel: no signal, as in `loss`
+        if pixels > 0:
+            loss = ce / pixels + (self.hparams.dice_weight * soft_dice_from_sums(inter, denom) if self.hparams.dice_weight else 0.0)
         iou = torch.from_numpy(iou_dice(self.val_confusion.compute().cpu().numpy())[0]).float()
+        self.log("val/loss", loss.float(), prog_bar=False)
         self.log("val/iou", iou.nanmean() if iou.numel() else torch.tensor(0.0), prog_bar=True)
         for name, v in zip(self.classes, iou):
             self.log(f"val/iou_{name}", v)
         self.last_val_iou = {name: float(v) for name, v in zip(self.classes, iou)}
         self.val_confusion.reset()
+        self._val_sums = None
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -8,7 +8,8 @@ backbone's recorded recipe) in a background thread (napari's `thread_worker`): a
 the live loss, a cancel button, and the viewer stays responsive. Predict runs ssl_em's sliding
 window (`predict_plane`) on the current slice or the whole volume into a labels layer that
 uses the paint's values (so the paint's colours) at the image's scale, plus a probability
-image per class on request. Save writes the model folder `ssl-em predict` runs, with the paint
+image per class on request; or on the visible region (the part of the current slice the
+canvas shows) into layers of the region's size, translated onto it. Save writes the model folder `ssl-em predict` runs, with the paint
 beside it (painted_labels.tif, painted_labels.json). Measure turns the prediction into a
 labels layer of objects whose features are `ssl-em measure`'s table, in the image's units
 (nm for ssl_em archives and predictions). Every error is one line in napari's notifications.
@@ -30,6 +31,9 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBo
 
 from ssl_em.data.volume import Volume, VoxelSize
 from ssl_em.errors import UserError
+
+#: What Predict covers: the slice shown, the part of it the canvas shows, or every slice.
+SCOPES = ("current slice", "visible region", "whole volume")
 
 HELP = ("Paint with label 1, 2, ... (label v is class v-1; name them below). Unpainted pixels (0) are ignored, "
         "not background: paint some background as a class too. Slices holding paint are the training slices.")
@@ -141,7 +145,7 @@ class FinetuneWidget(QWidget):
         self.progress = QProgressBar()
         self.loss = QLabel("loss: -")
         self.scope = QComboBox()
-        self.scope.addItems(["current slice", "whole volume"])
+        self.scope.addItems(list(SCOPES))
         self.with_probabilities = QCheckBox("probabilities")
         self.predict_button = QPushButton("Predict")
         self.predict_button.clicked.connect(self._reported(lambda: self.predict(self.scope.currentText())))
@@ -266,39 +270,83 @@ class FinetuneWidget(QWidget):
     # -- predict ---------------------------------------------------------------------------------
 
     def predict(self, scope: str = "current slice"):
-        """Predict the current slice or the whole volume in a background thread into the layer
-        "<image> prediction" (values 1..K like the paint); returns the started worker."""
+        """Predict the current slice, the visible region of it or the whole volume (`SCOPES`)
+        in a background thread; returns the started worker. Slices go into the layer
+        "<image> prediction" (values 1..K like the paint); the visible region into a layer of
+        its own, "<image> prediction [z, y0:y1, x0:x1]", the region's size, translated onto
+        it (a quick look at a part of a large slice, which leaves the full layer alone)."""
         from napari.qt.threading import create_worker
 
         from ssl_em.data.normalize import normalize_numpy
         from ssl_em.inference.window import predict_plane
 
+        if scope not in SCOPES:
+            raise UserError(f"predict {scope!r}: choose one of {', '.join(SCOPES)}")
         if self.model is None:
             raise UserError("no model yet: paint, then Train")
         if self.worker is not None and self.worker.is_running:
             raise UserError("busy: wait for the running job or cancel it")
         image = self._layer(self.image_box, "image")
         volume = LayerVolume(image)
+        _, H, W = volume.shape
+        region = None
         if scope == "whole volume":
             zs = list(range(volume.shape[0]))
         else:
             z = int(round(image.world_to_data(self.viewer.dims.point)[0])) if len(volume.shape) == 3 and image.ndim == 3 else 0
             zs = [min(max(z, 0), volume.shape[0] - 1)]
+            if scope == "visible region":
+                region = visible_region(self.viewer, image, (H, W))
         net, stats, norm = self.model.net, self.trained["stats"], self.model.normalization
         tile = self.trained["tile_size"]
         device = next(net.parameters()).device
+        # The region's windows see a margin of context around it where the slice has one,
+        # so its border is predicted as it would be within the whole slice.
+        ys, xs = region if region is not None else (slice(0, H), slice(0, W))
+        margin = tile // 4 if region is not None else 0
+        read_y, read_x = slice(max(ys.start - margin, 0), min(ys.stop + margin, H)), slice(max(xs.start - margin, 0), min(xs.stop + margin, W))
+        crop = (slice(None), slice(ys.start - read_y.start, ys.stop - read_y.start), slice(xs.start - read_x.start, xs.stop - read_x.start))
 
         def job():
             for z in zs:
-                plane = normalize_numpy(volume.read(z)[0], stats, norm)
-                yield z, predict_plane(net, plane, tile, tile // 4, device=device)  # (K, Y, X)
+                plane = normalize_numpy(volume.read(z, read_y, read_x)[0], stats, norm)
+                yield z, predict_plane(net, plane, tile, tile // 4, device=device)[crop]  # (K, y, x)
 
         self._stop.clear()
         self.worker, self._training = create_worker(job, _start_thread=False), False
-        self.worker.yielded.connect(lambda zp: self._show_plane(image, volume, *zp))
-        self.worker.finished.connect(lambda: self._notify(f"predicted {len(zs)} slice{'s' * (len(zs) > 1)}"))
-        self._run(self.worker, len(zs), f"predicting {len(zs)} slice{'s' * (len(zs) > 1)}")
+        if region is None:
+            self.worker.yielded.connect(lambda zp: self._show_plane(image, volume, *zp))
+        else:
+            self.worker.yielded.connect(lambda zp: self._show_region(image, zp[0], ys, xs, zp[1]))
+        what = f"slice {zs[0]}, rows {ys.start}-{ys.stop - 1}, columns {xs.start}-{xs.stop - 1}" if region is not None else f"{len(zs)} slice{'s' * (len(zs) > 1)}"
+        self.worker.finished.connect(lambda: self._notify(f"predicted {what}"))
+        self._run(self.worker, len(zs), f"predicting {what}")
         return self.worker
+
+    def _show_region(self, image, z: int, ys: slice, xs: slice, probs: np.ndarray) -> None:
+        """Layers of one region's prediction (K, y, x): labels (and probabilities on
+        request) the region's size, at the image's scale, translated onto the region."""
+        classes = self.trained["classes"]
+        flat = image.ndim == 2
+        where = f"[{ys.start}:{ys.stop}, {xs.start}:{xs.stop}]" if flat else f"[{z}, {ys.start}:{ys.stop}, {xs.start}:{xs.stop}]"
+        offset = np.array([z, ys.start, xs.start][-image.ndim :], float)
+        translate = np.asarray(image.translate, float) + offset * np.asarray(image.scale, float)
+        place = lambda a: a if flat else a[None]  # noqa: E731 - one slice of a stack keeps the z axis
+        name = f"{image.name} prediction {where}"
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        paint = self.trained["labels_layer"]
+        features = {"index": list(self.trained["label_values"]), "class": classes}
+        self.viewer.add_labels(place((probs.argmax(0) + 1).astype(np.uint8)), name=name, scale=image.scale, translate=translate,
+                               colormap=paint.colormap, features=features, visible=True)
+        if self.with_probabilities.isChecked():
+            for k, cls in enumerate(classes):
+                pname = f"{image.name} p({cls}) {where}"
+                if pname in self.viewer.layers:
+                    self.viewer.layers.remove(pname)
+                self.viewer.add_image(place(probs[k].astype(np.float32)), name=pname, scale=image.scale, translate=translate, contrast_limits=(0, 1),
+                                      colormap="magma", blending="additive", visible=True)
+        self.progress.setValue(self.progress.value() + 1)
 
     def _show_plane(self, image, volume: LayerVolume, z: int, probs: np.ndarray) -> None:
         classes = self.trained["classes"]
@@ -423,6 +471,35 @@ class FinetuneWidget(QWidget):
 
         self.last_message = text
         (show_error if error else show_info)(text)
+
+
+def visible_region(viewer, layer, shape: tuple[int, int]) -> tuple[slice, slice]:
+    """(rows, columns) of `layer`'s (y, x) data that the canvas shows: the camera's field of
+    view, centre +- the viewbox's size / zoom / 2 in world units (napari's `camera.center`,
+    `camera.zoom` and `canvas.viewbox_size`, which the Qt canvas keeps current), taken into
+    the layer's data coordinates by `layer.world_to_data` (scale, translation, affine: the
+    bounding box of the four corners) and clipped to the slice's `shape` (H, W). UserError
+    in a 3D view or when the view shows none of the layer."""
+    if viewer.dims.ndisplay != 2:
+        raise UserError("the visible region is a part of one slice: switch the viewer to its 2D view first")
+    displayed = list(viewer.dims.displayed)
+    # napari 0.9 moved the camera to viewer.scene and the canvas size to viewer.canvas;
+    # before, they were viewer.camera and viewer._canvas_size.
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    size = viewer.canvas.viewbox_size(viewer.layers) if hasattr(viewer, "canvas") else viewer._canvas_size
+    half = np.asarray(size, float) / float(camera.zoom) / 2  # (h, w), world units
+    centre = np.asarray(camera.center, float)[-2:]
+    corners = []
+    for dy in (-1, 1):
+        for dx in (-1, 1):
+            point = np.asarray(viewer.dims.point, float).copy()
+            point[displayed] = centre + half * (dy, dx)
+            corners.append(np.asarray(layer.world_to_data(point), float)[-2:])
+    lo, hi = np.floor(np.min(corners, 0)).astype(int), np.ceil(np.max(corners, 0)).astype(int)
+    lo, hi = np.clip(lo, 0, shape), np.clip(hi, 0, shape)
+    if (hi <= lo).any():
+        raise UserError(f"the canvas shows none of layer {layer.name!r}: pan or zoom onto it, or predict the current slice")
+    return slice(int(lo[0]), int(hi[0])), slice(int(lo[1]), int(hi[1]))
 
 
 def _cuda() -> bool:

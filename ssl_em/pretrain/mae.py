@@ -12,10 +12,6 @@ Dd decoder width, P prefix tokens (cls + registers) of the backbone.
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
-import numpy as np
 import torch
 from einops import rearrange
 from timm.layers import trunc_normal_
@@ -23,6 +19,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ssl_em.backbones import BackboneError, build_backbone
+from ssl_em.pretrain import previews
 from ssl_em.pretrain.base import PretrainMethod
 from ssl_em.seeding import Generators
 
@@ -181,8 +178,6 @@ class MAE(PretrainMethod):
     def reconstruction_grid(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, n: int = 8) -> torch.Tensor:
         """Rows of (input, masked input, reconstruction with visible patches pasted in), as a
         (C, H', W') image in [0, 1]."""
-        from torchvision.utils import make_grid
-
         imgs, pred, mask = imgs[:n].float(), pred[:n].float(), mask[:n].float()
         target = patchify(imgs, self.patch_size)
         if self.norm_pix_loss:  # undo the per-patch standardisation with the true patch stats
@@ -191,51 +186,9 @@ class MAE(PretrainMethod):
         h, c = self.grid[0], self.in_chans
         masked = unpatchify(target * (1 - m), self.patch_size, h, c)
         recon = unpatchify(target * (1 - m) + pred * m, self.patch_size, h, c)
-        rows = torch.stack([imgs, masked, recon], dim=1).flatten(0, 1)  # (3n, C, H, W)
-        lo, hi = imgs.amin(), imgs.amax()
-        grid = make_grid(((rows - lo) / (hi - lo + 1e-6)).clamp(0, 1), nrow=3, padding=2, pad_value=1.0)
-        return with_column_headers(grid, RECONSTRUCTION_COLUMNS, imgs.shape[-1] + 2)
+        return previews.reconstruction_grid(imgs, masked, recon)
 
-    @torch.no_grad()
     def log_reconstruction(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> None:
-        """To the logger if it takes images (wandb), else as a PNG in the run dir."""
-        if not self.trainer.is_global_zero:
-            return
-        grid = self.reconstruction_grid(imgs, pred, mask).cpu()
-        caption = f"step {self.global_step}: " + " | ".join(RECONSTRUCTION_COLUMNS)
-        logger = self.logger
-        if hasattr(logger, "log_image"):
-            # uint8 (H, W, C) as it will be stored: wandb casts a float array to uint8
-            # without scaling, which turns a [0, 1] grid black.
-            pixels = (grid * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-            logger.log_image("train/reconstruction", images=[pixels], caption=[caption], step=self.global_step)
-            return
-        from torchvision.utils import save_image
-
-        # Not trainer.log_dir: it broadcasts, and only rank 0 is here.
-        out = Path(getattr(logger, "log_dir", None) or self.trainer.default_root_dir) / "reconstructions"
-        out.mkdir(parents=True, exist_ok=True)
-        save_image(grid, out / f"step{self.global_step:08d}.png")
-
-
-#: Column headers of the reconstruction grid, left to right.
-RECONSTRUCTION_COLUMNS = ("input", "masked input", "reconstruction")
-
-
-def with_column_headers(grid: torch.Tensor, headers: tuple[str, ...], column_px: int, height: int = 14) -> torch.Tensor:
-    """grid: (C, H, W) in [0, 1] -> (C, height + k H, k W), each header written above its
-    column (dark text on white, Pillow's default font), so a saved PNG says what each column
-    is. Columns too narrow for their header are enlarged k-fold (nearest neighbour) first."""
-    import torch.nn.functional as F
-    from PIL import Image, ImageDraw
-
-    k = max(1, math.ceil((6 * max(map(len, headers)) + 6) / column_px))
-    if k > 1:
-        grid, column_px = F.interpolate(grid[None], scale_factor=k, mode="nearest")[0], column_px * k
-    C, H, W = grid.shape
-    strip = Image.new("L", (W, height), 255)
-    draw = ImageDraw.Draw(strip)
-    for col, text in enumerate(headers):
-        draw.text((col * column_px + 3, 1), text, fill=0)
-    head = torch.from_numpy(np.asarray(strip, np.float32) / 255.0).expand(C, height, W)
-    return torch.cat([head.to(grid), grid], dim=1)
+        """To the logger if it takes images (wandb), else as a PNG in the run dir (rank 0)."""
+        if self.trainer.is_global_zero:
+            previews.log_image_grid(self, self.reconstruction_grid(imgs, pred, mask))

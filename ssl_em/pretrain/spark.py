@@ -37,7 +37,8 @@ from ssl_em.backbones import BackboneError, build_backbone
 from ssl_em.features import feature_info
 from ssl_em.layers import conv_block
 from ssl_em.pretrain.base import PretrainMethod
-from ssl_em.pretrain.mae import masked_mse, patchify, random_masking
+from ssl_em.pretrain.mae import masked_mse, patchify, random_masking, unpatchify
+from ssl_em.pretrain.previews import Previews, reconstruction_grid
 from ssl_em.seeding import Generators
 
 
@@ -63,6 +64,7 @@ class SparK(PretrainMethod):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 1000,
         min_lr_fraction: float = 0.0,
+        image_every_n_steps: int = 0,
     ) -> None:
         super().__init__(base_lr=base_lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_fraction=min_lr_fraction)
         self.save_hyperparameters()
@@ -81,10 +83,18 @@ class SparK(PretrainMethod):
         for t in self.mask_tokens:
             nn.init.trunc_normal_(t, std=0.02)
         self.decoder = LightDecoder(channels, self.reductions, self.in_chans, decoder_width)
+        # Levels finer than the decoder's output stride (a ResNet's stride-2 stem) are never
+        # read, so their tokens get no gradient, and DDP stops at the second step on a
+        # trainable parameter that got none. They stay in the state dict (exports and
+        # --init_from keep one layout), frozen.
+        for i, token in enumerate(self.mask_tokens):
+            token.requires_grad_(i in self.decoder.levels)
         self.mask_rng = Generators("spark.mask")  # per (seed, rank, worker, step), see ssl_em.seeding
         self._visible: torch.Tensor | None = None  # (B, 1, H/s, W/s), 1 = visible; set during forward
         self._hooks = [m.register_forward_hook(self._sparsify) for m in self.backbone.modules() if isinstance(m, nn.Conv2d)]
         sparse_norms(self.backbone)  # refuses norm layers the sparse pass cannot stand in for, now
+        # Off unless asked (the recipes ask): a grid costs a PNG or a wandb image per preview.
+        self.previews = Previews(image_every_n_steps, self.reconstruction_grid)
 
     def _sparsify(self, module: nn.Module, inputs, out: torch.Tensor) -> torch.Tensor | None:
         """Zero a convolution's output on hidden squares (SparK's sparse convolution)."""
@@ -165,7 +175,27 @@ class SparK(PretrainMethod):
         imgs = batch["image"]  # (B, 1, H, W), normalised
         out = self(imgs)
         self.log_step(out["loss"], imgs.shape[0])
+        self.previews.step(self, imgs, out["pred"], out["mask"])
         return out["loss"]
+
+    def on_train_end(self) -> None:
+        self.previews.end(self)  # the last step's grid, if it was not just drawn
+
+    @torch.no_grad()
+    def reconstruction_grid(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """imgs, pred: (n, C, H, W), mask: (n, L), 1 = hidden -> (C, H', W') in [0, 1]: rows
+        of (input, input with hidden squares blanked, reconstruction: the prediction on
+        hidden squares, brought back from per-square standardised pixels with each square's
+        true mean and std, and the input on visible ones)."""
+        imgs, s = imgs.float(), self.square
+        target, out = patchify(imgs, s), patchify(pred.float(), s)  # (n, L, s*s*C)
+        if self.norm_pix_loss:  # as masked_mse standardised the target
+            out = out * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+        m = mask.float()[..., None]
+        h, c = imgs.shape[-2] // s, imgs.shape[1]
+        masked = unpatchify(target * (1 - m), s, h, c)
+        recon = unpatchify(target * (1 - m) + out * m, s, h, c)
+        return reconstruction_grid(imgs, masked, recon)
 
 
 #: Norm layers the sparse pass replaces: each runs `SparK._sparse_norm` during the masked

@@ -74,6 +74,9 @@ class BackboneMeta:
     # own run drew tiles from: see ssl_em.lineage.
     lineage: list = field(default_factory=list)
     data_sources: list | None = None
+    # SPDX licence of the weights as their exporter stated it (`ssl-em export --license`);
+    # None: not stated, the training data's terms apply (ssl_em.licences).
+    license: str | None = None
 
     @property
     def norm(self) -> Normalization:

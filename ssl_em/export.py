@@ -22,11 +22,10 @@ from ssl_em.atomic import check_out_folder, replace_folder
 from ssl_em.backbones import CARD, CONFIG, META, METHOD_STATE, WEIGHTS, BackboneError, BackboneMeta, build_from_metadata, load_strict, patch_size_of
 from ssl_em.data.normalize import Normalization
 from ssl_em.errors import UserError, first_line
+from ssl_em.licences import UNSTATED, spdx_license
 from ssl_em.metadata import check_backbone
 from ssl_em.seeding import launcher_rank
 
-#: The licence weights are shared under (the model card's and pretrained_cfg's); ssl_em's own.
-LICENSE = "bsd-3-clause"
 #: What timm's transform cannot do and must come first (pretrained_cfg["notes"]).
 STRETCH = ("per volume: (x - p0.5) / (p99.5 - p0.5) with the volume's own percentiles, clipped to [0, 1], "
            "then (x - mean) / std; ssl_em.preprocessing(path) does both")
@@ -64,7 +63,7 @@ def export_backbone(backbone: nn.Module, out: str | Path, meta: BackboneMeta, dt
         data_config["input_size"] = (meta.in_chans, meta.img_size, meta.img_size)
     # timm's PretrainedCfg takes no keys of ours: the stretch goes into its free-text notes.
     description = f"{meta.architecture} pretrained on electron microscopy by ssl_em ({meta.method})"
-    model_config = {"pretrained_cfg": {"tag": "ssl_em", "license": LICENSE, "description": description, "notes": (STRETCH,)}}
+    model_config = {"pretrained_cfg": {"tag": "ssl_em", "license": (meta.license or UNSTATED).lower(), "description": description, "notes": (STRETCH,)}}
 
     # What every reader will check, checked before writing: a run on constant or non-finite
     # data records a NaN normalisation that must not leave it.
@@ -162,12 +161,17 @@ def _first(size) -> int | None:
     return size[0] if isinstance(size, (list, tuple)) else size
 
 
-def export_run(run_or_ckpt: str | Path, out: str | Path, dtype: str = "float32", method_state: bool = True, notes: str | Path | None = None) -> Path:
+def export_run(run_or_ckpt: str | Path, out: str | Path, dtype: str = "float32", method_state: bool = True, notes: str | Path | None = None,
+               license: str | None = None) -> Path:
+    """Export a run's (or a checkpoint's) backbone into `out`. license: SPDX identifier of
+    the weights as the exporter states it; None records none (`ssl_em.licences`)."""
     check_out_folder(out, META)  # before reading a checkpoint of gigabytes
     notes_text = read_notes(notes) if notes else ""
+    license = spdx_license(license) if license else None
     ckpt_path = find_checkpoint(run_or_ckpt)
     ckpt = read_checkpoint(ckpt_path)
     model, meta = backbone_from_checkpoint(ckpt, str(ckpt_path))
+    meta.license = license
     prefix = deployable_prefix(ckpt["ssl_em"], str(ckpt_path))
     rest = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(prefix)} if method_state else None
     return export_backbone(model, out, meta, dtype, method_state=rest, notes=notes_text)
@@ -188,6 +192,13 @@ def _recipe_text(recipe: dict) -> str:
     return ", ".join(f"`{k}: {v}`" for k, v in recipe.items()) + " (recorded in ssl_em.json; `ssl-em finetune` and the benchmark use them unless set)"
 
 
+def _license_text(license: str | None) -> str:
+    if license:
+        return f"{license}, as stated by the exporter (`ssl-em export --license`)"
+    return ("not stated: the weights carry the terms of the data they were trained on (below); "
+            "ssl_em's code licence does not cover them")
+
+
 def model_card(meta: BackboneMeta, name: str, notes: str = "") -> str:
     """README.md with the front matter the Hugging Face Hub reads. The snippet loads the
     folder the card sits in, wherever it has been copied: run it from beside the folder, or
@@ -198,7 +209,7 @@ def model_card(meta: BackboneMeta, name: str, notes: str = "") -> str:
     norm, method = meta.norm, (meta.method or "unknown").rsplit(".", 1)[-1]
     pixel = f"{meta.pixel_size_nm:g} nm" if meta.pixel_size_nm else "not recorded (native resolution of the data)"
     tags = ["electron-microscopy", "self-supervised", "ssl_em", "timm", f"ssl-{method.lower()}"]
-    front = "\n".join(["---", f"license: {LICENSE}", "library_name: timm", "pipeline_tag: image-feature-extraction", "tags:"]
+    front = "\n".join(["---", f"license: {(meta.license or UNSTATED).lower()}", "library_name: timm", "pipeline_tag: image-feature-extraction", "tags:"]
                       + [f"- {t}" for t in tags] + ["---"])
     return f"""{front}
 # {name}
@@ -212,6 +223,7 @@ A {meta.architecture} backbone pretrained with {method} (`{meta.method}`) by ssl
 | pixel size | {pixel} |
 | intensities | {STRETCH}; mean {norm.mean:.4g}, std {norm.std:.4g} |
 | fine-tuning | {_recipe_text(meta.finetune)} |
+| licence | {_license_text(meta.license)} |
 
 ```python
 from pathlib import Path
@@ -236,6 +248,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"also write {METHOD_STATE}, the method's decoder/heads, so `ssl-em pretrain --init_from` continues the method (default: yes)")
     parser.add_argument("--notes", metavar="FILE", help="markdown appended to the model card: what was measured, the training data's terms "
                                                         "(keep it beside your recipes, so a re-export writes the same card)")
+    parser.add_argument("--license", metavar="ID", help="SPDX licence of the weights, if you can state one (their training data's terms "
+                                                         "decide it); without it the card says `license: other` and lists the data")
 
 
 def run(args) -> int:
@@ -246,7 +260,7 @@ def run(args) -> int:
         if rank != 0:
             print(f"ssl-em export: rank {rank}: rank 0 writes {args.out}; nothing to do here")
             return 0
-        out = export_run(args.run, args.out, args.dtype, args.method_state, args.notes)
+        out = export_run(args.run, args.out, args.dtype, args.method_state, args.notes, args.license)
         print(f"exported {out} (timm.create_model('local-dir:{out}', pretrained=True) loads it)")
         return 0
     finally:  # in a process group, the other ranks return once the export is in place

@@ -78,6 +78,7 @@ BACKBONE: dict[str, Check] = {
     "tiles": _optional(COUNT),
     "lineage": ("a list of objects", lambda v: isinstance(v, list) and all(isinstance(a, dict) for a in v)),
     "data_sources": _optional(("a list of objects", lambda v: isinstance(v, list) and all(isinstance(a, dict) for a in v))),
+    "license": _optional(TEXT),
 }
 BACKBONE_REQUIRED = ("architecture",)
 

@@ -451,6 +451,7 @@ CASES = [
     Case("export-model-constant-sample", lambda f, t: ["export-model", str(f.model), "--sample", str(t / "c.tif"), "--out", str(t / "bmz")], lambda f, t: "c.tif",
          _write("c.tif", lambda f, t: _tif_bytes(np.full((2, 64, 64), 3, np.uint8)))),
     Case("export-model-unknown-license", lambda f, t: ["export-model", str(f.model), "--sample", str(f.tif), "--out", str(t / "bmz"), "--license", "NOT-A-LICENSE"], lambda f, t: "--license"),
+    Case("export-model-no-license", lambda f, t: ["export-model", str(f.model), "--sample", str(f.tif), "--out", str(t / "bmz")], lambda f, t: "--license"),
     Case("demo-pretrain-steps-negative", lambda f, t: ["demo", "--out", str(t / "demo"), "--pretrain-steps", "-1"], lambda f, t: "--pretrain-steps"),
     # synth
     Case("synth-shape-zero", lambda f, t: ["synth", "--out", str(t / "s"), "--shape", "0,0,0"], lambda f, t: "--shape"),

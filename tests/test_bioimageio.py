@@ -32,7 +32,7 @@ def finetuned(tmp_path_factory):
     tifffile.imwrite(d / "labels.tif", em.semantic, photometric="minisblack")
     argv = ["--config", str(RECIPES / "tiny_cpu.yaml"), "--images", str(d / "image.tif"), "--labels", str(d / "labels.tif"),
             "--train-slices", "0,1", "--val-slices", "5", "--max-steps", "1", "--data.classes=[cytoplasm,membrane,mitochondrion]",
-            "--out", str(d / "model"), "--bioimageio", str(d / "from_finetune")]
+            "--out", str(d / "model"), "--bioimageio", str(d / "from_finetune"), "--license", "CC-BY-4.0"]
     assert run_argv(argv) == 0
     return d
 
@@ -46,7 +46,7 @@ def test_export_passes_bioimageio_model_test(finetuned, tmp_path):
 
     out = tmp_path / "bmz"
     assert main(["export-model", str(finetuned / "model"), "--format", "bioimageio", "--sample", str(finetuned / "image.tif"),
-                 "--out", str(out), "--author", "A. Tester"]) == 0
+                 "--out", str(out), "--author", "A. Tester", "--license", "MIT"]) == 0
     summary = test_model(out / "bioimageio.yaml", devices=["cpu"])
     assert summary.status in ("passed", "valid-format"), summary.display() or summary.format()
     assert {d.name for d in summary.details if "Reproduce test outputs" in d.name}, [d.name for d in summary.details]
@@ -81,3 +81,33 @@ def test_rdf_holds_no_local_path_or_login_name(finetuned):
     rdf = yaml.safe_load(text)
     assert str(finetuned) not in text and "/" not in rdf["weights"]["pytorch_state_dict"]["architecture"]["kwargs"]["meta"]["backbone_source"]
     assert [a["name"] for a in rdf["authors"]] != [getpass.getuser()]
+
+
+def test_licence_is_stated_or_inherited_never_assumed(finetuned, tmp_path, capsys):
+    """The weights' licence: --license as given; else the pretrained backbone's stated one;
+    else refused by name (it was BSD-3-Clause, ssl_em's code licence, whatever the data)."""
+    import json
+    import shutil
+
+    import yaml
+
+    from ssl_em.cli import main
+
+    assert yaml.safe_load((finetuned / "from_finetune" / "bioimageio.yaml").read_text())["license"] == "CC-BY-4.0"
+    args = ["--format", "bioimageio", "--sample", str(finetuned / "image.tif")]
+    # the tiny recipe's backbone is a timm name: no stated licence to inherit
+    assert main(["export-model", str(finetuned / "model"), *args, "--out", str(tmp_path / "none")]) == 2
+    assert "--license" in capsys.readouterr().err and not (tmp_path / "none" / "bioimageio.yaml").exists()
+
+    model = tmp_path / "model"
+    shutil.copytree(finetuned / "model", model)
+    meta_file = model / "ssl_em_finetuned.json"
+    meta = json.loads(meta_file.read_text())
+    meta["backbone"]["license"] = "cc-by-4.0"  # as `ssl-em export --license` records it for the backbone
+    meta_file.write_text(json.dumps(meta))
+    assert main(["export-model", str(model), *args, "--out", str(tmp_path / "inherited")]) == 0
+    assert yaml.safe_load((tmp_path / "inherited" / "bioimageio.yaml").read_text())["license"] == "CC-BY-4.0"
+
+    meta["random_init"] = True  # the backbone's data never reached these weights: nothing to inherit
+    meta_file.write_text(json.dumps(meta))
+    assert main(["export-model", str(model), *args, "--out", str(tmp_path / "scratch")]) == 2

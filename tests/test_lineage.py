@@ -31,7 +31,7 @@ def two_generations(tmp_path_factory):
     notes = tmp / "notes.md"
     notes.write_text("## Measured\n\nDice 0.5 on nothing at all (a test).\n")
     assert run_argv([*common, "--run_dir", str(tmp / "b"), "--trainer.max_steps", "3", "--data.batch_size", "4", "--init_from", str(tmp / "parent")]) == 0
-    assert main(["export", str(tmp / "b"), "--out", str(tmp / "child"), "--notes", str(notes)]) == 0
+    assert main(["export", str(tmp / "b"), "--out", str(tmp / "child"), "--notes", str(notes), "--license", "cc-by-4.0"]) == 0
     return tmp / "parent", tmp / "child", archive
 
 
@@ -86,3 +86,21 @@ def test_unreadable_notes_are_one_line_errors(two_generations, tmp_path):
     with pytest.raises(BackboneError, match="--notes"):
         export_run(run, tmp_path / "out", notes=tmp_path / "missing.md")
     assert json.loads((parent / "ssl_em.json").read_text())["tiles"] == 16
+
+
+def test_licence_is_what_the_exporter_states_never_ssl_ems_own(two_generations, tmp_path, capsys):
+    """A backbone's weights carry their data's terms: without --license the card says
+    `license: other` and why (it said bsd-3-clause, the code's licence); with it, the SPDX
+    identifier goes into ssl_em.json, timm's pretrained_cfg and the card's front matter."""
+    parent, child, _ = two_generations
+    assert load_backbone(parent)[1].license is None
+    card = (parent / "README.md").read_text()
+    assert "\nlicense: other\n" in card and "| licence | not stated: the weights carry the terms of the data" in card
+    assert json.loads((parent / "config.json").read_text())["pretrained_cfg"]["license"] == "other"
+
+    assert load_backbone(child)[1].license == "CC-BY-4.0"
+    assert "\nlicense: cc-by-4.0\n" in (child / "README.md").read_text()
+    assert json.loads((child / "config.json").read_text())["pretrained_cfg"]["license"] == "cc-by-4.0"
+
+    assert main(["export", str(parent.parent / "a"), "--out", str(tmp_path / "x"), "--license", "BSD-3"]) == 2
+    assert "--license BSD-3" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -195,6 +195,7 @@ class FinetuneCLI(LightningCLI):
         parser.set_defaults(CLI_DEFAULTS)
         cli_flags.describe_data_flag(parser, "images, labels and slices as a YAML file (or use --images, --labels...)", "YAML")
         parser.add_argument("--bioimageio", type=str | None, default=None, help="also write the exported model as a bioimage.io model into this folder (needs --out)")
+        parser.add_argument("--license", type=str | None, default=None, help="SPDX licence of the --bioimageio model's weights (default: the one the backbone states)")
         parser.add_argument("--channels_last", type=bool | None, default=None, help="NHWC layout for convolutions (default: ssl_em.precision decides)")
         parser.link_arguments("data.tile_size", "model.tile_size")
         parser.link_arguments("data.task", "model.task")
@@ -259,6 +260,12 @@ def run_argv(argv: list[str]) -> int:
             raise ValueError("--bioimageio DIR writes the model exported to --out: give --out too")
         if cli.config.out:
             check_out_folder(cli.config.out, META)  # refuse before training, not after
+        license = None
+        if cli.config.bioimageio:  # bioimage.io needs a licence: asked for before training, not after
+            from ssl_em.licences import inherited_license, require_license
+
+            stated_by_backbone = getattr(cli.model.backbone_meta, "license", None)
+            license = require_license(cli.config.license, inherited_license(stated_by_backbone, cli.model.hparams.random_init), "ssl-em finetune --bioimageio")
         dm = cli.datamodule
         chosen = chosen_precision(cli)
         chosen.apply(cli.model)
@@ -297,7 +304,7 @@ def run_argv(argv: list[str]) -> int:
     if cli.config.bioimageio:
         from ssl_em.inference.bioimageio import export_bioimageio
 
-        bmz = export_bioimageio(cli.config.out, cli.datamodule.images_volume, cli.config.bioimageio)
+        bmz = export_bioimageio(cli.config.out, cli.datamodule.images_volume, cli.config.bioimageio, license=license)
         print(f"wrote {bmz / 'bioimageio.yaml'} (bioimage.io model)")
     return 0
 

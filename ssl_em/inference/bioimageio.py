@@ -37,6 +37,7 @@ from ssl_em import __version__
 from ssl_em.data.normalize import IntensityStats, normalize_numpy
 from ssl_em.data.volume import Volume
 from ssl_em.finetune.model_folder import FinetunedMeta, SegmentationNet, build_net, load_finetuned
+from ssl_em.licences import inherited_license, require_license
 
 FORMAT_VERSION = "0.5.4"
 #: Papers of the methods a backbone can come from, by the method class's name; timm always.
@@ -91,31 +92,10 @@ def sample_tile(volume: Volume, tile: int) -> np.ndarray:
 UNNAMED_AUTHOR = "unnamed (set with ssl-em export-model --author NAME)"
 
 
-#: Used when `packaging` (>= 24.2, which carries the SPDX list) is missing: common ones.
-KNOWN_LICENSES = ("BSD-3-Clause", "BSD-2-Clause", "MIT", "Apache-2.0", "CC-BY-4.0", "CC-BY-SA-4.0", "CC-BY-NC-4.0", "CC-BY-NC-SA-4.0",
-                  "CC0-1.0", "GPL-3.0-only", "GPL-3.0-or-later", "LGPL-3.0-only", "MPL-2.0", "ODbL-1.0", "Unlicense")
-
-
-def spdx_license(text: str, flag: str = "--license") -> str:
-    """The SPDX identifier `text` names, in its canonical case (bsd-3-clause ->
-    BSD-3-Clause); UserError naming `flag` otherwise: bioimage.io requires one, and a
-    typo would leave the weights' terms unstated."""
-    from ssl_em.errors import UserError
-
-    try:
-        from packaging.licenses import LICENSES
-
-        known = {k: v["id"] for k, v in LICENSES.items()}
-    except ImportError:
-        known = {k.lower(): k for k in KNOWN_LICENSES}
-    found = known.get(str(text).strip().lower())
-    if found is None:
-        import difflib
-
-        close = difflib.get_close_matches(str(text).lower(), list(known), n=3)
-        hint = f"; did you mean {', '.join(known[c] for c in close)}?" if close else " (see https://spdx.org/licenses/)"
-        raise UserError(f"{flag} {text}: not an SPDX licence identifier{hint}")
-    return found
+def model_license(meta: FinetunedMeta, stated: str | None, where: str) -> str:
+    """The SPDX licence a fine-tuned model is published under: `stated` (--license), else
+    its pretrained backbone's stated licence; UserError when neither exists."""
+    return require_license(stated, inherited_license(meta.backbone_meta.license, meta.random_init), where)
 
 
 def preprocess(tile: np.ndarray, meta: FinetunedMeta) -> np.ndarray:
@@ -124,13 +104,15 @@ def preprocess(tile: np.ndarray, meta: FinetunedMeta) -> np.ndarray:
     return normalize_numpy(tile, IntensityStats.compute(tile), meta.norm)
 
 
-def export_bioimageio(model: str | Path, sample: Volume, out: str | Path, authors: list[str] | None = None, license: str = "BSD-3-Clause") -> Path:
+def export_bioimageio(model: str | Path, sample: Volume, out: str | Path, authors: list[str] | None = None, license: str | None = None) -> Path:
     """Write `model` (an `ssl-em finetune --out` folder) as a bioimage.io model into `out`;
-    the test tensors come from `sample` (real data, e.g. the images it was fine-tuned on)."""
-    license = spdx_license(license)
+    the test tensors come from `sample` (real data, e.g. the images it was fine-tuned on).
+    license: SPDX identifier of the weights; None takes the one the backbone states
+    (`ssl_em.licences`), and refuses when there is none."""
     net, meta = load_finetuned(model, device="cpu")
     T = meta.tile_size
     raw = sample_tile(sample, T)  # refused before anything is written
+    license = model_license(meta, license, f"ssl-em export-model {Path(model).name}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     prob = ProbabilityNet.wrapping(net).eval()
@@ -299,7 +281,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample", required=True, help="real data for the test tensors and cover, e.g. the images it was fine-tuned on (any format ssl_em reads)")
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--author", action="append", default=None, help="an author's name (repeat for several; without it the author is written as unnamed)")
-    parser.add_argument("--license", default="BSD-3-Clause", help="SPDX licence identifier of the weights (default: BSD-3-Clause)")
+    parser.add_argument("--license", default=None, help="SPDX licence identifier of the weights (default: the one the backbone states; required when it states none, or for a network trained from scratch)")
     parser.add_argument("--voxel-size", default=None, help="z,y,x nm of --sample (overrides the file)")
 
 

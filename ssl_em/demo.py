@@ -34,13 +34,14 @@ import shutil
 import time
 from pathlib import Path
 
+from ssl_em.backbones import SHIPPED_BACKBONE
 from ssl_em.cli import main as ssl_em
 from ssl_em.finetune.benchmark import head_of_width
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-#: The EM backbone shipped in the repository (a SparK-pretrained ResNet-18, see its model
-#: card); the comparison adds it when the checkout has it (an editable install does).
-SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "em_resnet18_spark"
+#: The EM backbone shipped in the repository; the comparison adds it when the checkout has it
+#: (an editable install does).
+SHIPPED = SHIPPED_BACKBONE
 #: The UNETR decoder at half its default width: about 4x less compute, which a CPU needs.
 HEAD_WIDTH = 64
 

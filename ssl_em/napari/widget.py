@@ -41,8 +41,9 @@ HELP = ("Paint with label 1, 2, ... (label v is class v-1; name them below). Unp
 
 def default_backbone() -> str:
     """The shipped EM backbone beside the package (a source checkout), else empty."""
-    path = Path(__file__).resolve().parents[2] / "checkpoints" / "em_resnet18_spark"
-    return str(path) if (path / "ssl_em.json").is_file() else ""
+    from ssl_em.backbones import SHIPPED_BACKBONE
+
+    return str(SHIPPED_BACKBONE) if (SHIPPED_BACKBONE / "ssl_em.json").is_file() else ""
 
 
 class LayerVolume(Volume):

@@ -1,35 +1,55 @@
-"""The EM backbone shipped in checkpoints/: small enough to commit, loads strictly in ssl_em
-and in plain timm, fine-tunes on a fresh install, and continues pretraining."""
+"""The EM backbones shipped in checkpoints/: small enough to commit, load strictly in ssl_em
+and in plain timm, fine-tune on a fresh install, and continue pretraining; the successor
+names the backbone it continued."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from ssl_em.backbones import load_backbone
 
-SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "em_resnet18_spark"
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+SHIPPED = CHECKPOINTS / "em_resnet18_spark"
+SUCCESSOR = CHECKPOINTS / "em_resnet18_spark_v2"
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "pretrain" / "spark_resnet18_cpu.yaml"
 
 
-def test_folder_is_small_and_self_describing():
-    files = {p.name: p.stat().st_size for p in SHIPPED.iterdir()}
-    assert set(files) == {"config.json", "model.safetensors", "ssl_em.json", "README.md"}
+@pytest.mark.parametrize("folder", [SHIPPED, SUCCESSOR], ids=lambda p: p.name)
+def test_folder_is_small_and_self_describing(folder):
+    files = {p.name: p.stat().st_size for p in folder.iterdir()}
+    # the successor also carries SparK's decoder and mask tokens, for --init_from
+    assert set(files) - {"pretrain_state.safetensors"} == {"config.json", "model.safetensors", "ssl_em.json", "README.md"}
     assert sum(files.values()) <= 25 * 2**20  # half precision: a float32 ResNet-18 is 45 MB
-    meta = json.loads((SHIPPED / "ssl_em.json").read_text())
+    meta = json.loads((folder / "ssl_em.json").read_text())
     assert meta["architecture"] == "resnet18" and meta["method"] == "ssl_em.pretrain.spark.SparK" and meta["in_chans"] == 1
-    card = (SHIPPED / "README.md").read_text()
-    for needed in ("## Training data", "## Licences", "## Label efficiency", "ssl-em finetune --backbone checkpoints/em_resnet18_spark"):
+    card = (folder / "README.md").read_text()
+    for needed in ("## Training data", "## Licences", "## Label efficiency", f"ssl-em finetune --backbone checkpoints/{folder.name} "):
         assert needed in card, needed
 
 
-def test_loads_strictly_in_ssl_em_and_timm():
+def test_successor_names_its_parent_and_its_data():
+    """Re-exported by today's code: the lineage names the first backbone by its weights'
+    hash, the images it drew from are listed, and no licence is claimed for the weights."""
+    from ssl_em.lineage import weights_sha256
+
+    _, meta = load_backbone(SUCCESSOR)
+    (parent,) = meta.lineage
+    assert parent["name"] == SHIPPED.name and parent["weights_sha256"] == weights_sha256(SHIPPED / "model.safetensors")
+    assert meta.tiles == meta.steps * 32 and meta.data_sources and meta.license is None
+    assert not any("fafb" in (s["source"] or "") for s in meta.data_sources)  # left out: terms not checked
+    assert "\nlicense: other\n" in (SUCCESSOR / "README.md").read_text()
+
+
+@pytest.mark.parametrize("folder", [SHIPPED, SUCCESSOR], ids=lambda p: p.name)
+def test_loads_strictly_in_ssl_em_and_timm(folder):
     import timm
 
-    model, meta = load_backbone(SHIPPED)
-    via_timm = timm.create_model(f"local-dir:{SHIPPED}", pretrained=True).eval()
+    model, meta = load_backbone(folder)
+    via_timm = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     model.eval()
     x = torch.randn(1, 1, 64, 64)
     assert torch.equal(model(x), via_timm(x))
@@ -57,3 +77,18 @@ def test_pretraining_continues_from_the_shipped_backbone(tmp_path):
     init_from_export(cli.model, SHIPPED)
     shipped, _ = load_backbone(SHIPPED)
     assert all(torch.equal(a, b) for a, b in zip(cli.model.backbone.state_dict().values(), shipped.state_dict().values()))
+
+
+def test_pretraining_continues_the_successors_method(tmp_path):
+    """The successor ships SparK's decoder and mask tokens: --init_from restores them
+    exactly, so a lab's continued run needs no frozen-encoder phase."""
+    from pretrain_utils import make_archive
+    from safetensors.torch import load_file
+
+    from ssl_em.pretrain.cli import init_from_export, make_cli
+
+    archive = make_archive(tmp_path / "em.zarr")
+    cli = make_cli(["--config", str(RECIPE), "--data", str(archive), "--run_dir", str(tmp_path / "run")])
+    assert init_from_export(cli.model, SUCCESSOR)  # True: the method's own weights were loaded
+    state, shipped = cli.model.state_dict(), load_file(str(SUCCESSOR / "pretrain_state.safetensors"))
+    assert shipped and all(torch.equal(state[k], v.to(state[k].dtype)) for k, v in shipped.items())

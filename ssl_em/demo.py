@@ -39,9 +39,6 @@ from ssl_em.cli import main as ssl_em
 from ssl_em.finetune.benchmark import head_of_width
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-#: The EM backbone shipped in the repository; the comparison adds it when the checkout has it
-#: (an editable install does).
-SHIPPED = SHIPPED_BACKBONE
 #: The UNETR decoder at half its default width: about 4x less compute, which a CPU needs.
 HEAD_WIDTH = 64
 
@@ -156,7 +153,8 @@ def _run_stages(args, out: Path) -> Path:
                             "--run_dir", str(run_dir), "--trainer.max_steps", str(args.pretrain_steps), "--resume"])
         _stage("export", ["export", str(run_dir), "--out", str(backbone)])
     bench = out / "label_efficiency"
-    shipped = [str(SHIPPED)] if (SHIPPED / "model.safetensors").is_file() else []
+    # The comparison adds the shipped backbone when the checkout has it (an editable install does).
+    shipped = [str(SHIPPED_BACKBONE)] if (SHIPPED_BACKBONE / "model.safetensors").is_file() else []
     # No all-labels ceiling here: it would double the demo's time for a number the synthetic
     # volume does not need.
     _stage("benchmark", ["benchmark", "label-efficiency", "--backbones", str(backbone), *shipped, "--no-ceiling",

@@ -378,6 +378,8 @@ CASES = [
     Case("finetune-devices-0", lambda f, t: _ft(f, t, "--trainer.devices", "0"), lambda f, t: "--trainer.devices"),
     Case("finetune-accelerator-unknown", lambda f, t: _ft(f, t, "--trainer.accelerator", "tpu9"), lambda f, t: "tpu9"),
     Case("finetune-sync-batchnorm-on-cpu", lambda f, t: _ft(f, t, "--trainer.accelerator", "cpu", "--trainer.sync_batchnorm", "true"), lambda f, t: "--trainer.sync_batchnorm"),
+    # bioimage.io needs a licence: asked for before training
+    Case("finetune-bioimageio-no-license", lambda f, t: _ft(f, t, "--out", str(t / "m"), "--bioimageio", str(t / "b")), lambda f, t: "--license"),
     Case("finetune-lr-negative", lambda f, t: _ft(f, t, "--lr=-0.1"), lambda f, t: "--lr"),
     Case("finetune-nan-labels", lambda f, t: _ft(f, t, "--labels", str(t / "l.tif")), lambda f, t: "l.tif",
          _write("l.tif", lambda f, t: _tif_bytes(np.where(np.arange(64) % 2, np.nan, 1.0).astype(np.float32) * np.ones((4, 64, 64), np.float32)))),

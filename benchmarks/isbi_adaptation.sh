@@ -4,21 +4,24 @@
 # 1. ingest the unlabeled EM of the volume being segmented that is never scored (ISBI 2012
 #    train slices 0-19, images only; slices 20-29 are scored and stay out) and more data of
 #    the same instrument (the ISBI test stack);
-# 2. continue SparK pretraining from checkpoints/em_resnet18_spark with the adaptation recipe
+# 2. continue SparK pretraining from BASE (default: the first shipped backbone,
+#    checkpoints/em_resnet18_spark) with the adaptation recipe
 #    (recipes/pretrain/spark_resnet18_adapt.yaml: 300 steps, peak lr 5e-4, 30-minute budget;
-#    the shipped export has no decoder, so the decoder trains alone for the first 100 steps);
-# 3. export it, then fine-tune it, the shipped backbone and the U-Net from scratch with the
+#    an export without SparK's decoder has the decoder train alone for the first 100 steps);
+# 3. export it, then fine-tune it, BASE and the U-Net from scratch with the
 #    label-efficiency benchmark's defaults on 1 and 2 labeled slices, and score membrane Dice
 #    on slices 20-29.
 #
 #   bash benchmarks/isbi_adaptation.sh
-#   DATA=/path/to/shared/data WORK=/tmp/adapt SEEDS="0 1" BUDGETS=1,2 bash benchmarks/isbi_adaptation.sh
+#   DATA=/path/to/shared/data WORK=/tmp/adapt SEEDS=0-3 BUDGETS=1,2 BASE=checkpoints/em_resnet18_spark_v2 bash benchmarks/isbi_adaptation.sh
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DATA=${DATA:-$ROOT/../shared/data}
 WORK=${WORK:-/tmp/ssl_em_adapt}
 BUDGETS=${BUDGETS:-1,2}
 SEEDS=${SEEDS:-0,1}
+BASE=$(cd "${BASE:-$ROOT/checkpoints/em_resnet18_spark}" && pwd)
+ADAPTED="$WORK/$(basename "$BASE")_isbi"
 export WANDB_MODE=${WANDB_MODE:-offline} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$WORK/unscored"
 for i in $(seq 0 19); do cp -n "$DATA/isbi2012/train/image/$i.png" "$WORK/unscored/"; done
@@ -26,9 +29,9 @@ for i in $(seq 0 19); do cp -n "$DATA/isbi2012/train/image/$i.png" "$WORK/unscor
 resume=false
 [ -f "$WORK/run/checkpoints/last.ckpt" ] && resume=true
 ssl-em pretrain --config "$ROOT/recipes/pretrain/spark_resnet18_adapt.yaml" --data "$WORK/isbi_adapt.zarr" \
-  --init_from "$ROOT/checkpoints/em_resnet18_spark" --run_dir "$WORK/run" --resume "$resume" --trainer.enable_progress_bar false
-ssl-em export "$WORK/run" --out "$WORK/em_resnet18_spark_isbi" --dtype float16
-ssl-em benchmark label-efficiency --backbones "$ROOT/checkpoints/em_resnet18_spark" "$WORK/em_resnet18_spark_isbi" \
+  --init_from "$BASE" --run_dir "$WORK/run" --resume "$resume" --trainer.enable_progress_bar false
+ssl-em export "$WORK/run" --out "$ADAPTED" --dtype float16
+ssl-em benchmark label-efficiency --backbones "$BASE" "$ADAPTED" \
   --images "$DATA/isbi2012/train/image" --labels "$DATA/isbi2012/train/label" \
   --classes membrane,cell --label-values 0,255 --metric dice/membrane --pool 0-19 --val-slices 20-29 \
   --budgets "$BUDGETS" --seeds "$SEEDS" --batch-size 4 --head-width 64 --no-ceiling --out "$WORK/label_efficiency"

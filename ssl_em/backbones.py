@@ -43,7 +43,7 @@ WEIGHTS, CONFIG, META, CARD = "model.safetensors", "config.json", "ssl_em.json",
 #: The EM backbone shipped in the repository's checkpoints/ (see its model card): the default
 #: wherever ssl_em offers one (the demo's comparison, the napari widget). Present in a source
 #: checkout (an editable install), absent from a wheel.
-SHIPPED_BACKBONE = Path(__file__).resolve().parents[1] / "checkpoints" / "em_resnet18_spark_v2"
+SHIPPED_BACKBONE = Path(__file__).resolve().parents[1] / "checkpoints" / "em_resnet18_spark_v3"
 #: The method's own weights (everything but the backbone), for continued pretraining.
 METHOD_STATE = "pretrain_state.safetensors"
 

@@ -303,7 +303,7 @@ PRETRAIN_EXAMPLES = """\
   ssl-em pretrain --config recipes/pretrain/tiny_cpu.yaml --data archive.zarr --max-steps 50  # minutes on a CPU
   ssl-em pretrain --config recipes/pretrain/mae_vit_s16.yaml --data archive.zarr --model.init_args.mask_ratio 0.6
   ssl-em pretrain --config recipes/pretrain/spark_resnet18_adapt.yaml --data my_lab.zarr \
-      --init_from checkpoints/em_resnet18_spark_v2    # adapt the shipped backbone to your data (<= 30 min on a CPU)"""
+      --init_from checkpoints/em_resnet18_spark_v3    # adapt the shipped backbone to your data (<= 30 min on a CPU)"""
 
 PRETRAIN_SUMMARY = """\
 Self-supervised pretraining of a timm backbone on tiles streamed from an archive. The recipe

@@ -14,11 +14,11 @@ from ssl_em.backbones import load_backbone
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 SHIPPED = CHECKPOINTS / "em_resnet18_spark"
-SUCCESSOR = CHECKPOINTS / "em_resnet18_spark_v2"
+SUCCESSORS = [CHECKPOINTS / "em_resnet18_spark_v2", CHECKPOINTS / "em_resnet18_spark_v3"]  # each continued the one before
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "pretrain" / "spark_resnet18_cpu.yaml"
 
 
-@pytest.mark.parametrize("folder", [SHIPPED, SUCCESSOR], ids=lambda p: p.name)
+@pytest.mark.parametrize("folder", [SHIPPED, *SUCCESSORS], ids=lambda p: p.name)
 def test_folder_is_small_and_self_describing(folder):
     files = {p.name: p.stat().st_size for p in folder.iterdir()}
     # the successor also carries SparK's decoder and mask tokens, for --init_from
@@ -31,20 +31,24 @@ def test_folder_is_small_and_self_describing(folder):
         assert needed in card, needed
 
 
-def test_successor_names_its_parent_and_its_data():
-    """Re-exported by today's code: the lineage names the first backbone by its weights'
-    hash, the images it drew from are listed, and no licence is claimed for the weights."""
+@pytest.mark.parametrize("successor", SUCCESSORS, ids=lambda p: p.name)
+def test_successor_names_its_parents_and_its_data(successor):
+    """Re-exported by today's code: the lineage names every backbone it continued, oldest
+    first, the last by its weights' hash; the images it drew from are listed, and no licence
+    is claimed for the weights."""
     from ssl_em.lineage import weights_sha256
 
-    _, meta = load_backbone(SUCCESSOR)
-    (parent,) = meta.lineage
-    assert parent["name"] == SHIPPED.name and parent["weights_sha256"] == weights_sha256(SHIPPED / "model.safetensors")
+    _, meta = load_backbone(successor)
+    chain = [SHIPPED, *SUCCESSORS]
+    parents = chain[: chain.index(successor)]
+    assert [p["name"] for p in meta.lineage] == [p.name for p in parents]
+    assert meta.lineage[-1]["weights_sha256"] == weights_sha256(parents[-1] / "model.safetensors")
     assert meta.tiles == meta.steps * 32 and meta.data_sources and meta.license is None
     assert not any("fafb" in (s["source"] or "") for s in meta.data_sources)  # left out: terms not checked
-    assert "\nlicense: other\n" in (SUCCESSOR / "README.md").read_text()
+    assert "\nlicense: other\n" in (successor / "README.md").read_text()
 
 
-@pytest.mark.parametrize("folder", [SHIPPED, SUCCESSOR], ids=lambda p: p.name)
+@pytest.mark.parametrize("folder", [SHIPPED, *SUCCESSORS], ids=lambda p: p.name)
 def test_loads_strictly_in_ssl_em_and_timm(folder):
     import timm
 
@@ -79,7 +83,8 @@ def test_pretraining_continues_from_the_shipped_backbone(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(cli.model.backbone.state_dict().values(), shipped.state_dict().values()))
 
 
-def test_pretraining_continues_the_successors_method(tmp_path):
+@pytest.mark.parametrize("successor", SUCCESSORS, ids=lambda p: p.name)
+def test_pretraining_continues_the_successors_method(tmp_path, successor):
     """The successor ships SparK's decoder and mask tokens: --init_from restores them
     exactly, so a lab's continued run needs no frozen-encoder phase."""
     from pretrain_utils import make_archive
@@ -89,6 +94,6 @@ def test_pretraining_continues_the_successors_method(tmp_path):
 
     archive = make_archive(tmp_path / "em.zarr")
     cli = make_cli(["--config", str(RECIPE), "--data", str(archive), "--run_dir", str(tmp_path / "run")])
-    assert init_from_export(cli.model, SUCCESSOR)  # True: the method's own weights were loaded
-    state, shipped = cli.model.state_dict(), load_file(str(SUCCESSOR / "pretrain_state.safetensors"))
+    assert init_from_export(cli.model, successor)  # True: the method's own weights were loaded
+    state, shipped = cli.model.state_dict(), load_file(str(successor / "pretrain_state.safetensors"))
     assert shipped and all(torch.equal(state[k], v.to(state[k].dtype)) for k, v in shipped.items())

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ssl_em.data.archive import Archive
-from ssl_em.data.chunks import Strips
 from ssl_em.data.heap import keep_freed_memory
 from ssl_em.data.normalize import IntensityStats, Normalization
 from ssl_em.data.volume import Volume, VoxelSize, check_finite
@@ -227,20 +226,13 @@ class TileDataset(IterableDataset):
     def __iter__(self):
         """One tile at a time: {"image": (1, [D,] T, T) tensor, "source": int}.
 
-        Tiles are views into their block where they lie in one of its strips, copies where
-        not; a DataLoader's collate makes one more copy. Training uses `batches` instead,
-        which skips the per-tile tensors and the collate.
+        Tiles are views into their block (no copy); a DataLoader's collate makes the one copy.
+        Training uses `batches` instead, which skips the per-tile tensors and the collate.
         """
-        shape = self._tile_shape()
         for tiles in self._stream(1):
-            for block, p, r, c, i in tiles:
-                view = block.tile(p, r, c, shape)
+            for view, i in tiles:
                 # torch.from_numpy wants writeable memory (a read-only memmap needs a copy).
                 yield {"image": torch.from_numpy(view if view.flags.writeable else view.copy()).unsqueeze(0), "source": i}
-
-    def _tile_shape(self) -> tuple[int, ...]:
-        """([D,] T, T): what one tile of this stream is."""
-        return (self.depth, self.tile_size, self.tile_size) if self.depth > 1 else (self.tile_size, self.tile_size)
 
     def batches(self, batch_size: int):
         """Ready batches {"image": (B, 1, [D,] T, T), "source": (B,) long}, one copy per tile.
@@ -249,8 +241,7 @@ class TileDataset(IterableDataset):
         last tiles that do not fill a batch are dropped (like DataLoader's drop_last).
         Assembled in numpy (single-threaded), so no torch thread pool spins per batch.
         """
-        pending: list[tuple] = []
-        shape = self._tile_shape()
+        pending: list[tuple[np.ndarray, int]] = []
         skip, self.skip_batches = self._my_skip(self.skip_batches), 0
         for tiles in self._stream(batch_size):
             pending.extend(tiles)
@@ -259,12 +250,9 @@ class TileDataset(IterableDataset):
                 if skip > 0:
                     skip -= 1
                     continue
-                image = np.empty((batch_size, 1, *shape), batch[0][0].dtype)
-                slots = image[:, 0]
-                # The one copy of each tile: from its block's strips into the batch.
-                for n, (block, p, r, c, _) in enumerate(batch):
-                    block.copy_to(slots[n], p, r, c)
-                source = np.fromiter((t[4] for t in batch), np.int64, batch_size)
+                image = np.empty((batch_size, 1, *batch[0][0].shape), batch[0][0].dtype)
+                np.stack([view for view, _ in batch], out=image[:, 0])  # one call copies all tiles
+                source = np.fromiter((i for _, i in batch), np.int64, batch_size)
                 yield {"image": torch.from_numpy(image), "source": torch.from_numpy(source)}
 
     def _my_skip(self, batches: int) -> int:
@@ -280,9 +268,8 @@ class TileDataset(IterableDataset):
         return sum(worker_share(self.samples_per_epoch, self.world_size, k, w, batch_size) // batch_size for k in range(w))
 
     def _stream(self, multiple: int):
-        """This reader's share of one epoch, as lists of (block, p, r, c, source index)
-        tiles, each at (p, r, c) of its `Strips` block (the tiles each decoded block lets
-        out of the shuffle buffer).
+        """This reader's share of one epoch, as lists of (tile view, source index) pairs
+        (the tiles each decoded block lets out of the shuffle buffer).
 
         The reader's tile count is a whole number of `multiple`s (the batch size), the same
         total on every rank (`tiles_per_worker`).
@@ -300,9 +287,8 @@ class TileDataset(IterableDataset):
         blocks = [_BlockDeck(p, self.seed, epoch, reader, readers) for p in self.plans]
         remaining = self.tiles_per_worker(reader % workers, workers, multiple)
         inflight: deque = deque()
-        # Shuffle buffer of tiles (block, p, r, c, source): tiles of one block spread over
-        # many batches.
-        pool: list[tuple] = []
+        # Shuffle buffer of (tile view, source): tiles of one block spread over many batches.
+        pool: list[tuple[np.ndarray, int]] = []
         empty_blocks = blocks_read = tiles_cut = 0
         try:
             while remaining > 0:
@@ -316,16 +302,16 @@ class TileDataset(IterableDataset):
                     inflight.append((i, origin, axis, self._read_async(i, origin)))
                 if inflight:
                     i, origin, axis, fut = inflight.popleft()
-                    block = fut.result()
+                    block = np.asarray(fut.result())
                     self.counters["blocks"] += 1
-                    self.counters["voxels_decoded"] += block.size
+                    self.counters["voxels_decoded"] += int(block.size)
                     tiles = self._cut(i, origin, axis, block, rng)
                     self.counters["tiles"] += len(tiles)
                     blocks_read, tiles_cut = blocks_read + 1, tiles_cut + len(tiles)
                     empty_blocks = 0 if tiles else empty_blocks + 1
                     if empty_blocks > 1000:
                         raise NoTilesError("1000 blocks in a row gave no unflagged tile; curation left too little data")
-                    pool.extend(tiles)
+                    pool.extend((t, i) for t in tiles)
                     # Once the buffer is full, each new tile lets one random tile out.
                     n_out = min(len(pool) - max(self.shuffle_buffer, 1) + 1, remaining)
                 else:
@@ -347,25 +333,25 @@ class TileDataset(IterableDataset):
     def _read_async(self, i: int, origin: tuple[int, int, int]):
         vol = self.sources[i].levels[self.plans[i].level]
         region = tuple(slice(o, min(o + b, s)) for o, b, s in zip(origin, self.plans[i].block, vol.shape))
-        if hasattr(vol, "read_strips_async"):
-            return vol.read_strips_async(*region)
-        return _Done(Strips.of(vol.read(*region)))
+        if hasattr(vol, "read_async"):
+            return vol.read_async(*region)
+        return _Done(vol.read(*region))
 
-    def _cut(self, i: int, origin, axis: int, block: Strips, rng) -> list[tuple]:
+    def _cut(self, i: int, origin, axis: int, block: np.ndarray, rng) -> list[np.ndarray]:
         """Non-overlapping, jittered tiles of a block, curated-out ones dropped, resampled.
 
-        Returns tiles (block, p, r, c, i): the tile ([D,] T, T) is at plane p, row r,
-        column c of `block` (the one given, or a resampled copy). The block lives until its
-        last tile leaves the shuffle buffer, so memory stays bounded by (shuffle buffer +
-        blocks in flight).
+        Returns views ([D,] T, T) into the block (copies only when resampled). The block
+        lives until its last tile leaves the shuffle buffer, so memory stays bounded by
+        (shuffle buffer + blocks in flight).
         """
         plan, src = self.plans[i], self.sources[i]
         t, d = plan.src_tile, self.depth
-        if axis != 0:
-            # Move the plane normal to the front: (n_planes, rows, cols), with the level axes.
-            block = Strips.of(np.moveaxis(block.array(), axis, 0))
+        if block.ndim == 2:
+            block = block[None]
+        # Move the plane normal to the front: (n_planes, rows, cols), with the level axes.
+        arr = np.moveaxis(block, axis, 0)
         ax_rows, ax_cols = [a for a in (0, 1, 2) if a != axis]
-        n_planes, R, C = block.shape
+        n_planes, R, C = arr.shape
         nr, nc = R // t, C // t
         if nr == 0 or nc == 0 or n_planes < d:
             return []
@@ -385,14 +371,13 @@ class TileDataset(IterableDataset):
             centres[:, ax_cols] = origin[ax_cols] + c + t / 2
             keep = self._kept(src, plan, centres)
             p, r, c = p[keep], r[keep], c[keep]
-        if t != self.tile_size and len(p):
-            src_tiles = np.empty((len(p), *((d, t, t) if d > 1 else (t, t))), block.dtype)
-            for k, (a, b, e) in enumerate(zip(p.tolist(), r.tolist(), c.tolist())):
-                block.copy_to(src_tiles[k], a, b, e)
-            # (N, [D,] T, T) as a block of N * [D] planes; tile k starts at plane k * D.
-            block = Strips.of(self._resample(torch.from_numpy(src_tiles)).numpy().reshape(-1, self.tile_size, self.tile_size))
-            p, r, c = np.arange(len(p)) * d, np.zeros(len(p), int), np.zeros(len(p), int)
-        return [(block, a, b, e, i) for a, b, e in zip(p.tolist(), r.tolist(), c.tolist())]
+        if d > 1:
+            tiles = [arr[a : a + d, b : b + t, e : e + t] for a, b, e in zip(p.tolist(), r.tolist(), c.tolist())]
+        else:
+            tiles = [arr[a, b : b + t, e : e + t] for a, b, e in zip(p.tolist(), r.tolist(), c.tolist())]
+        if t != self.tile_size and tiles:
+            tiles = list(self._resample(torch.from_numpy(np.stack(tiles))).numpy())
+        return tiles
 
     def _kept(self, src: StreamSource, plan: _Plan, centres: np.ndarray) -> np.ndarray:
         """(N,) bool: tile centres (level coords, (N, 3)) that fall in unflagged curation tiles."""

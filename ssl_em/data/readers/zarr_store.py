@@ -8,7 +8,6 @@ it still reads N5, which zarr 3 dropped.
 from __future__ import annotations
 
 import json
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -107,41 +106,6 @@ class ZarrVolume(Volume):
         index = (0,) * max(self._lead, 0) + (zs, ys, xs) if self._lead >= 0 else (ys, xs)
         return _Read(store[index].read(), f"{self.path}: cannot read z {zs.start}..{zs.stop - 1}, y {ys.start}..{ys.stop - 1}, x {xs.start}..{xs.stop - 1}",
                      self._lead < 0)
-
-    def read_strips_async(self, zs: slice, ys: slice, xs: slice):
-        """Like `read_async`, a future of the region as `ssl_em.data.chunks.Strips`.
-
-        A chunk-aligned region of a zarr v2 array that `ChunkFiles` reads (ssl_em archives)
-        is decoded straight from its chunk files into strips; anything else goes through
-        tensorstore and is wrapped as one strip. Slices must lie within the array.
-        """
-        files = self.chunk_files
-        if files is not None and files.aligned(zs, ys, xs):
-            return files.read_async(zs, ys, xs)
-        return _AsStrips(self.read_async(zs, ys, xs))
-
-    @cached_property
-    def chunk_files(self):
-        """`ChunkFiles` for this array, or None when tensorstore must read it (opened on first
-        use, after `threads` is set; it pickles without its threads)."""
-        from ssl_em.data.chunks import ChunkFiles
-
-        return ChunkFiles.open(self.path, self.threads) if self.driver == "zarr" else None
-
-
-class _AsStrips:
-    """A block read in flight whose result is wrapped as one strip."""
-
-    def __init__(self, read: "_Read") -> None:
-        self.read = read
-
-    def result(self):
-        from ssl_em.data.chunks import Strips
-
-        return Strips.of(self.read.result())
-
-    def cancel(self) -> bool:
-        return self.read.cancel()
 
 
 class _Read:

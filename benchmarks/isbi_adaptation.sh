@@ -22,15 +22,16 @@ BUDGETS=${BUDGETS:-1,2}
 SEEDS=${SEEDS:-0,1}
 BASE=$(cd "${BASE:-$ROOT/checkpoints/em_resnet18_spark}" && pwd)
 ADAPTED="$WORK/$(basename "$BASE")_isbi"
+RUN="$WORK/run_$(basename "$BASE")"  # one run per base: a rerun with another BASE must not resume this one
 export WANDB_MODE=${WANDB_MODE:-offline} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$WORK/unscored"
 for i in $(seq 0 19); do cp -n "$DATA/isbi2012/train/image/$i.png" "$WORK/unscored/"; done
 [ -d "$WORK/isbi_adapt.zarr" ] || ssl-em ingest --out "$WORK/isbi_adapt.zarr" --quiet --voxel-size 50,4,4 "$WORK/unscored" "$DATA/isbi2012/test"
 resume=false
-[ -f "$WORK/run/checkpoints/last.ckpt" ] && resume=true
+[ -f "$RUN/checkpoints/last.ckpt" ] && resume=true
 ssl-em pretrain --config "$ROOT/recipes/pretrain/spark_resnet18_adapt.yaml" --data "$WORK/isbi_adapt.zarr" \
-  --init_from "$BASE" --run_dir "$WORK/run" --resume "$resume" --trainer.enable_progress_bar false
-ssl-em export "$WORK/run" --out "$ADAPTED" --dtype float16
+  --init_from "$BASE" --run_dir "$RUN" --resume "$resume" --trainer.enable_progress_bar false
+ssl-em export "$RUN" --out "$ADAPTED" --dtype float16
 ssl-em benchmark label-efficiency --backbones "$BASE" "$ADAPTED" \
   --images "$DATA/isbi2012/train/image" --labels "$DATA/isbi2012/train/label" \
   --classes membrane,cell --label-values 0,255 --metric dice/membrane --pool 0-19 --val-slices 20-29 \

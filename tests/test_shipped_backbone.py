@@ -97,3 +97,17 @@ def test_pretraining_continues_the_successors_method(tmp_path, successor):
     assert init_from_export(cli.model, successor)  # True: the method's own weights were loaded
     state, shipped = cli.model.state_dict(), load_file(str(successor / "pretrain_state.safetensors"))
     assert shipped and all(torch.equal(state[k], v.to(state[k].dtype)) for k, v in shipped.items())
+
+
+def test_the_default_backbone_is_the_newest_successor_and_the_docs_name_only_shipped_ones():
+    """SHIPPED_BACKBONE (the demo's and the napari widget's default) is the last of the chain,
+    and every checkpoints/NAME the README points a newcomer to exists in the checkout."""
+    import re
+
+    from ssl_em.backbones import SHIPPED_BACKBONE
+
+    assert SHIPPED_BACKBONE == SUCCESSORS[-1] and (SHIPPED_BACKBONE / "model.safetensors").is_file()
+    readme = (CHECKPOINTS.parent / "README.md").read_text()
+    named = set(re.findall(r"checkpoints/(em_[a-z0-9_]+)", readme))
+    assert SHIPPED_BACKBONE.name in named
+    assert all((CHECKPOINTS / name).is_dir() for name in named), named

@@ -12,8 +12,15 @@ initial weights (`--arm random` of a ResNet-18 backbone *is* that U-Net):
     python benchmarks/gala_instances.py checkpoints/em_resnet18_spark --unfreeze-at-step 0 --backbone-lr-scale 1 --steps 600
     python benchmarks/gala_instances.py checkpoints/em_resnet18_spark --arm random --unfreeze-at-step 0 --steps 600
 
-Protocol: train on slices 0-39 of `train`; predict the whole `train` volume (xy, xz, yz
-averaged), run the 3D watershed on its slices 40-49 only (never trained on) for each seed
+Fewer labels (issue 17): `--budget N` trains on N of the slices 0-39, the seeded subset
+`ssl-em benchmark label-efficiency` would draw (`choose_slices`), for the steps its schedule
+gives those labeled pixels (`StepSchedule`, unless `--steps`); the rest of the protocol is the
+same, so the all-labels runs are the ceiling the gap is measured to:
+
+    python benchmarks/gala_instances.py checkpoints/em_resnet18_spark_v3 --budget 1 --unfreeze-at-step 0 --backbone-lr-scale 1
+
+Protocol: train on slices 0-39 of `train` (or `--budget` of them); predict the whole `train`
+volume (xy, xz, yz averaged), run the 3D watershed on its slices 40-49 only (never trained on) for each seed
 threshold, and keep the threshold with the lowest VOI there. `test` is then scored at that
 threshold: the fair figure. The test sweep is printed too, marked as an upper bound, because
 a threshold chosen on test says nothing about a new volume. One JSON line per run is
@@ -32,6 +39,7 @@ import numpy as np
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gala_fibsem"
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99)  # test VOI still fell at 0.95 in session 3
 VAL = slice(40, 50)
+POOL = list(range(40))  # the labeled training slices; VAL stays out of every budget
 
 
 def predict_3d(model: Path, image: Path, out: Path) -> np.ndarray:
@@ -61,7 +69,8 @@ def sweep(probs: np.ndarray, gt: np.ndarray) -> dict[float, dict]:
 
 def main() -> None:
     from ssl_em.data.readers.open import open_volume
-    from ssl_em.finetune.benchmark import head_of_width
+    from ssl_em.finetune.benchmark import choose_slices, head_of_width
+    from ssl_em.finetune.schedule import StepSchedule
     from ssl_em.finetune.cli import finetune
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -69,15 +78,21 @@ def main() -> None:
     p.add_argument("--arm", choices=["pretrained", "random"], default="pretrained")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", type=Path, default=DATA)
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--budget", type=int, default=len(POOL), help=f"labeled slices of train 0-{len(POOL) - 1} (default: all)")
+    p.add_argument("--steps", type=int, default=None, help="default 400 with every slice labeled, else scaled to the labeled pixels")
     p.add_argument("--unfreeze-at-step", type=int, default=None, help="default: a quarter of the steps")
     p.add_argument("--backbone-lr-scale", type=float, default=None, help="default: 0.1 pretrained, 1.0 random init")
     p.add_argument("--out", type=Path, default=Path("/tmp/gala"))
     args = p.parse_args()
+    train = POOL if args.budget == len(POOL) else choose_slices(POOL, args.budget, args.seed)
+    if args.steps is None:
+        shape = open_volume(str(args.data / "train-image.h5")).shape
+        args.steps = 400 if train == POOL else StepSchedule()(len(train) * shape[-2] * shape[-1])
     unfreeze = args.steps // 4 if args.unfreeze_at_step is None else args.unfreeze_at_step
-    name = f"{Path(args.backbone).name}_{args.arm}_s{args.seed}_{args.steps}_u{unfreeze}"
+    budget = "" if train == POOL else f"_n{len(train)}"
+    name = f"{Path(args.backbone).name}_{args.arm}{budget}_s{args.seed}_{args.steps}_u{unfreeze}"
     model = args.out / name
-    _, val2d = finetune(args.backbone, str(args.data / "train-image.h5"), str(args.data / "train-gt.lzf.h5"), "0-39", "40-49", task="instance",
+    _, val2d = finetune(args.backbone, str(args.data / "train-image.h5"), str(args.data / "train-gt.lzf.h5"), train, "40-49", task="instance",
                         random_init=args.arm == "random", max_steps=args.steps, seed=args.seed, tile_size=96, batch_size=4,
                         unfreeze_at_step=unfreeze, backbone_lr_scale=args.backbone_lr_scale, head=head_of_width(64), out=model)
 
@@ -88,7 +103,7 @@ def main() -> None:
     val = sweep(predict_3d(model, args.data / "train-image.h5", model / "train.zarr")[:, VAL], gt("train-gt.lzf.h5")[VAL])
     chosen = min(val, key=lambda t: val[t]["voi"])
     test = sweep(predict_3d(model, args.data / "test-image.h5", model / "test.zarr"), gt("test-gt.lzf.h5"))
-    record = {"backbone": str(args.backbone), "arm": args.arm, "seed": args.seed, "steps": args.steps,
+    record = {"backbone": str(args.backbone), "arm": args.arm, "seed": args.seed, "budget": len(train), "train_slices": train, "steps": args.steps,
               "unfreeze_at_step": unfreeze, "backbone_lr_scale": args.backbone_lr_scale,
               "val_2d": {k: round(val2d[k], 3) for k in ("ap50", "voi", "adapted_rand_error")},
               "threshold": chosen, "val_3d": val[chosen], "test": test[chosen],

@@ -5,7 +5,8 @@ decoded once by tensorstore (in C++, several blocks in flight), and cut into
 non-overlapping tiles with a little random jitter. Over an epoch each decoded voxel feeds
 about one tile, so the stream is fast without re-using the few blocks it holds in memory.
 Which blocks, where the tiles sit and the order they leave in are drawn before any pixel is
-decoded, so each block's tiles go straight into their batches while it is still in cache.
+decoded, so each block's tiles are copied into their batches as soon as it is decoded and
+the block is freed at once (none waits for its last tile to leave a shuffle buffer).
 Memory is bounded by (blocks in flight + batches being filled), never by the volume.
 
 Randomness is explicit: every (seed, epoch, rank, worker) gets its own generator; the
@@ -268,8 +269,8 @@ class TileDataset(IterableDataset):
         The share is a whole number of `multiple`s (the batch size), the same total on every
         rank (`tiles_per_worker`). Every tile's place in the stream is known before its block
         is decoded (`_schedule`), so each block's tiles are copied into their batches as soon
-        as it arrives, while it is still in cache, and the block is freed at once: memory is
-        the blocks in flight plus the batches of about two shuffle groups.
+        as it arrives and the block is freed at once: memory is the blocks in flight plus
+        the batches of one shuffle group (2 x shuffle_buffer tiles).
         """
         # Blocks and batches are megabytes allocated and freed at a high rate: keep freed
         # memory for reuse instead of faulting it back in page by page (ssl_em.data.heap).
@@ -318,10 +319,11 @@ class TileDataset(IterableDataset):
 
         Drawn from `rng` and the curation flags alone, never from pixels, so it runs ahead of
         the decoding. Shuffling: whole blocks are gathered until they hold 2 x shuffle_buffer
-        tiles, and those tiles are permuted over their run of places. (At 81 tiles a block
-        that spreads a batch of 64 as a classic buffer of shuffle_buffer tiles does: at most
-        about 9 tiles of one block per batch at 512, 13 at 256; benchmarks/RESULTS.md.)
-        Places past `total` (part of the last group) are not yielded.
+        tiles, and those tiles are permuted over their run of places. (Simulated with 81-tile
+        blocks and batches of 64: the most tiles of one block in a batch averages 8.7 at
+        shuffle_buffer 512 and 13.0 at 256, against 9.9 and 15.2 for a classic shuffle buffer
+        of that size; benchmarks/RESULTS.md, issue 21 session 11.) Places past `total` (part
+        of the last group) are not yielded.
         """
         group = 2 * max(self.shuffle_buffer, 1)
         cum_weights = np.cumsum(self.weights)

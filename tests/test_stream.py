@@ -145,6 +145,10 @@ def test_pixel_size_picks_a_level_and_resamples():
     assert ds.plans[0].src_tile == 64  # 32 px at 8 nm = 64 px at 4 nm
     item = next(iter(ds))
     assert item["image"].shape == (1, 32, 32) and item["image"].dtype == torch.uint8
+    # Float images come out of the resampling as float32, in batches too.
+    flt = StreamSource.from_volume(ArrayVolume(np.random.default_rng(0).random((2, 200, 200)), voxel_size=(40, 4, 4)))
+    ds = TileDataset([flt], tile_size=32, samples_per_epoch=4, pixel_size_nm=8, shuffle_buffer=1)
+    assert next(ds.batches(4))["image"].dtype == torch.float32
 
 
 def test_orthogonal_planes_only_for_near_isotropic_voxels():

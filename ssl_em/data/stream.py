@@ -397,15 +397,16 @@ class TileDataset(IterableDataset):
         t, d = self.plans[i].src_tile, self.depth
         arr = np.moveaxis(block if block.ndim == 3 else block[None], axis, 0)  # (planes, rows, cols)
         if t == self.tile_size:
-            views = (arr[p : p + d, r : r + t, c : c + t] for p, r, c in tiles.tolist())  # each (d, T, T)
-        else:
+            views, dtype = (arr[p : p + d, r : r + t, c : c + t] for p, r, c in tiles.tolist()), block.dtype  # each (d, T, T)
+        else:  # resampled: integer dtypes come back as they were, floats as float32
             views = self._resample(torch.from_numpy(np.stack([arr[p : p + d, r : r + t, c : c + t] for p, r, c in tiles.tolist()]))).numpy()
+            dtype = views.dtype
         shape = (1, self.tile_size, self.tile_size) if d == 1 else (1, d, self.tile_size, self.tile_size)
         for view, b, k in zip(views, (places // size).tolist(), (places % size).tolist()):
             batch = filling.get(b)
             if batch is None:
                 n = min(size, total - b * size)
-                batch = filling[b] = [np.empty((n, *shape), block.dtype), np.empty(n, np.int64), n]
+                batch = filling[b] = [np.empty((n, *shape), dtype), np.empty(n, np.int64), n]
             batch[0][k] = view  # (d, T, T) into (1, [D,] T, T): d == 1 fills the channel axis
             batch[1][k] = i
             batch[2] -= 1

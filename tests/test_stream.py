@@ -145,6 +145,10 @@ def test_pixel_size_picks_a_level_and_resamples():
     assert ds.plans[0].src_tile == 64  # 32 px at 8 nm = 64 px at 4 nm
     item = next(iter(ds))
     assert item["image"].shape == (1, 32, 32) and item["image"].dtype == torch.uint8
+    # Float images come out of the resampling as float32, in batches too.
+    flt = StreamSource.from_volume(ArrayVolume(np.random.default_rng(0).random((2, 200, 200)), voxel_size=(40, 4, 4)))
+    ds = TileDataset([flt], tile_size=32, samples_per_epoch=4, pixel_size_nm=8, shuffle_buffer=1)
+    assert next(ds.batches(4))["image"].dtype == torch.float32
 
 
 def test_orthogonal_planes_only_for_near_isotropic_voxels():
@@ -159,6 +163,68 @@ def test_3d_patches():
     data = np.random.default_rng(0).integers(0, 255, (16, 64, 64), dtype=np.uint8)
     ds = TileDataset([StreamSource.from_volume(ArrayVolume(data, voxel_size=(40, 4, 4)))], tile_size=32, depth=4, samples_per_epoch=6, shuffle_buffer=2)
     assert next(iter(ds))["image"].shape == (1, 4, 32, 32)
+
+
+def _crops(vol: np.ndarray, shape: tuple[int, ...], axes=(0,)) -> set[bytes]:
+    """Every crop of `shape` ((T, T), or (D, T, T) along z) of `vol` in the planes normal to `axes`."""
+    out = set()
+    for axis in axes:
+        arr = np.moveaxis(vol, axis, 0)  # what the stream cuts: plane normal first
+        win = np.lib.stride_tricks.sliding_window_view(arr, shape, axis=(0, 1, 2) if len(shape) == 3 else (1, 2))
+        out |= {w.tobytes() for w in win.reshape(-1, *shape)}
+    return out
+
+
+@pytest.mark.parametrize("depth,voxel,axes", [(1, (8, 8, 8), (0, 1, 2)), (4, (40, 4, 4), (0,))])
+def test_every_tile_is_an_exact_crop_in_its_plane(depth, voxel, axes):
+    """Tiles are copied into their batch slots from the block: each one, in every plane
+    orientation and for 3D patches, is exactly some crop of the volume."""
+    vol = np.random.default_rng(1).integers(0, 255, (32, 32, 32), dtype=np.uint8)
+    ds = TileDataset([StreamSource.from_volume(ArrayVolume(vol, voxel_size=voxel))], tile_size=12, depth=depth, samples_per_epoch=96, shuffle_buffer=8, block_size=16)
+    assert ds.plans[0].axes == axes
+    shape = (12, 12) if depth == 1 else (depth, 12, 12)
+    crops = _crops(vol, shape, axes)
+    batches = list(ds.batches(32))
+    assert len(batches) == 3
+    for b in batches:
+        assert b["image"].shape == (32, 1, *shape)
+        assert all(t.numpy().tobytes() in crops for t in b["image"][:, 0])
+
+
+def test_source_names_the_image_each_tile_came_from():
+    a = StreamSource.from_volume(ArrayVolume(np.full((4, 64, 64), 10, np.uint8), path="a"))
+    b = StreamSource.from_volume(ArrayVolume(np.full((4, 64, 64), 200, np.uint8), path="b"))
+    ds = TileDataset([a, b], tile_size=16, samples_per_epoch=256, gamma=0.0, shuffle_buffer=16, block_size=32)
+    batches = list(ds.batches(32))
+    images, sources = torch.cat([x["image"] for x in batches]), torch.cat([x["source"] for x in batches])
+    assert set(sources.tolist()) == {0, 1}
+    assert torch.equal(images[:, 0, 0, 0], torch.where(sources == 0, 10, 200).to(torch.uint8))
+
+
+def test_resume_skips_batches_without_reading_their_blocks(tmp_path, synthetic_small):
+    """skip_batches (a resumed run): the rest of the same epoch, and blocks that only the
+    skipped batches needed are not decoded; the next epoch is whole again."""
+    path = write_archive(tmp_path / "a.zarr", {"syn": synthetic_small.image})
+    make = lambda: TileDataset(StreamSource.from_archive(path), tile_size=32, samples_per_epoch=256, shuffle_buffer=8, block_size=64)
+    whole = make()
+    full = list(whole.batches(16))
+    ds = make()
+    ds.skip_batches = 10
+    rest = list(ds.batches(16))
+    assert len(rest) == len(full) - 10
+    assert all(torch.equal(x["image"], y["image"]) and torch.equal(x["source"], y["source"]) for x, y in zip(rest, full[10:]))
+    assert ds.counters["blocks"] < whole.counters["blocks"]
+    assert len(list(ds.batches(16))) == len(full)  # next epoch: nothing skipped
+
+
+def test_tiles_of_a_block_spread_over_batches(tmp_path):
+    """The shuffle: a batch mixes tiles of several blocks and a block's tiles land in
+    several batches (marked_volume: one value per 64 px block)."""
+    path = write_archive(tmp_path / "a.zarr", {"v": marked_volume()})
+    ds = TileDataset(StreamSource.from_archive(path), tile_size=30, samples_per_epoch=64, shuffle_buffer=8, block_size=64)
+    batches = [[int(v) for v in b["image"][:, 0, 15, 15]] for b in ds.batches(4)]  # 4 tiles a block, 16 batches
+    assert np.mean([len(set(b)) for b in batches]) >= 2.5
+    assert all(sum(block in b for b in batches) >= 2 for block in {v for b in batches for v in b})
 
 
 def test_sources_are_balanced_by_size_power():

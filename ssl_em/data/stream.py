@@ -4,7 +4,10 @@ Speed comes from reading in *blocks*: a block is a chunk-aligned region of sever
 decoded once by tensorstore (in C++, several blocks in flight), and cut into
 non-overlapping tiles with a little random jitter. Over an epoch each decoded voxel feeds
 about one tile, so the stream is fast without re-using the few blocks it holds in memory.
-Memory is bounded by (blocks in flight + shuffle buffer), never by the volume.
+Which blocks, where the tiles sit and the order they leave in are drawn before any pixel is
+decoded, so each block's tiles are copied into their batches as soon as it is decoded and
+the block is freed at once (none waits for its last tile to leave a shuffle buffer).
+Memory is bounded by (blocks in flight + batches being filled), never by the volume.
 
 Randomness is explicit: every (seed, epoch, rank, worker) gets its own generator; the
 blocks of each image are permuted once per epoch with (seed, epoch) and dealt out to the
@@ -156,7 +159,8 @@ class TileDataset(IterableDataset):
         gamma: source weight = (number of voxels) ** gamma; 0 = equal, 1 = proportional.
         block_size: target block side in pixels (chunk-aligned).
         prefetch: blocks in flight while tiles are cut from the current one.
-        shuffle_buffer: tiles mixed before yielding, so neighbours from one block spread out.
+        shuffle_buffer: tiles of consecutive blocks are shuffled together in groups of 2 x this
+            many, so neighbours from one block spread out over several batches.
         use_curation: skip tiles whose centre lies in a flagged curation tile.
         isotropy_tolerance: xz/yz tiles only when z spacing is within this fraction of xy.
     """
@@ -226,34 +230,24 @@ class TileDataset(IterableDataset):
     def __iter__(self):
         """One tile at a time: {"image": (1, [D,] T, T) tensor, "source": int}.
 
-        Tiles are views into their block (no copy); a DataLoader's collate makes the one copy.
+        Tiles are views into batch arrays of 64 that `_assemble` fills (no copy per tile).
         Training uses `batches` instead, which skips the per-tile tensors and the collate.
         """
-        for tiles in self._stream(1):
-            for view, i in tiles:
-                # torch.from_numpy wants writeable memory (a read-only memmap needs a copy).
-                yield {"image": torch.from_numpy(view if view.flags.writeable else view.copy()).unsqueeze(0), "source": i}
+        for image, source in self._assemble(1, 64, skip=0):
+            for k in range(len(source)):
+                yield {"image": torch.from_numpy(image[k]), "source": int(source[k])}
 
     def batches(self, batch_size: int):
         """Ready batches {"image": (B, 1, [D,] T, T), "source": (B,) long}, one copy per tile.
 
         The same tiles in the same order as iterating the dataset, grouped by B; a reader's
         last tiles that do not fill a batch are dropped (like DataLoader's drop_last).
-        Assembled in numpy (single-threaded), so no torch thread pool spins per batch.
+        After a resume the first `skip_batches` are left out: blocks that only they need are
+        not even read. Assembled in numpy (single-threaded), so no torch thread pool spins.
         """
-        pending: list[tuple[np.ndarray, int]] = []
         skip, self.skip_batches = self._my_skip(self.skip_batches), 0
-        for tiles in self._stream(batch_size):
-            pending.extend(tiles)
-            while len(pending) >= batch_size:
-                batch, pending = pending[:batch_size], pending[batch_size:]
-                if skip > 0:
-                    skip -= 1
-                    continue
-                image = np.empty((batch_size, 1, *batch[0][0].shape), batch[0][0].dtype)
-                np.stack([view for view, _ in batch], out=image[:, 0])  # one call copies all tiles
-                source = np.fromiter((i for _, i in batch), np.int64, batch_size)
-                yield {"image": torch.from_numpy(image), "source": torch.from_numpy(source)}
+        for image, source in self._assemble(batch_size, batch_size, skip * batch_size):
+            yield {"image": torch.from_numpy(image), "source": torch.from_numpy(source)}
 
     def _my_skip(self, batches: int) -> int:
         """This loader worker's share of the first `batches` batches of a rank: a DataLoader
@@ -267,12 +261,16 @@ class TileDataset(IterableDataset):
         w = max(1, workers)
         return sum(worker_share(self.samples_per_epoch, self.world_size, k, w, batch_size) // batch_size for k in range(w))
 
-    def _stream(self, multiple: int):
-        """This reader's share of one epoch, as lists of (tile view, source index) pairs
-        (the tiles each decoded block lets out of the shuffle buffer).
+    def _assemble(self, multiple: int, size: int, skip: int):
+        """This reader's share of one epoch as (image (n, 1, [D,] T, T), source (n,) int64)
+        arrays of n = `size` tiles (the last may be shorter), in stream order, leaving out
+        the first `skip` tiles (a multiple of `size`).
 
-        The reader's tile count is a whole number of `multiple`s (the batch size), the same
-        total on every rank (`tiles_per_worker`).
+        The share is a whole number of `multiple`s (the batch size), the same total on every
+        rank (`tiles_per_worker`). Every tile's place in the stream is known before its block
+        is decoded (`_schedule`), so each block's tiles are copied into their batches as soon
+        as it arrives and the block is freed at once: memory is the blocks in flight plus
+        the batches of one shuffle group (2 x shuffle_buffer tiles).
         """
         # Blocks and batches are megabytes allocated and freed at a high rate: keep freed
         # memory for reuse instead of faulting it back in page by page (ssl_em.data.heap).
@@ -280,54 +278,77 @@ class TileDataset(IterableDataset):
         # Each pass is one epoch. Persistent loader workers each hold a copy of the
         # dataset and are iterated once per epoch, so their counters stay in step.
         self.epoch += 1
-        epoch = self.epoch
         reader, readers = self._reader()
         workers = readers // self.world_size
-        rng = np.random.default_rng([self.seed, epoch, reader])
-        blocks = [_BlockDeck(p, self.seed, epoch, reader, readers) for p in self.plans]
-        remaining = self.tiles_per_worker(reader % workers, workers, multiple)
+        rng = np.random.default_rng([self.seed, self.epoch, reader])
+        decks = [_BlockDeck(p, self.seed, self.epoch, reader, readers) for p in self.plans]
+        total = self.tiles_per_worker(reader % workers, workers, multiple)
+        schedule = self._schedule(rng, decks, total)
+        # Batches being filled: index -> [image, source, tiles still to come].
+        filling: dict[int, list] = {}
         inflight: deque = deque()
-        # Shuffle buffer of (tile view, source): tiles of one block spread over many batches.
-        pool: list[tuple[np.ndarray, int]] = []
-        empty_blocks = blocks_read = tiles_cut = 0
+        nxt = skip // size  # the next batch to yield
         try:
-            while remaining > 0:
-                # Read ahead only while the tiles in hand and on their way (at this epoch's
-                # mean per block) fall short of the epoch: no block is decoded in vain.
-                per_block = tiles_cut / blocks_read if blocks_read else 0.0
-                while len(inflight) < self.prefetch and len(pool) + per_block * len(inflight) < remaining:
-                    i = int(rng.choice(len(self.sources), p=self.weights))
-                    origin = blocks[i].next()
-                    axis = int(rng.choice(self.plans[i].axes))
-                    inflight.append((i, origin, axis, self._read_async(i, origin)))
-                if inflight:
-                    i, origin, axis, fut = inflight.popleft()
-                    block = np.asarray(fut.result())
-                    self.counters["blocks"] += 1
-                    self.counters["voxels_decoded"] += int(block.size)
-                    tiles = self._cut(i, origin, axis, block, rng)
-                    self.counters["tiles"] += len(tiles)
-                    blocks_read, tiles_cut = blocks_read + 1, tiles_cut + len(tiles)
-                    empty_blocks = 0 if tiles else empty_blocks + 1
-                    if empty_blocks > 1000:
-                        raise NoTilesError("1000 blocks in a row gave no unflagged tile; curation left too little data")
-                    pool.extend((t, i) for t in tiles)
-                    # Once the buffer is full, each new tile lets one random tile out.
-                    n_out = min(len(pool) - max(self.shuffle_buffer, 1) + 1, remaining)
-                else:
-                    n_out = remaining  # the buffer holds the rest of the epoch: drain it
-                if n_out <= 0:
-                    continue
-                out = []
-                for u in rng.random(n_out).tolist():
-                    j = int(u * len(pool))
-                    pool[j], pool[-1] = pool[-1], pool[j]
-                    out.append(pool.pop())
-                remaining -= n_out
-                yield out
+            while nxt * size < total:
+                while len(inflight) < max(self.prefetch, 1):
+                    step = next(schedule, None)
+                    if step is None:
+                        break
+                    i, origin, axis, tiles, places = step
+                    wanted = (places >= skip) & (places < total)  # not skipped, not past the epoch
+                    if wanted.any():  # a block none of whose tiles is wanted is not read
+                        inflight.append((i, axis, len(tiles), tiles[wanted], places[wanted], self._read_async(i, origin)))
+                i, axis, n_cut, tiles, places, fut = inflight.popleft()
+                block = np.asarray(fut.result())
+                self.counters["blocks"] += 1
+                self.counters["voxels_decoded"] += int(block.size)
+                self.counters["tiles"] += n_cut
+                self._place(i, axis, block, tiles, places, size, total, filling)
+                del block
+                while nxt in filling and filling[nxt][2] == 0:
+                    image, source, _ = filling.pop(nxt)
+                    yield image, source
+                    nxt += 1
         finally:
             for *_, fut in inflight:  # blocks not needed any more: do not decode them
                 fut.cancel()
+
+    def _schedule(self, rng, decks: list["_BlockDeck"], total: int):
+        """This reader's blocks for one epoch, in reading order, as (source, origin, axis,
+        tiles (n, 3) `_cut` corners, places (n,) int64: each tile's position in the stream).
+
+        Drawn from `rng` and the curation flags alone, never from pixels, so it runs ahead of
+        the decoding. Shuffling: whole blocks are gathered until they hold 2 x shuffle_buffer
+        tiles, and those tiles are permuted over their run of places. (Simulated with 81-tile
+        blocks and batches of 64: the most tiles of one block in a batch averages 8.7 at
+        shuffle_buffer 512 and 13.0 at 256, against 9.9 and 15.2 for a classic shuffle buffer
+        of that size; benchmarks/RESULTS.md, issue 21 session 11.) Places past `total` (part
+        of the last group) are not yielded.
+        """
+        group = 2 * max(self.shuffle_buffer, 1)
+        cum_weights = np.cumsum(self.weights)
+        start = empty = 0
+        while start < total:
+            blocks, n = [], 0
+            while n < group and start + n < total:
+                # The source by weight, and the tile plane where there is a choice (rng.choice
+                # costs 4x more: it shows at 81 tiles a block).
+                i = min(int(np.searchsorted(cum_weights, rng.random() * cum_weights[-1], side="right")), len(self.sources) - 1)
+                origin = decks[i].next()
+                axes = self.plans[i].axes
+                axis = axes[int(rng.integers(len(axes)))] if len(axes) > 1 else axes[0]
+                tiles = self._cut(i, origin, axis, rng)
+                empty = 0 if len(tiles) else empty + 1
+                if empty > 1000:
+                    raise NoTilesError("1000 blocks in a row gave no unflagged tile; curation left too little data")
+                if len(tiles):
+                    blocks.append((i, origin, axis, tiles))
+                    n += len(tiles)
+            places = start + rng.permutation(n)
+            for i, origin, axis, tiles in blocks:
+                yield i, origin, axis, tiles, places[: len(tiles)]
+                places = places[len(tiles) :]
+            start += n
 
     # -- blocks -> tiles --------------------------------------------------------------
     def _read_async(self, i: int, origin: tuple[int, int, int]):
@@ -337,24 +358,21 @@ class TileDataset(IterableDataset):
             return vol.read_async(*region)
         return _Done(vol.read(*region))
 
-    def _cut(self, i: int, origin, axis: int, block: np.ndarray, rng) -> list[np.ndarray]:
-        """Non-overlapping, jittered tiles of a block, curated-out ones dropped, resampled.
-
-        Returns views ([D,] T, T) into the block (copies only when resampled). The block
-        lives until its last tile leaves the shuffle buffer, so memory stays bounded by
-        (shuffle buffer + blocks in flight).
+    def _cut(self, i: int, origin, axis: int, rng) -> np.ndarray:
+        """(n, 3) int: (plane, row, column) corners of a block's non-overlapping, jittered
+        tiles, curated-out ones dropped, in the block turned plane-normal first
+        (`np.moveaxis(block, axis, 0)`). From the block's shape, `rng` and the curation
+        flags: no pixel is needed.
         """
         plan, src = self.plans[i], self.sources[i]
         t, d = plan.src_tile, self.depth
-        if block.ndim == 2:
-            block = block[None]
-        # Move the plane normal to the front: (n_planes, rows, cols), with the level axes.
-        arr = np.moveaxis(block, axis, 0)
+        vol_shape = src.levels[plan.level].shape
+        shape = [min(o + b, s) - o for o, b, s in zip(origin, plan.block, vol_shape)]  # (z, y, x), clipped at the edge
         ax_rows, ax_cols = [a for a in (0, 1, 2) if a != axis]
-        n_planes, R, C = arr.shape
+        n_planes, R, C = shape[axis], shape[ax_rows], shape[ax_cols]
         nr, nc = R // t, C // t
         if nr == 0 or nc == 0 or n_planes < d:
-            return []
+            return np.empty((0, 3), np.int64)
         cell_r, cell_c = R // nr, C // nc
         # A grid of nr x nc cells per plane (every d-th plane for 3D patches); each tile
         # sits at a random offset in its cell, drawn per plane and row / column.
@@ -371,20 +389,33 @@ class TileDataset(IterableDataset):
             centres[:, ax_cols] = origin[ax_cols] + c + t / 2
             keep = self._kept(src, plan, centres)
             p, r, c = p[keep], r[keep], c[keep]
-        if d > 1:
-            tiles = [arr[a : a + d, b : b + t, e : e + t] for a, b, e in zip(p.tolist(), r.tolist(), c.tolist())]
-        else:
-            tiles = [arr[a, b : b + t, e : e + t] for a, b, e in zip(p.tolist(), r.tolist(), c.tolist())]
-        if t != self.tile_size and tiles:
-            tiles = list(self._resample(torch.from_numpy(np.stack(tiles))).numpy())
-        return tiles
+        return np.stack([p, r, c], axis=1).astype(np.int64)
+
+    def _place(self, i: int, axis: int, block: np.ndarray, tiles: np.ndarray, places: np.ndarray, size: int, total: int, filling: dict) -> None:
+        """Copy a decoded block's tiles ((n, 3) corners) to their places in the batches being
+        filled (resampled first when the level's tile side differs), opening batches as needed."""
+        t, d = self.plans[i].src_tile, self.depth
+        arr = np.moveaxis(block if block.ndim == 3 else block[None], axis, 0)  # (planes, rows, cols)
+        if t == self.tile_size:
+            views, dtype = (arr[p : p + d, r : r + t, c : c + t] for p, r, c in tiles.tolist()), block.dtype  # each (d, T, T)
+        else:  # resampled: integer dtypes come back as they were, floats as float32
+            views = self._resample(torch.from_numpy(np.stack([arr[p : p + d, r : r + t, c : c + t] for p, r, c in tiles.tolist()]))).numpy()
+            dtype = views.dtype
+        shape = (1, self.tile_size, self.tile_size) if d == 1 else (1, d, self.tile_size, self.tile_size)
+        for view, b, k in zip(views, (places // size).tolist(), (places % size).tolist()):
+            batch = filling.get(b)
+            if batch is None:
+                n = min(size, total - b * size)
+                batch = filling[b] = [np.empty((n, *shape), dtype), np.empty(n, np.int64), n]
+            batch[0][k] = view  # (d, T, T) into (1, [D,] T, T): d == 1 fills the channel axis
+            batch[1][k] = i
+            batch[2] -= 1
 
     def _kept(self, src: StreamSource, plan: _Plan, centres: np.ndarray) -> np.ndarray:
         """(N,) bool: tile centres (level coords, (N, 3)) that fall in unflagged curation tiles."""
-        c0 = centres * np.array(plan.zoom0)
-        cz = np.clip(c0[:, 0].astype(int), 0, src.curation.shape[0] - 1)
-        cy = np.clip((c0[:, 1] // src.curation_tile).astype(int), 0, src.curation.shape[1] - 1)
-        cx = np.clip((c0[:, 2] // src.curation_tile).astype(int), 0, src.curation.shape[2] - 1)
+        # Level-0 voxel -> curation cell: z one per section, y and x one per curation tile.
+        cell = (centres * np.array(plan.zoom0) // np.array([1, src.curation_tile, src.curation_tile])).astype(np.int64)
+        cz, cy, cx = np.clip(cell, 0, np.array(src.curation.shape) - 1).T
         return src.curation[cz, cy, cx] == 0
 
     def _resample(self, batch: torch.Tensor) -> torch.Tensor:

@@ -205,6 +205,40 @@ def test_report_merges_parallel_folders_once(tmp_path):
     assert "0.700 ± 0.100 (n=2)" in table and "(1/2 wins)" in table
 
 
+def _write_results(folder, rows):
+    import csv
+
+    from ssl_em.finetune.benchmark_report import FIELDS
+
+    folder.mkdir()
+    with open(folder / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_report_merge_counts_rows_shared_by_merged_folders_once(tmp_path):
+    """Folders started from one copy of the U-Net's rows each carry them: merged, each cell
+    counts once (n and the spread are not inflated)."""
+    unet = [_row("rand", True, 1, 0, 0.7), _row("rand", True, 1, 1, 0.6)]
+    _write_results(tmp_path / "a", unet + [_row("mae", False, 1, 0, 0.8)])
+    _write_results(tmp_path / "b", unet + [_row("mae", False, 1, 1, 0.7)])
+    table = report(tmp_path / "all", "m", merge=[tmp_path / "a", tmp_path / "b"])
+    assert len(read_rows(tmp_path / "all" / "results.csv")) == 4
+    assert "| rand | 0.650 ± 0.050 (n=2) |" in table
+
+
+def test_report_merge_refuses_mixing_semi_supervised_rows(tmp_path):
+    from ssl_em.errors import UserError
+
+    semi = '{"semi_supervised": true}'
+    _write_results(tmp_path / "plain", [_row("mae", False, 1, 0, 0.8), _row("rand", True, 1, 0, 0.7)])
+    _write_results(tmp_path / "semi", [_row("mae", False, 1, 1, 0.7) | {"settings": semi}])
+    with pytest.raises(UserError, match="semi-supervised"):
+        report(tmp_path / "all", "m", merge=[tmp_path / "plain", tmp_path / "semi"])
+    assert not (tmp_path / "all" / "results.csv").exists()  # refused before anything is written
+
+
 def test_cli_budget_all_is_the_whole_pool(tmp_path, monkeypatch):
     import ssl_em.finetune.cli as ft_cli
     from ssl_em.cli import main

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import textwrap
 from pathlib import Path
 from typing import NamedTuple
@@ -358,6 +359,21 @@ def plot_labels_saved(ax, saved: dict[str, dict[int, LabelsSaved]], baseline: st
     ax.legend(fontsize=7)
 
 
+def is_semi_supervised(row: dict) -> bool:
+    """Whether the row's cell was fine-tuned with --semi-supervised (its recorded settings)."""
+    return bool(json.loads(row.get("settings") or "{}").get("semi_supervised", False))
+
+
+def check_one_protocol(rows: list[dict], csv_path: Path) -> None:
+    """Rows of one table are one protocol: an arm's cells fine-tuned with and without
+    --semi-supervised would be averaged as one arm. Rows that label the whole pool run
+    supervised either way and are not counted."""
+    kinds = {is_semi_supervised(r) for r in rows if not (r.get("pool") and int(r["budget"]) >= int(r["pool"]))}
+    if len(kinds) > 1:
+        raise UserError(f"{csv_path}: the rows (with those merged in) mix cells fine-tuned with and without --semi-supervised; "
+                        "report them in separate folders")
+
+
 def report(out: str | Path, metric: str, title: str = "", merge: list[str | Path] = ()) -> str:
     """Write table.md (scores with the ceiling row, then gains over the random-init twin and
     over the U-Net from scratch, paired by seed, then the labels saved, see `labels_saved`),
@@ -367,7 +383,14 @@ def report(out: str | Path, metric: str, title: str = "", merge: list[str | Path
     out = Path(out)
     rows = read_rows(out / "results.csv")
     have = {(r["arm"], r["budget"], r["seed"]) for r in rows}
-    extra = [r for m in merge for r in read_rows(Path(m) / "results.csv") if (r["arm"], r["budget"], r["seed"]) not in have]
+    extra = []
+    for m in merge:
+        for r in read_rows(Path(m) / "results.csv"):
+            # Folders run from one start often carry the same baseline rows: each cell once.
+            if (r["arm"], r["budget"], r["seed"]) not in have:
+                have.add((r["arm"], r["budget"], r["seed"]))
+                extra.append(r)
+    check_one_protocol(rows + extra, out / "results.csv")
     if extra:
         out.mkdir(parents=True, exist_ok=True)
         with appender(out / "results.csv", rows) as (_, writer):

@@ -67,10 +67,22 @@ def sweep(probs: np.ndarray, gt: np.ndarray) -> dict[float, dict]:
     return out
 
 
+def labeled_slices(budget: int, seed: int, plane: tuple[int, int]) -> tuple[list[int], int]:
+    """(training slices, default steps) for `budget` of POOL's slices of `plane` (y, x) px:
+    all of them for 400 steps (session 6's protocol), or the label-efficiency benchmark's
+    seeded choice for the steps its schedule gives those pixels."""
+    from ssl_em.finetune.benchmark import choose_slices
+    from ssl_em.finetune.schedule import StepSchedule
+
+    if budget == len(POOL):
+        return POOL, 400
+    train = choose_slices(POOL, budget, seed)
+    return train, StepSchedule()(len(train) * plane[0] * plane[1])
+
+
 def main() -> None:
     from ssl_em.data.readers.open import open_volume
-    from ssl_em.finetune.benchmark import choose_slices, head_of_width
-    from ssl_em.finetune.schedule import StepSchedule
+    from ssl_em.finetune.benchmark import head_of_width
     from ssl_em.finetune.cli import finetune
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -84,10 +96,8 @@ def main() -> None:
     p.add_argument("--backbone-lr-scale", type=float, default=None, help="default: 0.1 pretrained, 1.0 random init")
     p.add_argument("--out", type=Path, default=Path("/tmp/gala"))
     args = p.parse_args()
-    train = POOL if args.budget == len(POOL) else choose_slices(POOL, args.budget, args.seed)
-    if args.steps is None:
-        shape = open_volume(str(args.data / "train-image.h5")).shape
-        args.steps = 400 if train == POOL else StepSchedule()(len(train) * shape[-2] * shape[-1])
+    train, steps = labeled_slices(args.budget, args.seed, open_volume(str(args.data / "train-image.h5")).shape[-2:])
+    args.steps = steps if args.steps is None else args.steps
     unfreeze = args.steps // 4 if args.unfreeze_at_step is None else args.unfreeze_at_step
     budget = "" if train == POOL else f"_n{len(train)}"
     name = f"{Path(args.backbone).name}_{args.arm}{budget}_s{args.seed}_{args.steps}_u{unfreeze}"

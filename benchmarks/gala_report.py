@@ -54,8 +54,8 @@ def main() -> None:
     rows = rows_of(args.jsonl, args.metric)
     lower = lower_is_better(args.metric)
     summary = summarize(rows)
-    print(f"| test {args.metric}, mean ± std (n) | " + " | ".join(str(b) for b in sorted({r['budget'] for r in rows})) + " |")
     budgets = sorted({r["budget"] for r in rows})
+    print(f"| test {args.metric}, mean ± std (n) | " + " | ".join(map(str, budgets)) + " |")
     print("|---|" + "---|" * len(budgets))
     for arm, by in summary.items():
         print(f"| {arm} | " + " | ".join(f"{by[b][0]:.3f} ± {by[b][1]:.3f} ({by[b][2]})" if b in by else "-" for b in budgets) + " |")

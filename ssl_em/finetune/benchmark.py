@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ssl_em.errors import UserError, check_at_least
-from ssl_em.finetune.benchmark_report import appender, is_semi_supervised, read_rows, report, twin_name
+from ssl_em.finetune.benchmark_report import appender, is_semi_supervised, protocol_rows, read_rows, report, twin_name
 
 
 @dataclass(frozen=True)
@@ -125,9 +125,9 @@ def semi_supervised_cell(settings: dict, pool: list[int], train: list[int]) -> d
 
 def check_same_protocol(rows: list[dict], semi_supervised: bool, csv_path: Path) -> None:
     """A folder's rows are one protocol: resuming with --semi-supervised where the rows were
-    run without it (or the other way round) would mix both in one table. Rows that label the
-    whole pool run supervised either way and are not counted."""
-    other = [r for r in rows if is_semi_supervised(r) != semi_supervised and not (r.get("pool") and int(r["budget"]) >= int(r["pool"]))]
+    run without it (or the other way round) would mix both in one table (`protocol_rows` are
+    counted)."""
+    other = [r for r in protocol_rows(rows) if is_semi_supervised(r) != semi_supervised]
     if other:
         raise UserError(f"{csv_path} holds {len(other)} rows fine-tuned {'without' if semi_supervised else 'with'} --semi-supervised "
                         f"(e.g. {other[0]['arm']}, {other[0]['budget']} slices); give another --out")

@@ -364,11 +364,16 @@ def is_semi_supervised(row: dict) -> bool:
     return bool(json.loads(row.get("settings") or "{}").get("semi_supervised", False))
 
 
+def protocol_rows(rows: list[dict]) -> list[dict]:
+    """The rows whose fine-tuning protocol can differ: a row that labels the whole pool has
+    no unlabeled slices, so it runs supervised either way and is left out."""
+    return [r for r in rows if not (r.get("pool") and int(r["budget"]) >= int(r["pool"]))]
+
+
 def check_one_protocol(rows: list[dict], csv_path: Path) -> None:
     """Rows of one table are one protocol: an arm's cells fine-tuned with and without
-    --semi-supervised would be averaged as one arm. Rows that label the whole pool run
-    supervised either way and are not counted."""
-    kinds = {is_semi_supervised(r) for r in rows if not (r.get("pool") and int(r["budget"]) >= int(r["pool"]))}
+    --semi-supervised would be averaged as one arm (`protocol_rows` are counted)."""
+    kinds = {is_semi_supervised(r) for r in protocol_rows(rows)}
     if len(kinds) > 1:
         raise UserError(f"{csv_path}: the rows (with those merged in) mix cells fine-tuned with and without --semi-supervised; "
                         "report them in separate folders")
